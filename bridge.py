@@ -1,0 +1,953 @@
+"""Client for AssemblyAI's Voice Agent API (see ../shared/voice-agent-api.md).
+
+Two layers, in the spirit of python-websockets / h11:
+
+* ``Protocol`` — a sans-I/O core. It turns server frames into typed events for the
+  application and decides what to send (session.update / session.resume, tool results),
+  what to play and what to drop (barge-in), and what a closed socket means (resume,
+  start fresh, or a fatal configuration error). No sockets, no clocks of its own:
+  everything is testable by feeding it strings.
+* ``VoiceAgentClient`` — the thin async layer that owns the WebSocket, paces the
+  microphone audio out (``InputPacer``), reconnects with backoff and resumes.
+
+The application (worker.py) receives events through a ``BridgeEvents`` object whose
+methods must not block: they run on the socket's reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+log = logging.getLogger("bridge")
+
+SAMPLE_RATE = 24000
+BYTES_PER_SAMPLE = 2
+
+# Exit codes shared by the whole process (worker.py documents them in one table).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_API_AUTH = 3
+EXIT_API_CONFIG = 4
+EXIT_API_GAVE_UP = 5
+EXIT_LIVEKIT_AUTH = 6
+EXIT_LIVEKIT_UNREACHABLE = 7
+EXIT_DUPLICATE_IDENTITY = 8
+EXIT_ROOM_DELETED = 9
+
+
+class FatalError(Exception):
+    """Something the process cannot survive. ``str()`` is one line for the user."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- session settings ---------------------------------------------------------------
+
+TURN_PROFILES: dict[str, dict[str, Any]] = {
+    # "default" sends no turn_detection at all: the service keeps its adaptive pacing.
+    "default": {},
+    "fast": {"min_silence": 300},
+    "standard": {"min_silence": 600, "max_silence": 1500},
+    "deliberate": {"max_silence": 2500},
+}
+
+
+@dataclass
+class SessionSettings:
+    """What goes into ``session.update``. ``None`` means "let the service decide"."""
+
+    system_prompt: str | None = None
+    greeting: str | None = None
+    voice: str | None = None
+    keyterms: list[str] = field(default_factory=list)
+    turn_detection: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+    def update_payload(self, *, with_greeting: bool) -> dict[str, Any]:
+        session: dict[str, Any] = {
+            "input": {"format": {"encoding": "audio/pcm"}},
+            "output": {"format": {"encoding": "audio/pcm"}},
+        }
+        if self.system_prompt:
+            session["system_prompt"] = self.system_prompt
+        if with_greeting and self.greeting:
+            session["greeting"] = self.greeting
+        if self.voice:
+            session["output"]["voice"] = self.voice
+        if self.keyterms:
+            session["input"]["keyterms"] = list(self.keyterms)
+        if self.turn_detection:
+            session["input"]["turn_detection"] = dict(self.turn_detection)
+        if self.tools:
+            session["tools"] = list(self.tools)
+        return {"type": "session.update", "session": session}
+
+
+# --- events delivered to the application ----------------------------------------------
+
+
+class BridgeEvents:
+    """Callbacks from the bridge. Override what you need; all run on the event loop
+    and must return quickly (no awaiting I/O)."""
+
+    def on_session_ready(self, session_id: str, resumed: bool) -> None: ...
+    def on_speech_started(self) -> None: ...
+    def on_speech_stopped(self) -> None: ...
+    def on_user_transcript(self, text: str, item_id: str | None, final: bool) -> None: ...
+    def on_reply_started(self, reply_id: str) -> None: ...
+    def on_reply_audio(self, reply_id: str, pcm: bytes) -> None: ...
+    def on_agent_transcript_delta(self, reply_id: str, delta: str) -> None: ...
+    def on_agent_transcript(self, reply_id: str, text: str, interrupted: bool) -> None: ...
+    def on_reply_done(self, reply_id: str, status: str) -> None: ...
+
+    def on_interrupt(self, reply_id: str, reason: str) -> None:
+        """Drop every queued sample of ``reply_id`` now (barge-in)."""
+
+    def on_session_lost(self) -> None:
+        """The socket dropped; the bridge is reconnecting. Queued reply audio may play out."""
+
+    def on_session_ended(self) -> None: ...
+
+    async def on_tool_call(self, name: str, arguments: dict[str, Any], call_id: str) -> Any:
+        raise ToolUnavailable(f"no handler for tool {name!r} in this worker")
+
+
+class ToolUnavailable(Exception):
+    pass
+
+
+# Actions the protocol core asks the I/O layer to perform.
+@dataclass
+class Send:
+    message: dict[str, Any]
+
+
+@dataclass
+class Emit:
+    """Call ``BridgeEvents.<method>(*args)``."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class RunTool:
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Close:
+    """Close the socket (after a terminal in-band error); ``then`` says what comes next."""
+
+    reason: str
+
+
+# --- the protocol core -----------------------------------------------------------------
+
+AUTH_CODES = {"unauthorized", "forbidden"}
+CONFIG_CODES = {"invalid_config", "agent_not_found", "agent_id_not_first"}
+RESUME_TERMINAL_CODES = {"session_not_found", "session_expired", "session_forbidden", "unauthorized"}
+RETRYABLE_CODES = {"internal_error", "server_error", "at_capacity", "concurrency_exceeded"}
+BARGE_IN_POLICIES = ("interrupted", "speech")
+RESUME_WINDOW_S = 30.0
+HISTORY_TURNS = 20
+
+
+class Protocol:
+    """Sans-I/O state machine for one logical conversation (which may span several
+    sockets and, after a failed resume, several API sessions).
+
+    Drive it with ``connection_opened()``, ``receive(frame)``, ``connection_lost(...)``
+    and feed tool results with ``tool_result(...)``; each returns a list of actions.
+    """
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        *,
+        barge_in: str = "interrupted",
+        max_message_bytes: int = 2 * 1024 * 1024,
+        greet: bool = True,
+    ) -> None:
+        if barge_in not in BARGE_IN_POLICIES:
+            raise ValueError(f"barge_in must be one of {BARGE_IN_POLICIES}")
+        self.settings = settings
+        self.barge_in = barge_in
+        self.max_message_bytes = max_message_bytes
+        self._greet_pending = greet
+        self.session_id: str | None = None
+        # Phase of the current socket: idle (none), starting (session.update sent),
+        # resuming (session.resume sent), ready, abandoned (the service refused the
+        # session; a fresh one follows on the next socket), ended.
+        self.phase = "idle"
+        self.ever_ready = False
+        self._dropped_at: float | None = None
+        self.current_reply: str | None = None
+        self._interrupted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._replies_done: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._announced: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._tool_calls: dict[str, str] = {}  # call_id -> reply_id of the call
+        self._deferred_results: dict[str, list[dict[str, Any]]] = {}
+        self._unknown_types: set[str] = set()
+        self._history: collections.deque[tuple[str, str]] = collections.deque(maxlen=HISTORY_TURNS)
+        self._restore_history = False
+        self._anon_reply = 0
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def ended(self) -> bool:
+        return self.phase == "ended"
+
+    # -- connection lifecycle --
+
+    def connection_opened(self, now: float) -> list[Send]:
+        """First message(s) on a new socket: resume the session if we can, else a new one."""
+        can_resume = (
+            self.session_id is not None
+            and self._dropped_at is not None
+            and now - self._dropped_at < RESUME_WINDOW_S - 1.0
+        )
+        if can_resume:
+            self.phase = "resuming"
+            self.counters["resume_attempts"] += 1
+            return [Send({"type": "session.resume", "session_id": self.session_id})]
+        if self.ever_ready:
+            # A replacement session: whatever the old one knew is gone; give the agent
+            # the conversation so far once it is ready, and never greet twice.
+            self._restore_history = bool(self._history)
+            self.counters["fresh_sessions"] += 1
+        self.session_id = None
+        self._dropped_at = None
+        self.current_reply = None
+        self.phase = "starting"
+        return [Send(self.settings.update_payload(with_greeting=self._greet_pending))]
+
+    def connection_lost(
+        self, now: float, code: int | None, reason: str = "", http_status: int | None = None
+    ) -> list[Emit]:
+        """The socket is gone. Raises FatalError when retrying cannot help; otherwise
+        the caller reconnects (with backoff) and calls connection_opened()."""
+        phase, self.phase = self.phase, "idle"
+        if phase == "ended":
+            self.phase = "ended"
+            return []
+        if http_status in (401, 403):
+            raise FatalError(
+                EXIT_API_AUTH,
+                f"Voice Agent API rejected ASSEMBLYAI_API_KEY (HTTP {http_status}); "
+                "check the key in your environment or .env",
+            )
+        if http_status is not None:
+            self.counters["http_errors"] += 1
+        events: list[Emit] = [Emit("on_session_lost")] if phase == "ready" else []
+        if phase == "starting" and code == 1008:
+            raise FatalError(
+                EXIT_API_AUTH,
+                "Voice Agent API closed the connection with 1008"
+                f"{' (' + reason[:80] + ')' if reason else ''}: ASSEMBLYAI_API_KEY was not accepted",
+            )
+        if phase == "resuming" and code == 1008:
+            log.warning("session resume refused (close 1008); starting a fresh session")
+            self._forget_session()
+        elif phase == "ready" and code in (1000, 1008):
+            # The service ended the session itself (e.g. expiry): nothing to resume.
+            log.warning("the Voice Agent API ended the session (close %s%s); starting a fresh one",
+                        code, f" {reason[:80]}" if reason else "")
+            self._forget_session()
+        elif phase == "ready" and self.session_id is not None:
+            self._dropped_at = now
+        return events
+
+    def _forget_session(self) -> None:
+        self._dropped_at = None
+        self.session_id = None
+
+    def end_session(self) -> list[Send]:
+        """Clean teardown: stops billing. Not resumable afterwards."""
+        if self.phase == "ended":
+            return []
+        self.phase = "ended"
+        return [Send({"type": "session.end"})]
+
+    # -- input audio --
+
+    def audio_message(self, pcm: bytes) -> dict[str, Any]:
+        return {"type": "input.audio", "audio": base64.b64encode(pcm).decode("ascii")}
+
+    def text_messages(self, text: str) -> list[Send]:
+        """Text typed in the room (lk.chat): inject it as the user's turn and ask for a reply."""
+        self._history.append(("user", text))
+        return [
+            Send({"type": "conversation.message", "role": "user", "content": text}),
+            Send({"type": "reply.create"}),
+        ]
+
+    # -- frames from the server --
+
+    def receive(self, frame: str | bytes) -> list[Emit | Send | RunTool | Close]:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            return self._malformed("binary frame", len(frame))
+        if len(frame) > self.max_message_bytes:
+            return self._malformed("oversized frame", len(frame))
+        try:
+            msg = json.loads(frame)
+        except (ValueError, RecursionError):
+            return self._malformed("bad JSON", len(frame))
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            return self._malformed("no type", len(frame))
+        handler = getattr(self, "_on_" + msg["type"].replace(".", "_"), None)
+        if handler is None:
+            if msg["type"] not in self._unknown_types and len(self._unknown_types) < 100:
+                self._unknown_types.add(msg["type"])
+                log.info("ignoring unknown event type %r (logged once)", msg["type"][:80])
+            self.counters["unknown_events"] += 1
+            return []
+        try:
+            return handler(msg)
+        except _BadField as e:
+            return self._malformed(f"{msg['type']}: {e}", len(frame))
+
+    def _malformed(self, what: str, size: int) -> list[Any]:
+        self.counters["malformed_frames"] += 1
+        n = self.counters["malformed_frames"]
+        if n <= 5 or n % 100 == 0:
+            log.warning("skipped a malformed frame from the Voice Agent API (%s, %d bytes; %d so far)", what, size, n)
+        return []
+
+    # session lifecycle events
+
+    def _on_session_ready(self, msg: dict[str, Any]) -> list[Any]:
+        if self.phase not in ("starting", "resuming"):
+            self.counters["unexpected_ready"] += 1
+            return []
+        sid = _str(msg, "session_id", required=False) or self.session_id or ""
+        resumed = self.phase == "resuming"
+        self.session_id = sid
+        self.phase = "ready"
+        self.ever_ready = True
+        self._dropped_at = None
+        self._greet_pending = False
+        out: list[Any] = []
+        if resumed:
+            self.counters["resumes"] += 1
+        if self._restore_history and self._history:
+            lines = "\n".join(f"{who}: {text}" for who, text in self._history)
+            out.append(Send({
+                "type": "conversation.message",
+                "role": "system",
+                "content": "The connection was re-established mid-call; the conversation so far was:\n"
+                + lines + "\nContinue naturally without greeting again.",
+            }))
+        self._restore_history = False
+        out.append(Emit("on_session_ready", (sid, resumed)))
+        return out
+
+    def _on_session_updated(self, msg: dict[str, Any]) -> list[Any]:
+        return []
+
+    def _on_session_ended(self, msg: dict[str, Any]) -> list[Any]:
+        self.phase = "ended"
+        return [Emit("on_session_ended")]
+
+    def _on_session_error(self, msg: dict[str, Any]) -> list[Any]:
+        code = (_str(msg, "code", required=False) or "").lower()
+        message = (_str(msg, "message", required=False) or "")[:300]
+        param = _str(msg, "param", required=False)
+        self.counters["errors"] += 1
+        self.counters["error:" + code[:40]] += 1
+        detail = f"{code}{' (' + param + ')' if param else ''}: {message}".strip()
+        if self.phase == "resuming" and code in RESUME_TERMINAL_CODES:
+            log.warning("session resume refused (%s); starting a fresh session", code)
+            self._forget_session()
+            self.phase = "abandoned"
+            return [Close("resume refused")]
+        if code in AUTH_CODES:
+            raise FatalError(EXIT_API_AUTH, f"Voice Agent API rejected ASSEMBLYAI_API_KEY ({code})")
+        if code in CONFIG_CODES or (code == "invalid_value" and self.phase == "starting"):
+            raise FatalError(EXIT_API_CONFIG, f"Voice Agent API rejected the session configuration: {detail}")
+        if code in ("session_expired", "session_not_found", "session_forbidden"):
+            log.warning("Voice Agent API session gone (%s); starting a fresh session", code)
+            self._forget_session()
+            self.phase = "abandoned"
+            return [Close("session gone")]
+        if code in RETRYABLE_CODES:
+            log.warning("Voice Agent API error %s; the connection will be retried if it closes", detail)
+            return []
+        # Live field errors (invalid_audio, immutable_field, invalid_format,
+        # audio_rate_violation, invalid_value after ready, unknown codes): the session continues.
+        n = self.counters["error:" + code[:40]]
+        if n <= 3 or n % 100 == 0:
+            log.warning("Voice Agent API error %s (session continues; %d so far)", detail, n)
+        return []
+
+    # turn events
+
+    def _on_input_speech_started(self, msg: dict[str, Any]) -> list[Any]:
+        out: list[Any] = [Emit("on_speech_started")]
+        if self.barge_in == "speech" and self.current_reply is not None:
+            out.append(Emit("on_interrupt", (self.current_reply, "speech started")))
+        return out
+
+    def _on_input_speech_stopped(self, msg: dict[str, Any]) -> list[Any]:
+        return [Emit("on_speech_stopped")]
+
+    def _on_transcript_user_delta(self, msg: dict[str, Any]) -> list[Any]:
+        # Despite the name, ``text`` is the full transcript so far.
+        text = _str(msg, "text")
+        return [Emit("on_user_transcript", (text, _str(msg, "item_id", required=False), False))]
+
+    def _on_transcript_user(self, msg: dict[str, Any]) -> list[Any]:
+        text = _str(msg, "text")
+        if text:
+            self._history.append(("user", text))
+        return [Emit("on_user_transcript", (text, _str(msg, "item_id", required=False), True))]
+
+    # reply events
+
+    def _reply_id(self, msg: dict[str, Any]) -> str:
+        rid = _str(msg, "reply_id", required=False)
+        if rid:
+            return rid
+        if self.current_reply is None:
+            # Audio with no reply around it (e.g. a greeting not wrapped in reply.started).
+            self._anon_reply += 1
+            self.current_reply = f"reply-{self._anon_reply}"
+        return self.current_reply
+
+    def _on_reply_started(self, msg: dict[str, Any]) -> list[Any]:
+        rid = _str(msg, "reply_id", required=False)
+        if not rid:
+            self._anon_reply += 1
+            rid = f"reply-{self._anon_reply}"
+        self.current_reply = rid
+        return self._announce(rid)
+
+    def _announce(self, rid: str) -> list[Any]:
+        if rid in self._announced:
+            return []
+        _bounded_add(self._announced, rid)
+        return [Emit("on_reply_started", (rid,))]
+
+    def _on_reply_audio(self, msg: dict[str, Any]) -> list[Any]:
+        data = msg.get("data")
+        if not isinstance(data, str):
+            raise _BadField("data is not a string")
+        rid = self._reply_id(msg)
+        if rid in self._interrupted:
+            self.counters["late_audio_dropped"] += 1
+            return []
+        try:
+            pcm = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _BadField("data is not valid base64") from None
+        if len(pcm) % BYTES_PER_SAMPLE:
+            raise _BadField("odd-length PCM16")
+        if not pcm:
+            return []
+        self.counters["reply_audio_bytes"] += len(pcm)
+        # Audio of a reply we were not told about (no reply.started) announces it.
+        out: list[Any] = [] if rid in self._replies_done else self._announce(rid)
+        if out:
+            self.current_reply = rid
+        out.append(Emit("on_reply_audio", (rid, pcm)))
+        return out
+
+    def _on_transcript_agent_delta(self, msg: dict[str, Any]) -> list[Any]:
+        delta = msg.get("delta", msg.get("text"))
+        if not isinstance(delta, str):
+            raise _BadField("delta is not a string")
+        rid = self._reply_id(msg)
+        if rid in self._interrupted:
+            return []
+        return [Emit("on_agent_transcript_delta", (rid, delta))]
+
+    def _on_transcript_agent(self, msg: dict[str, Any]) -> list[Any]:
+        text = _str(msg, "text")
+        rid = self._reply_id(msg)
+        interrupted = msg.get("interrupted") is True
+        out: list[Any] = []
+        if interrupted:
+            out += self._interrupt(rid, "interrupted by the user")
+        if text:
+            self._history.append(("agent", text))
+        out.append(Emit("on_agent_transcript", (rid, text, interrupted)))
+        return out
+
+    def _on_reply_done(self, msg: dict[str, Any]) -> list[Any]:
+        rid = self._reply_id(msg)
+        status = (_str(msg, "status", required=False) or "completed").lower()
+        out: list[Any] = []
+        if status in ("interrupted", "cancelled"):
+            out += self._interrupt(rid, f"reply {status}")
+        elif status == "failed":
+            log.warning("reply %s failed on the service side", rid)
+        _bounded_add(self._replies_done, rid, status)
+        if self.current_reply == rid:
+            self.current_reply = None
+        out.append(Emit("on_reply_done", (rid, status)))
+        out += self._flush_tool_results(rid)
+        return out
+
+    def _on_reply_error(self, msg: dict[str, Any]) -> list[Any]:
+        code = (_str(msg, "code", required=False) or "").lower()
+        log.warning("reply error %s: %s", code, (_str(msg, "message", required=False) or "")[:200])
+        self.counters["reply_errors"] += 1
+        return []
+
+    def _interrupt(self, rid: str, reason: str) -> list[Any]:
+        if rid in self._interrupted:
+            return []
+        _bounded_add(self._interrupted, rid)
+        self.counters["barge_ins"] += 1
+        # Results of tools called by an interrupted reply are discarded.
+        for call_id, call_rid in list(self._tool_calls.items()):
+            if call_rid == rid:
+                del self._tool_calls[call_id]
+                if self._deferred_results.pop(call_id, None) is not None:
+                    self.counters["tool_results_discarded"] += 1
+        return [Emit("on_interrupt", (rid, reason))]
+
+    # tools
+
+    def _on_tool_call(self, msg: dict[str, Any]) -> list[Any]:
+        call_id = _str(msg, "call_id")
+        name = _str(msg, "name")
+        args = msg.get("arguments", {})
+        if isinstance(args, str):  # tolerate a JSON-encoded string
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise _BadField("arguments is not JSON") from None
+        if not isinstance(args, dict):
+            raise _BadField("arguments is not an object")
+        self._tool_calls[call_id] = self.current_reply or ""
+        return [RunTool(call_id, name, args)]
+
+    def tool_result(self, call_id: str, result: Any, is_error: bool = False) -> list[Send]:
+        """A tool finished. Sent once the reply that called it is done; dropped if that
+        reply was interrupted (or the call is unknown)."""
+        if call_id not in self._tool_calls:
+            self.counters["tool_results_discarded"] += 1
+            log.info("discarding the result of tool call %s (its reply was interrupted)", call_id)
+            return []
+        rid = self._tool_calls[call_id]
+        message = {
+            "type": "tool.result",
+            "call_id": call_id,
+            "result": _json_result({"error": str(result)} if is_error else result),
+        }
+        if is_error:
+            message["is_error"] = True
+        if rid and rid not in self._replies_done:
+            self._deferred_results.setdefault(call_id, []).append(message)
+            return []
+        del self._tool_calls[call_id]
+        return [Send(message)]
+
+    def _flush_tool_results(self, rid: str) -> list[Send]:
+        out = []
+        for call_id, call_rid in list(self._tool_calls.items()):
+            if call_rid == rid and call_id in self._deferred_results:
+                del self._tool_calls[call_id]
+                out += [Send(m) for m in self._deferred_results.pop(call_id)]
+        return out
+
+
+class _BadField(Exception):
+    pass
+
+
+def _bounded_add(d: collections.OrderedDict[str, Any], key: str, value: Any = None, limit: int = 64) -> None:
+    """Remember ``key`` in an insertion-ordered dict that forgets its oldest entries."""
+    d[key] = value
+    while len(d) > limit:
+        d.popitem(last=False)
+
+
+def _str(msg: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = msg.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise _BadField(f"{key} is not a string")
+    return value
+
+
+def _json_result(result: Any) -> str:
+    try:
+        return json.dumps(result, default=str)
+    except (TypeError, ValueError):
+        return json.dumps(str(result))
+
+
+# --- input pacing --------------------------------------------------------------------
+
+
+class InputPacer:
+    """Paces microphone audio out in fixed chunks at real-time rate.
+
+    ``push`` adds PCM as it arrives from the room; ``pop(now)`` returns the chunks that
+    may be sent now. The send rate is capped at ``rate`` times real time (the service
+    drops audio arriving faster than ~1 s per second); a backlog (after a stall, or
+    audio captured before the session was ready) drains at that rate, and anything older
+    than ``max_backlog_s`` is dropped and counted, so the agent hears the present.
+    """
+
+    def __init__(
+        self,
+        *,
+        chunk_ms: int = 50,
+        max_backlog_ms: int = 500,
+        rate: float = 1.05,
+        burst_ms: int = 100,
+        sample_rate: int = SAMPLE_RATE,
+    ) -> None:
+        self.chunk_bytes = sample_rate * chunk_ms // 1000 * BYTES_PER_SAMPLE
+        self.chunk_s = chunk_ms / 1000
+        self.max_backlog_s = max_backlog_ms / 1000
+        self.rate = rate
+        self.burst_s = max(burst_ms / 1000, self.chunk_s)
+        self.bytes_per_s = sample_rate * BYTES_PER_SAMPLE
+        self._partial = bytearray()
+        self._chunks: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._tokens = self.burst_s
+        self._last: float | None = None
+        self.sent_chunks = 0
+        self.dropped_s = 0.0
+
+    def push(self, pcm: bytes, now: float) -> None:
+        self._partial += pcm
+        while len(self._partial) >= self.chunk_bytes:
+            self._chunks.append((now, bytes(self._partial[: self.chunk_bytes])))
+            del self._partial[: self.chunk_bytes]
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        # A chunk "arrived" when its last sample did; its first sample is chunk_s older.
+        while self._chunks and now - self._chunks[0][0] + self.chunk_s > self.max_backlog_s + 1e-9:
+            self._chunks.popleft()
+            self.dropped_s += self.chunk_s
+
+    def _refill(self, now: float) -> None:
+        if self._last is not None:
+            self._tokens = min(self.burst_s, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    def pop(self, now: float) -> list[bytes]:
+        self._trim(now)
+        self._refill(now)
+        out = []
+        while self._chunks and self._tokens >= self.chunk_s - 1e-9:
+            out.append(self._chunks.popleft()[1])
+            self._tokens -= self.chunk_s
+        self.sent_chunks += len(out)
+        return out
+
+    def next_time(self, now: float) -> float | None:
+        """When the next queued chunk may go, or None if nothing is queued."""
+        if not self._chunks:
+            return None
+        self._refill(now)
+        missing = self.chunk_s - self._tokens
+        return now if missing <= 0 else now + missing / self.rate
+
+    @property
+    def backlog_s(self) -> float:
+        return len(self._chunks) * self.chunk_s
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._partial.clear()
+
+
+# --- the async client -------------------------------------------------------------------
+
+
+@dataclass
+class ClientOptions:
+    barge_in: str = "interrupted"
+    give_up_after_s: float = 120.0
+    max_message_bytes: int = 2 * 1024 * 1024
+    open_timeout_s: float = 10.0
+    ready_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.25
+    backoff_max_s: float = 10.0
+    input_backlog_ms: int = 500
+    tool_timeout_s: float = 20.0
+
+
+class VoiceAgentClient:
+    """Owns the WebSocket to the Voice Agent API for one conversation.
+
+    ``run()`` connects, keeps the session alive across drops (resume, else a fresh
+    session without a second greeting) and returns after ``end()``; it raises
+    ``FatalError`` for what retrying cannot fix (bad key, rejected configuration,
+    gave up reconnecting).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        settings: SessionSettings,
+        events: BridgeEvents,
+        options: ClientOptions | None = None,
+        *,
+        greet: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self._api_key = api_key
+        self.options = options or ClientOptions()
+        self.events = events
+        self.protocol = Protocol(
+            settings,
+            barge_in=self.options.barge_in,
+            max_message_bytes=self.options.max_message_bytes,
+            greet=greet,
+        )
+        self.pacer = InputPacer(max_backlog_ms=self.options.input_backlog_ms)
+        self._rng = rng or random.Random()
+        self._ws: websockets.ClientConnection | None = None
+        self._audio_ready = asyncio.Event()
+        self._ending = False
+        self._ended = asyncio.Event()
+        self._tool_tasks: set[asyncio.Task[None]] = set()
+        self.connects = 0
+
+    @property
+    def session_id(self) -> str | None:
+        return self.protocol.session_id or None
+
+    @property
+    def counters(self) -> collections.Counter[str]:
+        c = collections.Counter(self.protocol.counters)
+        c["input_chunks_sent"] = self.pacer.sent_chunks
+        c["input_dropped_ms"] = int(self.pacer.dropped_s * 1000)
+        return c
+
+    # -- called by the application --
+
+    def send_audio(self, pcm: bytes) -> None:
+        """Queue microphone PCM16 24 kHz mono. Never blocks."""
+        if self._ending:
+            return
+        self.pacer.push(pcm, time.monotonic())
+        self._audio_ready.set()
+
+    async def send_text(self, text: str) -> None:
+        await self._send_all(self.protocol.text_messages(text))
+
+    async def end(self, timeout: float = 2.0) -> None:
+        """Send session.end and wait briefly for session.ended (billing stops)."""
+        if self._ending:
+            return
+        self._ending = True
+        ws = self._ws
+        if ws is not None and self.protocol.ready:
+            try:
+                await self._send_all(self.protocol.end_session())
+                await asyncio.wait_for(self._ended.wait(), timeout)
+            except (asyncio.TimeoutError, ConnectionClosed, OSError):
+                pass
+        else:
+            self.protocol.end_session()
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 1.0)
+            except (asyncio.TimeoutError, OSError):
+                pass
+
+    # -- the connection loop --
+
+    async def run(self) -> None:
+        failing_since: float | None = None
+        attempt = 0
+        try:
+            while not self._ending:
+                code: int | None = None
+                reason = ""
+                status: int | None = None
+                got_ready = False
+                try:
+                    async with websockets.connect(
+                        self.url,
+                        additional_headers={"Authorization": f"Bearer {self._api_key}"},
+                        max_size=self.options.max_message_bytes * 4,
+                        open_timeout=self.options.open_timeout_s,
+                        ping_interval=20,
+                        ping_timeout=20,
+                        close_timeout=2,
+                        user_agent_header="livekit-voice-agent-bridge",
+                    ) as ws:
+                        self._ws = ws
+                        self.connects += 1
+                        got_ready = await self._serve(ws)
+                        code, reason = _close_info(ws)
+                except InvalidStatus as e:
+                    status = e.response.status_code
+                    log.warning("Voice Agent API refused the connection: HTTP %s", status)
+                except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
+                    log.warning("cannot reach the Voice Agent API at %s: %s", self.url, _one_line(e))
+                except ConnectionClosed as e:
+                    code, reason = _close_info_exc(e)
+                finally:
+                    self._ws = None
+                if self._ending or self.protocol.ended:
+                    break
+                now = time.monotonic()
+                for action in self.protocol.connection_lost(now, code, reason, status):
+                    self._dispatch(action)
+                if got_ready:
+                    failing_since, attempt = now, 0
+                    log.warning("Voice Agent API connection lost (code %s%s); reconnecting",
+                                code, f" {reason}" if reason else "")
+                if failing_since is None:
+                    failing_since = now
+                if now - failing_since > self.options.give_up_after_s:
+                    raise FatalError(
+                        EXIT_API_GAVE_UP,
+                        f"gave up reconnecting to the Voice Agent API after {self.options.give_up_after_s:.0f} s",
+                    )
+                delay = min(self.options.backoff_max_s, self.options.backoff_initial_s * 2**attempt)
+                delay *= 0.5 + 0.5 * self._rng.random()  # jitter
+                attempt += 1
+                await asyncio.sleep(delay)
+        finally:
+            for t in list(self._tool_tasks):
+                t.cancel()
+            if self._tool_tasks:
+                await asyncio.gather(*self._tool_tasks, return_exceptions=True)
+
+    async def _serve(self, ws: websockets.ClientConnection) -> bool:
+        """Run one socket until it closes. Returns True if the session got ready on it."""
+        await self._send_all(self.protocol.connection_opened(time.monotonic()))
+        sender = asyncio.create_task(self._send_loop(ws), name="bridge-send")
+        got_ready = False
+        try:
+            async with asyncio.timeout(self.options.ready_timeout_s) as ready_deadline:
+                async for frame in ws:
+                    for action in self.protocol.receive(frame):
+                        if isinstance(action, Close):
+                            await ws.close(1000, action.reason)
+                        else:
+                            await self._perform(action)
+                    if self.protocol.ready and not got_ready:
+                        got_ready = True
+                        ready_deadline.reschedule(None)
+                        self._audio_ready.set()
+                    if self.protocol.ended:
+                        self._ended.set()
+        except TimeoutError:
+            log.warning("no session.ready within %.0f s; reconnecting", self.options.ready_timeout_s)
+            await ws.close(1000, "ready timeout")
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            try:
+                await sender
+            except (asyncio.CancelledError, ConnectionClosed):
+                pass
+        if self.protocol.ended:
+            self._ended.set()
+        return got_ready
+
+    async def _send_loop(self, ws: websockets.ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._audio_ready.wait()
+            self._audio_ready.clear()
+            while self.protocol.ready and not self._ending:
+                now = loop.time()
+                chunks = self.pacer.pop(time.monotonic())
+                for chunk in chunks:
+                    await ws.send(json.dumps(self.protocol.audio_message(chunk)))
+                nxt = self.pacer.next_time(time.monotonic())
+                if nxt is None:
+                    break
+                await asyncio.sleep(max(0.0, nxt - time.monotonic()) + 0.001 * (not chunks and nxt <= now))
+
+    async def _send_all(self, actions: list[Send]) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        for a in actions:
+            await ws.send(json.dumps(a.message))
+
+    async def _perform(self, action: Any) -> None:
+        if isinstance(action, Send):
+            await self._send_all([action])
+        elif isinstance(action, RunTool):
+            task = asyncio.create_task(self._run_tool(action), name=f"tool-{action.name}")
+            self._tool_tasks.add(task)
+            task.add_done_callback(self._tool_tasks.discard)
+        else:
+            self._dispatch(action)
+
+    def _dispatch(self, action: Emit) -> None:
+        try:
+            getattr(self.events, action.method)(*action.args)
+        except Exception:  # an application bug must not kill the socket
+            log.exception("error in %s handler", action.method)
+
+    async def _run_tool(self, call: RunTool) -> None:
+        is_error = False
+        try:
+            result = await asyncio.wait_for(
+                self.events.on_tool_call(call.name, call.arguments, call.call_id),
+                self.options.tool_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            result, is_error = f"tool {call.name!r} timed out after {self.options.tool_timeout_s:g} s", True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the tool's own error goes back to the agent
+            result, is_error = f"{type(e).__name__}: {e}" if not isinstance(e, ToolUnavailable) else str(e), True
+        if is_error:
+            log.warning("tool %s (%s) failed: %s", call.name, call.call_id, result)
+        try:
+            await self._send_all(self.protocol.tool_result(call.call_id, result, is_error))
+        except ConnectionClosed:
+            log.warning("tool %s result lost: the connection closed", call.name)
+
+
+def _close_info(ws: websockets.ClientConnection) -> tuple[int | None, str]:
+    rcvd = ws.close_rcvd
+    if rcvd is None:
+        return None, ""
+    return rcvd.code, rcvd.reason
+
+
+def _close_info_exc(e: ConnectionClosed) -> tuple[int | None, str]:
+    if e.rcvd is None:
+        return None, ""
+    return e.rcvd.code, e.rcvd.reason
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:200]
+
+
+ToolHandler = Callable[[str, dict[str, Any], str], Awaitable[Any]]
