@@ -1,0 +1,203 @@
+"""Exact numeric tests of the pure mixing core: no threads, no room, no clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixer import Limiter, MixerCore, MixerSettings, Ramp
+
+RATE = 24000
+FRAME = 240
+
+
+def sine(freq: float, seconds: float, amp: float = 0.5) -> np.ndarray:
+    return (amp * np.sin(2 * np.pi * freq * np.arange(int(seconds * RATE)) / RATE)).astype(np.float32)
+
+
+def pcm(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def run(core: MixerCore, frames: int) -> np.ndarray:
+    return np.concatenate([core.next_frame() for _ in range(frames)]).astype(np.float32) / 32767
+
+
+def core(**kw: object) -> MixerCore:
+    return MixerCore(MixerSettings(**kw), clock=lambda: 0.0)
+
+
+def test_each_frame_is_exactly_one_frame_of_int16():
+    for ms in (10, 20):
+        c = core(frame_ms=ms)
+        f = c.next_frame()
+        assert f.dtype == np.int16 and len(f) == RATE * ms // 1000
+        assert not f.any(), "silence in, silence out"
+
+
+def test_reply_passes_through_sample_exact():
+    c = core(duck_db=0.0)
+    x = sine(1000, 0.1)
+    c.push_reply("r1", pcm(x))
+    y = run(c, 10)
+    assert np.max(np.abs(y - np.round(x * 32767) / 32767)) < 1.5 / 32767
+    assert c.stats["r1"].played == len(x)
+
+
+def test_reply_chunks_of_any_length_concatenate_seamlessly():
+    c = core()
+    x = sine(700, 0.2)
+    i = 0
+    for size in (1, 7, 333, 2, 1000, 4800):
+        c.push_reply("r1", pcm(x[i:i + size]))
+        i += size
+    c.push_reply("r1", pcm(x[i:]))
+    y = run(c, 20)
+    assert np.max(np.abs(np.diff(y))) <= np.max(np.abs(np.diff(x))) + 2 / 32767
+
+
+def test_bed_loops_from_memory_without_discontinuity():
+    c = core(ambient_fade_in_ms=0)
+    bed = sine(300, 1.0)  # 300 periods in 1 s: the loop is continuous by construction
+    c.set_bed("tone", bed, volume=1.0, fade_ms=0)
+    y = run(c, 300)  # 3 s: two wraps
+    assert np.max(np.abs(np.diff(y))) <= np.max(np.abs(np.diff(bed))) + 2 / 32767
+
+
+def test_bed_fades_in_monotonically_at_start():
+    c = core()
+    c.set_bed("dc", np.full(RATE, 0.5, np.float32), volume=0.8, fade_ms=200)
+    y = run(c, 30)
+    ramp = y[: RATE * 200 // 1000]
+    assert np.all(np.diff(ramp) >= -1 / 32767), "the fade-in went down"
+    assert ramp[0] < 0.01 and abs(y[-1] - 0.4) < 1e-3
+
+
+def test_volume_change_is_a_monotone_ramp_without_steps():
+    c = core()
+    c.set_bed("dc", np.full(RATE, 0.5, np.float32), volume=1.0, fade_ms=0)
+    run(c, 2)
+    c.set_bed_volume(0.2, ramp_ms=100)
+    y = run(c, 15)
+    assert np.all(np.diff(y) <= 1 / 32767), "the ramp went up"
+    steps = np.abs(np.diff(y[: RATE // 10]))
+    assert steps.max() < 0.5 * 0.8 / (RATE // 10) * 2, "a step larger than a smooth ramp: zipper noise"
+    assert abs(y[-1] - 0.1) < 1e-3
+
+
+def test_barge_in_removes_reply_within_one_frame_and_leaves_the_bed_untouched():
+    settings = dict(ambient_fade_in_ms=0, duck_db=0.0)
+    with_reply, bed_only = core(**settings), core(**settings)
+    bed = sine(300, 1.0, 0.3)
+    for c in (with_reply, bed_only):
+        c.set_bed("tone", bed, volume=1.0, fade_ms=0)
+    with_reply.push_reply("r1", pcm(sine(1000, 2.0, 0.4)))
+    before = run(with_reply, 20)
+    run(bed_only, 20)
+    with_reply.interrupt("r1")
+    y = run(with_reply, 10)
+    ref = run(bed_only, 10)
+    diff = np.abs(y - ref)
+    fade = int(0.005 * RATE)
+    assert diff[:fade].max() > 0, "no fade at all: the reply was cut with a click"
+    assert diff[fade:].max() < 2 / 32767, "reply audio still present after the fade"
+    natural = np.max(np.abs(np.diff(before)))
+    junction = np.concatenate([before[-1:], y[: fade + 1]])
+    assert np.max(np.abs(np.diff(junction))) <= natural + 1e-3, "the barge-in fade clicks"
+    st = with_reply.stats["r1"]
+    assert st.played == 20 * FRAME + fade
+    assert with_reply.reply.queued == 0
+    assert with_reply.counters.barge_ins == 1
+
+
+def test_late_audio_of_an_interrupted_reply_is_not_played():
+    c = core()
+    c.push_reply("r1", pcm(sine(1000, 0.5)))
+    run(c, 5)
+    c.interrupt("r1")
+    run(c, 2)
+    c.push_reply("r1", pcm(sine(1000, 0.5)))
+    assert not run(c, 5).any()
+
+
+def test_ducking_depth_and_timing():
+    c = core(ambient_fade_in_ms=0, duck_db=-6.0, duck_attack_ms=50, duck_release_ms=500)
+    c.set_bed("dc", np.full(RATE, 0.25, np.float32), volume=1.0, fade_ms=0)
+    run(c, 5)
+    c.push_reply("r1", pcm(np.zeros(RATE, np.float32)))  # silent speech: only the bed is heard
+    c.reply.drop(None)
+    speech = np.full(RATE // 2, 1e-4, np.float32)
+    c.push_reply("r1", pcm(speech))
+    y = run(c, 50)  # 0.5 s of "speech"
+    assert abs(y[int(0.06 * RATE)] - 0.25 * 10 ** (-6 / 20)) < 2e-3, "not ducked 6 dB after the attack"
+    assert abs(y[int(0.02 * RATE)] - 0.25 * 10 ** (-2.4 / 20)) < 5e-3, "attack is not a 50 ms ramp"
+    y2 = run(c, 100)  # speech over; hold 250 ms, then 500 ms release
+    assert abs(y2[int(0.2 * RATE)] - 0.25 * 10 ** (-6 / 20)) < 2e-3, "released during the hold"
+    assert abs(y2[-1] - 0.25) < 2e-3, "not back to full level after release"
+    assert np.all(np.diff(y2) >= -1 / 32767)
+
+
+def test_limiter_never_exceeds_ceiling_and_is_transparent_below():
+    lim = Limiter(ceiling=0.89)
+    quiet = sine(440, 0.1, 0.5)
+    assert np.array_equal(lim.process(quiet), quiet)
+    loud = sine(440, 0.5, 3.0)
+    y = np.concatenate([lim.process(loud[i:i + FRAME]) for i in range(0, len(loud), FRAME)])
+    assert np.max(np.abs(y)) <= 0.89 + 1e-6
+
+
+def test_sum_of_loud_sources_never_wraps():
+    c = core(ambient_fade_in_ms=0, duck_db=0.0)
+    c.set_bed("loud", np.ones(RATE, np.float32), volume=1.0, fade_ms=0)
+    c.push_reply("r1", pcm(np.ones(RATE, np.float32)))
+    y = np.concatenate([c.next_frame() for _ in range(100)])
+    assert y.min() > -32768 * 0.9 and y.max() < 32767 * 0.9, "the limiter let the sum reach full scale"
+    assert np.all(y >= 0), "wrapped around to negative values"
+
+
+def test_replacing_the_bed_crossfades_with_equal_power():
+    c = core(ambient_fade_in_ms=0, ambient_crossfade_ms=500)
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal(RATE) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(RATE) * 0.1).astype(np.float32)
+    c.set_bed("a", a, volume=1.0, fade_ms=0)
+    run(c, 10)
+    c.set_bed("b", b)
+    y = run(c, 50)
+    rms = [np.sqrt(np.mean(y[i:i + 1200] ** 2)) for i in range(0, len(y), 1200)]
+    assert min(rms) > 0.1 * 0.8, f"the crossfade dips: {min(rms):.3f}"
+    assert c.bed_name == "b" and len(c.beds) == 1
+
+
+def test_stop_bed_fades_out_to_silence():
+    c = core(ambient_fade_in_ms=0)
+    c.set_bed("dc", np.full(RATE, 0.5, np.float32), volume=1.0, fade_ms=0)
+    c.stop_bed(fade_ms=100)
+    y = run(c, 12)
+    assert np.all(np.diff(y) <= 1 / 32767) and y[-1] == 0
+    assert c.beds == []
+
+
+def test_thinking_cue_plays_until_the_first_reply_audio():
+    c = core()
+    c.start_thinking("tick", sine(2000, 0.3, 0.5), volume=0.5)
+    y = run(c, 20)
+    assert np.abs(y[-FRAME:]).max() > 0.2
+    c.push_reply("r1", pcm(np.zeros(RATE // 2, np.float32)))
+    run(c, 20)  # cue fades out (150 ms) once the reply plays
+    assert c.thinking is None
+
+
+def test_one_shot_cue_reports_completion():
+    c = core()
+    done = []
+    c.play_cue("ding", sine(1500, 0.05), 1.0, done.append)
+    run(c, 10)
+    assert done == [True]
+
+
+def test_ramp_render_reaches_target_exactly():
+    r = Ramp(0.0)
+    r.to(1.0, 100, "power")
+    g = r.render(150)
+    assert g[99] == pytest.approx(1.0) and g[-1] == 1.0 and not r.moving
