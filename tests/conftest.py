@@ -1,0 +1,29 @@
+"""Shared fixtures: the real livekit-server (one per test session, on loopback)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from harness import LiveKitServer, find_server_binary
+
+
+@pytest.fixture(scope="session")
+def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
+    binary = find_server_binary()
+    if binary is None:
+        # Never a skip: the README's test command builds it (scripts/test).
+        pytest.fail("livekit-server not found: run ./scripts/test (it builds livekit-server v1.13.5 into "
+                    ".tools/bin), or set LIVEKIT_SERVER_BIN")
+    server = LiveKitServer(binary, tmp_path_factory.mktemp("livekit"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def room_name(request: pytest.FixtureRequest) -> str:
+    """A room of the test's own, so tests never hear each other."""
+    return re.sub(r"[^a-zA-Z0-9-]", "-", request.node.name)[:60]

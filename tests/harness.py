@@ -1,0 +1,393 @@
+"""Real parts for the end-to-end tests: a livekit-server process on loopback, the worker
+as a subprocess (started as a user would start it), and a Python-SDK participant that
+speaks into its microphone and listens to the agent's track. Plus the little signal
+analysis the assertions need."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_RATE = 24000
+API_KEY = "testkey"
+# A long, distinctive secret: tests grep every output for it.
+API_SECRET = "s3cr3t-" + "x7Qp" * 10
+ASSEMBLYAI_KEY = "aai-test-" + "K9zR" * 8
+
+
+# --- the LiveKit server ------------------------------------------------------------------
+
+
+def find_server_binary() -> str | None:
+    for candidate in (os.environ.get("LIVEKIT_SERVER_BIN"), str(REPO / ".tools" / "bin" / "server"),
+                      shutil.which("livekit-server")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveKitServer:
+    binary: str
+    workdir: Path
+    port: int = 0
+    rtc_tcp_port: int = 0
+    rtc_udp_port: int = 0
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "livekit-server.log"
+
+    def config(self) -> str:
+        # Everything on loopback: no external IP discovery, no public STUN servers.
+        return f"""
+port: {self.port}
+bind_addresses: ["127.0.0.1"]
+keys: {{{API_KEY}: {API_SECRET}}}
+rtc:
+  tcp_port: {self.rtc_tcp_port}
+  udp_port: {self.rtc_udp_port}
+  use_external_ip: false
+  node_ip: 127.0.0.1
+  enable_loopback_candidate: true
+  ips: {{includes: ["127.0.0.1/32"]}}
+  stun_servers: ["127.0.0.1:3478"]
+logging: {{level: info}}
+"""
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not self.port:
+            self.port, self.rtc_tcp_port = free_port(), free_port()
+            self.rtc_udp_port = free_port(socket.SOCK_DGRAM)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("LIVEKIT_") and k not in ("REDIS_HOST", "NODE_IP", "UDP_PORT")}
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.binary, "--config-body", self.config()], stdout=logf,
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        logf.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"livekit-server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.http_url + "/", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"livekit-server did not answer on {self.http_url} within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        # SIGTERM waits for participants to leave; a second SIGTERM forces it.
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=1.5)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def token(self, identity: str, room: str, *, kind: str | None = None, name: str | None = None,
+              admin: bool = False) -> str:
+        from livekit import api
+
+        grants = api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True,
+                                 can_publish_data=True, can_update_own_metadata=True)
+        if admin:
+            grants.room_admin = True
+        t = api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(name or identity).with_grants(grants)
+        if kind:
+            t = t.with_kind(kind)
+        return t.to_jwt()
+
+
+# --- the worker process -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """``python worker.py`` as a user starts it: configured through env vars only."""
+
+    env: dict[str, str]
+    workdir: Path
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+
+    @property
+    def output_path(self) -> Path:
+        return self.workdir / "worker.log"
+
+    def start(self, *args: str) -> "WorkerProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
+        out = open(self.output_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "worker.py"), *args], env={**base, **self.env},
+                                     cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.output_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def wait_for_output(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            m = rx.search(self.output())
+            if m:
+                return m
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"worker never logged {pattern!r}; output:\n{self.output()[-4000:]}")
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker still running after {timeout:.1f} s; output:\n{self.output()[-3000:]}")
+            await asyncio.sleep(0.02)
+        return self.proc.returncode
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def worker_env(server: LiveKitServer, standin_url: str, room: str, **extra: str) -> dict[str, str]:
+    env = {
+        "LIVEKIT_URL": server.url,
+        "LIVEKIT_API_KEY": API_KEY,
+        "LIVEKIT_API_SECRET": API_SECRET,
+        "ROOM_NAME": room,
+        "ASSEMBLYAI_API_KEY": ASSEMBLYAI_KEY,
+        "VOICE_AGENT_URL": standin_url,
+        "LOG_LEVEL": "debug",
+    }
+    env.update(extra)
+    return env
+
+
+# --- a room participant ------------------------------------------------------------------------
+
+
+@dataclass
+class Heard:
+    """Audio received from one remote track: 24 kHz mono, with arrival times."""
+
+    chunks: list[tuple[float, np.ndarray]] = field(default_factory=list)
+
+    def samples(self, since: float = 0.0, until: float = float("inf")) -> np.ndarray:
+        parts = [c for t, c in self.chunks if since <= t <= until]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+    def timeline(self, freq: float, window_ms: int = 20, since: float = 0.0) -> list[tuple[float, float]]:
+        """(arrival time of the window's last sample, amplitude of ``freq`` 0..1) per window."""
+        n = SAMPLE_RATE * window_ms // 1000
+        out = []
+        buf = np.zeros(0, np.float32)
+        for t, c in self.chunks:
+            if t < since:
+                continue
+            buf = np.concatenate([buf, c.astype(np.float32) / 32768])
+            while len(buf) >= n:
+                out.append((t, tone_amplitude(buf[:n], freq)))
+                buf = buf[n:]
+        return out
+
+
+def tone_amplitude(x: np.ndarray, freq: float, rate: int = SAMPLE_RATE) -> float:
+    """Amplitude of a sinusoid at ``freq`` in ``x`` (single-bin DFT, Hann-windowed)."""
+    n = len(x)
+    if n == 0:
+        return 0.0
+    w = np.hanning(n)
+    k = np.exp(-2j * np.pi * freq * np.arange(n) / rate)
+    return float(2 * abs(np.sum(x * w * k)) / np.sum(w))
+
+
+def tone(freq: float, seconds: float, amplitude: float = 0.5, rate: int = SAMPLE_RATE, fade_ms: float = 5) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    x = amplitude * np.sin(2 * np.pi * freq * t)
+    f = int(fade_ms * rate / 1000)
+    if f:
+        ramp = np.linspace(0, 1, f)
+        x[:f] *= ramp
+        x[-f:] *= ramp[::-1]
+    return (x * 32767).astype(np.int16)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+class RoomUser:
+    """A human stand-in in the room: a microphone we can speak tones into (a real-time
+    publisher, silence in between) and ears on every remote audio track."""
+
+    def __init__(self, server: LiveKitServer, room: str, identity: str = "user", kind: str | None = None) -> None:
+        self.server, self.room_name, self.identity, self.kind = server, room, identity, kind
+        self.room: Any = None
+        self.source: Any = None
+        self.heard: dict[str, Heard] = {}
+        self.track_sources: dict[str, int] = {}
+        self._say: asyncio.Queue[np.ndarray] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.publication: Any = None
+        self.speaking_until = 0.0
+
+    async def join(self, publish: bool = True) -> "RoomUser":
+        from livekit import rtc
+
+        self.room = rtc.Room()
+
+        @self.room.on("track_subscribed")
+        def on_sub(track: Any, pub: Any, participant: Any) -> None:
+            if track.kind == rtc.TrackKind.KIND_AUDIO:
+                heard = self.heard.setdefault(participant.identity, Heard())
+                self.track_sources[participant.identity] = pub.source
+                self._tasks.append(asyncio.create_task(self._listen(track, heard)))
+
+        await self.room.connect(self.server.url, self.server.token(self.identity, self.room_name, kind=self.kind))
+        if publish:
+            self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=100)
+            track = rtc.LocalAudioTrack.create_audio_track("mic", self.source)
+            self.publication = await self.room.local_participant.publish_track(
+                track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+            self._tasks.append(asyncio.create_task(self._mic()))
+        return self
+
+    async def _listen(self, track: Any, heard: Heard) -> None:
+        from livekit import rtc
+
+        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1)
+        try:
+            async for ev in stream:
+                heard.chunks.append((time.monotonic(), np.frombuffer(ev.frame.data, dtype=np.int16).copy()))
+        finally:
+            await stream.aclose()
+
+    async def _mic(self) -> None:
+        """Real-time microphone: queued speech, else silence, 10 ms at a time."""
+        from livekit import rtc
+
+        frame = SAMPLE_RATE // 100
+        pending = np.zeros(0, np.int16)
+        while True:
+            if len(pending) == 0 and not self._say.empty():
+                pending = self._say.get_nowait()
+            if len(pending):
+                chunk, pending = pending[:frame], pending[frame:]
+                if len(chunk) < frame:
+                    chunk = np.concatenate([chunk, np.zeros(frame - len(chunk), np.int16)])
+            else:
+                chunk = np.zeros(frame, np.int16)
+            await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), SAMPLE_RATE, 1, frame))
+
+    def say(self, samples: np.ndarray) -> float:
+        """Queue speech; returns when (monotonic) it will have been spoken."""
+        self._say.put_nowait(samples)
+        start = max(time.monotonic(), self.speaking_until)
+        self.speaking_until = start + len(samples) / SAMPLE_RATE
+        return self.speaking_until
+
+    def agent(self, identity: str = "voice-agent") -> Heard:
+        return self.heard.setdefault(identity, Heard())
+
+    async def wait_heard(self, identity: str = "voice-agent", timeout: float = 20.0) -> Heard:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.heard.get(identity)
+            if h is not None and h.chunks:
+                return h
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{self.identity} never received audio from {identity}")
+
+    async def leave(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        if self.room is not None:
+            with contextlib.suppress(Exception):
+                await self.room.disconnect()
+        if self.source is not None:
+            with contextlib.suppress(Exception):
+                await self.source.aclose()
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition", interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

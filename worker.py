@@ -1,0 +1,743 @@
+#!/usr/bin/env python3
+"""LiveKit room <-> AssemblyAI Voice Agent API bridge: the composition root.
+
+Reads the configuration (flags > environment > ./.env > defaults), joins the room as
+the agent participant, publishes ONE audio track fed by the mixer (reply + ambient bed
++ cues), bridges the user's microphone to the Voice Agent API and its replies back,
+and shuts down cleanly on SIGTERM/SIGINT.
+
+    python worker.py            run the worker
+    python worker.py --help     every setting, with its environment variable and default
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+import bridge
+from bridge import (
+    EXIT_CONFIG,
+    EXIT_DUPLICATE_IDENTITY,
+    EXIT_INTERNAL,
+    EXIT_LIVEKIT_AUTH,
+    EXIT_LIVEKIT_UNREACHABLE,
+    EXIT_OK,
+    EXIT_ROOM_DELETED,
+    FatalError,
+)
+
+log = logging.getLogger("worker")
+
+SAMPLE_RATE = 24000
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting. ``str()`` is one line naming the variable."""
+
+
+def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
+             secret: bool = False, group: str = "general") -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, "required": required,
+                                            "secret": secret, "group": group})
+
+
+def _nonempty(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v.strip()
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        u = urlparse(v.strip())
+        if u.scheme not in schemes or not u.netloc:
+            raise ValueError(f"must be a {'/'.join(s + '://' for s in schemes)} URL, got {v.strip()[:80]!r}")
+        return v.strip()
+    return parse
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, multiple: int | None = None) -> Callable[[str], Any]:
+    def parse(v: str) -> Any:
+        try:
+            x = kind(v.strip())
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, got {v.strip()[:40]!r}") from None
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"must be a finite number, got {v.strip()!r}")
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
+            raise ValueError(f"must be between {lo:g} and {hi:g}, got {v.strip()}" if hi is not None
+                             else f"must be at least {lo:g}, got {v.strip()}")
+        if multiple and x % multiple:
+            raise ValueError(f"must be a multiple of {multiple}, got {v.strip()}")
+        return x
+    return parse
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda v: None if not v.strip() else parse(v)
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be 1/0, true/false, yes/no or on/off, got {v.strip()[:20]!r}")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        s = v.strip().lower()
+        if s not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {v.strip()[:40]!r}")
+        return s
+    return parse
+
+
+def _csv(v: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _keyterms(v: str) -> tuple[str, ...]:
+    terms = _csv(v)
+    if len(terms) > 100:
+        raise ValueError(f"at most 100 terms, got {len(terms)}")
+    return terms
+
+
+def _identity(v: str) -> str:
+    s = v.strip()
+    if not s or len(s) > 128 or any(c.isspace() for c in s):
+        raise ValueError("must be 1-128 characters without spaces")
+    return s
+
+
+@dataclass(frozen=True)
+class Config:
+    # LiveKit
+    livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud",
+                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit")
+    livekit_api_key: str = _setting(None, "LiveKit API key (livekit-server --dev: devkey)", _nonempty,
+                                    required=True, group="LiveKit")
+    livekit_api_secret: str = _setting(None, "LiveKit API secret (livekit-server --dev: secret)", _nonempty,
+                                       required=True, secret=True, group="LiveKit")
+    room_name: str = _setting("voice-agent-demo", "room to join", _identity, group="LiveKit")
+    agent_identity: str = _setting("voice-agent", "participant identity of the agent", _identity, group="LiveKit")
+    user_identity: str | None = _setting(None, "only bridge this participant (empty: the first user with a microphone)",
+                                         _optional(_identity), group="LiveKit")
+    # Voice Agent API
+    assemblyai_api_key: str = _setting(None, "AssemblyAI API key (sent as 'Authorization: Bearer <key>')", _nonempty,
+                                       required=True, secret=True, group="Voice Agent API")
+    voice_agent_url: str = _setting("wss://agents.assemblyai.com/v1/ws",
+                                    "Voice Agent API WebSocket URL (EU: wss://agents.eu.assemblyai.com/v1/ws)",
+                                    _url("ws", "wss"), group="Voice Agent API")
+    system_prompt: str = _setting("You are a friendly, helpful voice assistant. Keep answers short and conversational.",
+                                  "the agent's instructions", group="Voice Agent API")
+    greeting: str = _setting("Hi! How can I help you today?",
+                             "spoken when a call starts (empty: the agent waits for the user)", group="Voice Agent API")
+    voice: str = _setting("", "voice id (empty: the service default)", group="Voice Agent API")
+    barge_in: str = _setting("interrupted", "when to drop the agent's queued audio: 'interrupted' (the service "
+                             "interrupted the reply) or 'speech' (as soon as the user starts speaking)",
+                             _choice(*bridge.BARGE_IN_POLICIES), group="Voice Agent API")
+    reconnect_give_up_s: float = _setting(120.0, "stop retrying the Voice Agent API after this many seconds of failure",
+                                          _number(float, 1, 86400), group="Voice Agent API")
+    # Audio
+    ambient_sound: str = _setting("builtin:office", "ambient bed: a WAV file, builtin:<name>, or 'none'",
+                                  group="Audio")
+    ambient_volume: float = _setting(0.3, "ambient volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
+    ambient_duck_db: float = _setting(-6.0, "how far the ambient dips under the agent's speech, in dB (0: off)",
+                                      _number(float, -40.0, 0.0), group="Audio")
+    output_queue_ms: int = _setting(40, "audio queued in the published track, in ms (multiple of 10; lower = less "
+                                    "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
+                                    group="Audio")
+    # Operations
+    shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
+                                         _number(float, 0.5, 60), group="Operations")
+    log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"),
+                              group="Operations")
+    log_format: str = _setting("text", "text (human) or json (one object per line)", _choice("text", "json"),
+                               group="Operations")
+
+    @property
+    def secrets(self) -> list[str]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["secret"] and getattr(self, f.name)]
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return f.name.upper()
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build the configuration from a mapping of variables (already merged from flags,
+    the environment and .env). Raises ConfigError naming the first bad variable."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        name = env_name(f)
+        raw = env.get(name)
+        if raw is None or (f.metadata["required"] and not raw.strip()):
+            if f.metadata["required"]:
+                raise ConfigError(f"{name} is not set: {f.metadata['help']}")
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as e:
+            raise ConfigError(f"{name} {e}") from None
+    return Config(**values)
+
+
+def gather_env(cli: Mapping[str, str | None], cwd: Path | None = None) -> dict[str, str]:
+    """Flags win over the real environment, which wins over ./.env."""
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    dotenv_path = (cwd or Path.cwd()) / ".env"
+    if dotenv_path.is_file():
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(os.environ)
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    return merged
+
+
+# --- logging -------------------------------------------------------------------------------
+
+
+class LogContext(logging.Filter):
+    """Adds room / session id / reply id to every record, and removes secrets."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
+        self.secrets = [s for s in secrets if s]
+
+    def add_secret(self, s: str) -> None:
+        if s:
+            self.secrets.append(s)
+
+    def redact(self, text: str) -> str:
+        for s in self.secrets:
+            if s in text:
+                text = text.replace(s, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for k, v in self.fields.items():
+            setattr(record, k, v)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, ctx: LogContext) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        self.ctx = ctx
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={getattr(record, k)}" for k in ("session_id", "reply_id") if getattr(record, k, None))
+        return self.ctx.redact(f"{line} [{extra}]" if extra else line)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, ctx: LogContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k in ("room", "session_id", "reply_id"):
+            v = getattr(record, k, None)
+            if v:
+                obj[k] = v
+        for k, v in getattr(record, "fields", {}).items():
+            obj[k] = v
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return self.ctx.redact(json.dumps(obj, default=str))
+
+
+def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") -> LogContext:
+    ctx = LogContext(cfg.secrets if cfg else [])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ctx)
+    handler.setFormatter(JsonFormatter(ctx) if fmt == "json" else TextFormatter(ctx))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The SDKs are chatty at debug; keep them at info unless asked.
+    for name in ("livekit", "websockets"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    return ctx
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+AGENT_STATE = "lk.agent.state"
+
+
+def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
+               ttl: datetime.timedelta = datetime.timedelta(hours=6)) -> str:
+    from livekit import api
+
+    token = (
+        api.AccessToken(cfg.livekit_api_key, cfg.livekit_api_secret)
+        .with_identity(identity)
+        .with_name(name or identity)
+        .with_grants(api.VideoGrants(room_join=True, room=cfg.room_name, can_publish=True, can_subscribe=True,
+                                     can_publish_data=True, can_update_own_metadata=True))
+        .with_ttl(ttl)
+    )
+    if kind:
+        token = token.with_kind(kind)
+    return token.to_jwt()
+
+
+def session_settings(cfg: Config) -> bridge.SessionSettings:
+    return bridge.SessionSettings(
+        system_prompt=cfg.system_prompt or None,
+        greeting=cfg.greeting or None,
+        voice=cfg.voice or None,
+    )
+
+
+class Worker(bridge.BridgeEvents):
+    """Owns the room, the mixer, the Voice Agent session and every task it starts."""
+
+    def __init__(self, cfg: Config, log_ctx: LogContext) -> None:
+        self.cfg = cfg
+        self.log_ctx = log_ctx
+        self.room: Any = None
+        self.mixer: Any = None
+        self.client: bridge.VoiceAgentClient | None = None
+        self._stop = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self._fatal_message: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session_task: asyncio.Task[None] | None = None
+        self._user_identity: str | None = None
+        self._user_track_sid: str | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._state = ""
+        self._disconnected = asyncio.Event()
+        self._turn_ended_at: float | None = None
+
+    # -- task ownership --
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, FatalError):
+            self.fail(exc.exit_code, str(exc))
+        elif exc is not None:
+            log.error("task %s crashed: %s", task.get_name(), exc, exc_info=exc)
+            self.fail(EXIT_INTERNAL, f"internal error in {task.get_name()}: {exc}")
+
+    def fail(self, code: int, message: str) -> None:
+        if self._fatal_message is None:
+            self._exit_code, self._fatal_message = code, message
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- main --
+
+    async def run(self) -> int:
+        from livekit import rtc
+
+        import mixer as mixer_mod
+
+        self.log_ctx.fields["room"] = self.cfg.room_name
+        bed = load_ambient(self.cfg)  # fails before we touch the network
+        self.mixer = mixer_mod.Mixer(
+            mixer_mod.MixerSettings(ambient_volume=self.cfg.ambient_volume, duck_db=self.cfg.ambient_duck_db),
+            queue_ms=self.cfg.output_queue_ms,
+        )
+        source = self.mixer.start()
+        if bed is not None:
+            self.mixer.set_bed(bed.name, bed.samples, self.cfg.ambient_volume)
+        self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
+        try:
+            self._spawn(self._room_loop(), "room")
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+        if self._fatal_message:
+            print(f"error: {self.log_ctx.redact(self._fatal_message)}", file=sys.stderr)
+        return self._exit_code
+
+    async def _shutdown(self) -> None:
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(self._graceful_stop(), self.cfg.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("clean shutdown took longer than %.1f s; exiting anyway", self.cfg.shutdown_timeout_s)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
+        if self.mixer is not None:
+            await self.mixer.aclose()
+        log.info("stopped in %.2f s", time.monotonic() - t0)
+
+    async def _graceful_stop(self) -> None:
+        if self.mixer is not None:
+            self.mixer.stop_bed(300)
+        if self.client is not None:
+            await self.client.end(timeout=1.5)
+        if self._session_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._session_task), 1.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        if self.room is not None and self.room.isconnected():
+            await self.room.disconnect()
+
+    # -- the room --
+
+    async def _room_loop(self) -> None:
+        """Join, then rejoin after a full disconnect, until stopped."""
+        from livekit import rtc
+
+        attempt = 0
+        failing_since: float | None = None
+        while not self._stop.is_set():
+            room = rtc.Room()
+            self._wire_room(room)
+            token = mint_token(self.cfg, self.cfg.agent_identity, kind="agent", name="Voice Agent")
+            self.log_ctx.add_secret(token)
+            try:
+                await room.connect(self.cfg.livekit_url, token, rtc.RoomOptions(auto_subscribe=True))
+            except rtc.ConnectError as e:
+                msg = str(e)
+                if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature")):
+                    raise FatalError(EXIT_LIVEKIT_AUTH,
+                                     "LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET "
+                                     f"({self.log_ctx.redact(msg.splitlines()[0][:160])})") from None
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.cfg.reconnect_give_up_s:
+                    raise FatalError(EXIT_LIVEKIT_UNREACHABLE,
+                                     f"cannot join LiveKit at {self.cfg.livekit_url}: "
+                                     f"{self.log_ctx.redact(msg.splitlines()[0][:160])}") from None
+                delay = min(10.0, 0.5 * 2**attempt)
+                attempt += 1
+                log.warning("cannot join LiveKit at %s (%s); retrying in %.1f s",
+                            self.cfg.livekit_url, msg.splitlines()[0][:160], delay)
+                await asyncio.sleep(delay)
+                continue
+            attempt, failing_since = 0, None
+            self.room = room
+            self._disconnected.clear()
+            log.info("joined room %s as %s", self.cfg.room_name, self.cfg.agent_identity)
+            await room.local_participant.publish_track(
+                self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+            await self._set_state("listening" if self.client and self.client.protocol.ready else "initializing")
+            for p in room.remote_participants.values():
+                for pub in p.track_publications.values():
+                    if pub.track is not None:
+                        self._on_track_subscribed(pub.track, pub, p)
+            await self._disconnected.wait()
+            self._detach_user()
+            if self._stop.is_set():
+                break
+            reason = self._disconnect_reason
+            if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
+                raise FatalError(EXIT_DUPLICATE_IDENTITY,
+                                 f"another participant joined room {self.cfg.room_name} as "
+                                 f"{self.cfg.agent_identity!r}; this worker was disconnected (duplicate identity)")
+            if reason in (rtc.DisconnectReason.ROOM_DELETED, rtc.DisconnectReason.PARTICIPANT_REMOVED):
+                raise FatalError(EXIT_ROOM_DELETED,
+                                 f"removed from room {self.cfg.room_name} "
+                                 f"({rtc.DisconnectReason.Name(reason).lower()})")
+            log.warning("disconnected from the room (%s); rejoining",
+                        rtc.DisconnectReason.Name(reason) if reason is not None else "unknown")
+            await asyncio.sleep(0.5)
+
+    def _wire_room(self, room: Any) -> None:
+        self._disconnect_reason: int | None = None
+
+        def on_disconnected(reason: int) -> None:
+            self._disconnect_reason = reason
+            self._disconnected.set()
+
+        room.on("disconnected", on_disconnected)
+        room.on("track_subscribed", self._on_track_subscribed)
+        room.on("track_unsubscribed", self._on_track_unsubscribed)
+        room.on("participant_disconnected", self._on_participant_disconnected)
+
+    async def _set_state(self, state: str) -> None:
+        if state == self._state or self.room is None or not self.room.isconnected():
+            return
+        self._state = state
+        try:
+            await self.room.local_participant.set_attributes({AGENT_STATE: state})
+        except Exception as e:  # state is cosmetic; never fatal
+            log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
+
+    def _state_soon(self, state: str) -> None:
+        if self.room is not None:
+            self._spawn(self._set_state(state), f"state-{state}")
+
+    # -- the user --
+
+    def _eligible(self, participant: Any) -> bool:
+        from livekit import rtc
+
+        if self.cfg.user_identity:
+            return participant.identity == self.cfg.user_identity
+        return participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
+
+    def _on_track_subscribed(self, track: Any, publication: Any, participant: Any) -> None:
+        from livekit import rtc
+
+        if track.kind != rtc.TrackKind.KIND_AUDIO or publication.source != rtc.TrackSource.SOURCE_MICROPHONE:
+            return
+        if not self._eligible(participant):
+            return
+        if self._user_identity not in (None, participant.identity):
+            return  # someone else is the user
+        if self._user_track_sid == track.sid and self._pump_task is not None and not self._pump_task.done():
+            return  # re-emitted after a reconnect: already bridged
+        self._detach_user()
+        self._user_identity, self._user_track_sid = participant.identity, track.sid
+        log.info("bridging the microphone of %s", participant.identity)
+        self._pump_task = self._spawn(self._pump_mic(track), "mic")
+        self._ensure_session()
+
+    def _on_track_unsubscribed(self, track: Any, publication: Any, participant: Any) -> None:
+        if track.sid == self._user_track_sid:
+            self._detach_user()
+            self._pick_next_user()
+
+    def _on_participant_disconnected(self, participant: Any) -> None:
+        if participant.identity == self._user_identity:
+            log.info("%s left", participant.identity)
+            self._detach_user()
+            self._pick_next_user()
+
+    def _detach_user(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        self._pump_task = None
+        self._user_identity = self._user_track_sid = None
+
+    def _pick_next_user(self) -> None:
+        if self.room is None:
+            return
+        for p in self.room.remote_participants.values():
+            for pub in p.track_publications.values():
+                if pub.track is not None:
+                    self._on_track_subscribed(pub.track, pub, p)
+                    if self._user_identity is not None:
+                        return
+
+    async def _pump_mic(self, track: Any) -> None:
+        from livekit import rtc
+
+        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=10)
+        try:
+            async for event in stream:
+                client = self.client
+                if client is not None:
+                    client.send_audio(bytes(event.frame.data))
+        finally:
+            await stream.aclose()
+
+    # -- the Voice Agent session --
+
+    def _ensure_session(self) -> None:
+        if self._session_task is not None and not self._session_task.done():
+            return
+        self.client = bridge.VoiceAgentClient(
+            self.cfg.voice_agent_url,
+            self.cfg.assemblyai_api_key,
+            session_settings(self.cfg),
+            self,
+            bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s),
+        )
+        self._session_task = self._spawn(self._run_session(self.client), "session")
+
+    async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
+        try:
+            await client.run()
+        finally:
+            if self.client is client:
+                self.client = None
+            self.log_ctx.fields["session_id"] = None
+
+    # BridgeEvents: called on the event loop by the bridge
+
+    def on_session_ready(self, session_id: str, resumed: bool) -> None:
+        self.log_ctx.fields["session_id"] = session_id
+        log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
+        self._state_soon("listening")
+
+    def on_speech_started(self) -> None:
+        log.debug("user started speaking")
+        self._state_soon("listening")
+
+    def on_speech_stopped(self) -> None:
+        self._turn_ended_at = time.monotonic()
+        self._state_soon("thinking")
+
+    def on_reply_started(self, reply_id: str) -> None:
+        self.log_ctx.fields["reply_id"] = reply_id
+
+    def on_reply_audio(self, reply_id: str, pcm: bytes) -> None:
+        if self._turn_ended_at is not None:
+            log.info("reply %s: first audio %.0f ms after the end of the user's turn",
+                     reply_id, (time.monotonic() - self._turn_ended_at) * 1000)
+            self._turn_ended_at = None
+        self.mixer.push_reply(reply_id, pcm)
+        if self._state != "speaking":
+            self._state_soon("speaking")
+
+    def on_interrupt(self, reply_id: str, reason: str) -> None:
+        st = self.mixer.interrupt(reply_id)
+        if st is not None:
+            log.info("reply %s interrupted (%s) after %.2f s of %.2f s received",
+                     reply_id, reason, st.played / SAMPLE_RATE, st.received / SAMPLE_RATE)
+        self._state_soon("listening")
+
+    def on_reply_done(self, reply_id: str, status: str) -> None:
+        self._spawn(self._listening_after_playout(), "playout")
+
+    async def _listening_after_playout(self) -> None:
+        await self.mixer.wait_reply_played()
+        if self.client is not None and self.client.protocol.current_reply is None:
+            await self._set_state("listening")
+
+    def on_session_ended(self) -> None:
+        log.info("Voice Agent session ended")
+
+
+def load_ambient(cfg: Config) -> Any:
+    """Decode the ambient bed once, at start; a bad file is a configuration error."""
+    if cfg.ambient_sound.strip().lower() in ("", "none", "off"):
+        return None
+    import sounds
+
+    try:
+        bed = sounds.load(cfg.ambient_sound.strip())
+    except sounds.SoundError as e:
+        raise ConfigError(f"AMBIENT_SOUND {e}") from None
+    loop = sounds.make_seamless_loop(bed.samples, int(0.25 * SAMPLE_RATE))
+    return dataclasses.replace(bed, samples=loop)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worker.py",
+        description="Bridge a LiveKit room to AssemblyAI's Voice Agent API. Every setting is an environment "
+                    "variable (also read from ./.env); a flag overrides it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=exit_code_help(),
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Config):
+        g = f.metadata["group"]
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g)
+        default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "")
+                                                             else "default: empty")
+        groups[g].add_argument(
+            "--" + f.name.replace("_", "-"), dest=env_name(f), metavar="VALUE",
+            help=f"{f.metadata['help']} [env {env_name(f)}; {default}]",
+        )
+    return parser
+
+
+EXIT_CODES = [
+    (EXIT_OK, "stopped cleanly (SIGTERM/SIGINT)"),
+    (EXIT_INTERNAL, "internal error (a bug: please report it)"),
+    (EXIT_CONFIG, "configuration error: a missing or invalid variable, or a bad sound file"),
+    (bridge.EXIT_API_AUTH, "the Voice Agent API rejected ASSEMBLYAI_API_KEY"),
+    (bridge.EXIT_API_CONFIG, "the Voice Agent API rejected the session configuration"),
+    (bridge.EXIT_API_GAVE_UP, "gave up reconnecting to the Voice Agent API"),
+    (EXIT_LIVEKIT_AUTH, "LiveKit rejected LIVEKIT_API_KEY / LIVEKIT_API_SECRET"),
+    (EXIT_LIVEKIT_UNREACHABLE, "gave up joining the LiveKit server"),
+    (EXIT_DUPLICATE_IDENTITY, "another participant joined with the agent's identity"),
+    (EXIT_ROOM_DELETED, "the room was deleted or the agent was removed from it"),
+]
+
+
+def exit_code_help() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k.isupper()}
+    try:
+        cfg = load_config(gather_env(cli))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
+    return asyncio.run(_run(cfg, log_ctx))
+
+
+async def _run(cfg: Config, log_ctx: LogContext) -> int:
+    worker = Worker(cfg, log_ctx)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second %s: exiting now", signame)
+            os._exit(EXIT_OK)
+        log.info("%s received: shutting down", signame)
+        worker.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        return await worker.run()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FatalError as e:
+        print(f"error: {log_ctx.redact(str(e))}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
