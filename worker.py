@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -68,7 +69,8 @@ def _url(*schemes: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         u = urlparse(v.strip())
         if u.scheme not in schemes or not u.netloc:
-            raise ValueError(f"must be a {'/'.join(s + '://' for s in schemes)} URL, got {v.strip()[:80]!r}")
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}, "
+                             f"got {v.strip()[:80]!r}")
         return v.strip()
     return parse
 
@@ -154,17 +156,35 @@ class Config:
     greeting: str = _setting("Hi! How can I help you today?",
                              "spoken when a call starts (empty: the agent waits for the user)", group="Voice Agent API")
     voice: str = _setting("", "voice id (empty: the service default)", group="Voice Agent API")
+    keyterms: tuple[str, ...] = _setting((), "comma-separated words to recognise reliably (names, products; max 100)",
+                                         _keyterms, group="Voice Agent API")
+    turn_profile: str = _setting("default", "turn detection: default (the service's adaptive pacing), fast, standard "
+                                 "or deliberate", _choice(*bridge.TURN_PROFILES), group="Voice Agent API")
+    vad_threshold: float | None = _setting(None, "override: speech detection threshold 0.0-1.0 (higher ignores more noise)",
+                                           _optional(_number(float, 0.0, 1.0)), group="Voice Agent API")
+    min_silence_ms: int | None = _setting(None, "override: silence before a confident end of turn, 50-10000 ms",
+                                          _optional(_number(int, 50, 10000)), group="Voice Agent API")
+    max_silence_ms: int | None = _setting(None, "override: longest silence before the turn ends anyway, 50-10000 ms",
+                                          _optional(_number(int, 50, 10000)), group="Voice Agent API")
+    interrupt_response: bool | None = _setting(None, "override: let the user interrupt the agent (1/0)",
+                                               _optional(_bool), group="Voice Agent API")
     barge_in: str = _setting("interrupted", "when to drop the agent's queued audio: 'interrupted' (the service "
                              "interrupted the reply) or 'speech' (as soon as the user starts speaking)",
                              _choice(*bridge.BARGE_IN_POLICIES), group="Voice Agent API")
     reconnect_give_up_s: float = _setting(120.0, "stop retrying the Voice Agent API after this many seconds of failure",
                                           _number(float, 1, 86400), group="Voice Agent API")
+    input_backlog_ms: int = _setting(500, "microphone audio older than this is dropped after a stall, so the agent "
+                                     "hears the present", _number(int, 100, 10000), group="Voice Agent API")
     # Audio
     ambient_sound: str = _setting("builtin:office", "ambient bed: a WAV file, builtin:<name>, or 'none'",
                                   group="Audio")
     ambient_volume: float = _setting(0.3, "ambient volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
     ambient_duck_db: float = _setting(-6.0, "how far the ambient dips under the agent's speech, in dB (0: off)",
                                       _number(float, -40.0, 0.0), group="Audio")
+    thinking_sound: str = _setting("none", "cue looped from the end of the user's turn until the reply starts: a WAV "
+                                   "file, builtin:<name>, or 'none'", group="Audio")
+    thinking_volume: float = _setting(0.3, "thinking cue volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
+    mix_frame_ms: int = _setting(10, "mixer frame, 10 or 20 ms", _number(int, 10, 20, multiple=10), group="Audio")
     output_queue_ms: int = _setting(40, "audio queued in the published track, in ms (multiple of 10; lower = less "
                                     "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
                                     group="Audio")
@@ -176,6 +196,14 @@ class Config:
     log_format: str = _setting("text", "text (human) or json (one object per line)", _choice("text", "json"),
                                group="Operations")
 
+    def turn_detection(self) -> dict[str, Any]:
+        td = dict(bridge.TURN_PROFILES[self.turn_profile])
+        for key, value in (("vad_threshold", self.vad_threshold), ("min_silence", self.min_silence_ms),
+                           ("max_silence", self.max_silence_ms), ("interrupt_response", self.interrupt_response)):
+            if value is not None:
+                td[key] = value
+        return td
+
     @property
     def secrets(self) -> list[str]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)
@@ -186,22 +214,32 @@ def env_name(f: dataclasses.Field) -> str:
     return f.name.upper()
 
 
-def load_config(env: Mapping[str, str]) -> Config:
+def load_config(env: Mapping[str, str], *, optional: tuple[str, ...] = ()) -> Config:
     """Build the configuration from a mapping of variables (already merged from flags,
-    the environment and .env). Raises ConfigError naming the first bad variable."""
+    the environment and .env). Raises ConfigError naming the first bad variable.
+    ``optional`` names required variables a sub-command can do without."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         name = env_name(f)
         raw = env.get(name)
         if raw is None or (f.metadata["required"] and not raw.strip()):
-            if f.metadata["required"]:
+            if name in optional:
+                values[f.name] = ""
+            elif f.metadata["required"]:
                 raise ConfigError(f"{name} is not set: {f.metadata['help']}")
             continue
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as e:
             raise ConfigError(f"{name} {e}") from None
-    return Config(**values)
+    cfg = Config(**values)
+    td = cfg.turn_detection()
+    if td.get("min_silence", 0) >= td.get("max_silence", 10**9):
+        raise ConfigError(f"MIN_SILENCE_MS ({td['min_silence']}) must be less than MAX_SILENCE_MS "
+                          f"({td['max_silence']}, from {'MAX_SILENCE_MS' if cfg.max_silence_ms else 'TURN_PROFILE'})")
+    if cfg.output_queue_ms < 2 * cfg.mix_frame_ms:
+        raise ConfigError(f"OUTPUT_QUEUE_MS must be at least two mixer frames ({2 * cfg.mix_frame_ms} ms)")
+    return cfg
 
 
 def gather_env(cli: Mapping[str, str | None], cwd: Path | None = None) -> dict[str, str]:
@@ -320,6 +358,8 @@ def session_settings(cfg: Config) -> bridge.SessionSettings:
         system_prompt=cfg.system_prompt or None,
         greeting=cfg.greeting or None,
         voice=cfg.voice or None,
+        keyterms=list(cfg.keyterms),
+        turn_detection=cfg.turn_detection(),
     )
 
 
@@ -379,9 +419,12 @@ class Worker(bridge.BridgeEvents):
         import mixer as mixer_mod
 
         self.log_ctx.fields["room"] = self.cfg.room_name
-        bed = load_ambient(self.cfg)  # fails before we touch the network
+        # Sounds are decoded before we touch the network: a bad file fails fast.
+        bed = load_loop(self.cfg.ambient_sound, "AMBIENT_SOUND")
+        self.thinking = load_loop(self.cfg.thinking_sound, "THINKING_SOUND")
         self.mixer = mixer_mod.Mixer(
-            mixer_mod.MixerSettings(ambient_volume=self.cfg.ambient_volume, duck_db=self.cfg.ambient_duck_db),
+            mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
+                                    duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
             queue_ms=self.cfg.output_queue_ms,
         )
         source = self.mixer.start()
@@ -607,10 +650,13 @@ class Worker(bridge.BridgeEvents):
 
     def on_speech_started(self) -> None:
         log.debug("user started speaking")
+        self.mixer.stop_thinking()
         self._state_soon("listening")
 
     def on_speech_stopped(self) -> None:
         self._turn_ended_at = time.monotonic()
+        if self.thinking is not None:
+            self.mixer.start_thinking(self.thinking.name, self.thinking.samples)
         self._state_soon("thinking")
 
     def on_reply_started(self, reply_id: str) -> None:
@@ -644,18 +690,18 @@ class Worker(bridge.BridgeEvents):
         log.info("Voice Agent session ended")
 
 
-def load_ambient(cfg: Config) -> Any:
-    """Decode the ambient bed once, at start; a bad file is a configuration error."""
-    if cfg.ambient_sound.strip().lower() in ("", "none", "off"):
+def load_loop(value: str, variable: str) -> Any:
+    """Decode a looping sound once, at start; a bad file is a configuration error."""
+    if value.strip().lower() in ("", "none", "off"):
         return None
     import sounds
 
     try:
-        bed = sounds.load(cfg.ambient_sound.strip())
+        sound = sounds.load(value.strip())
     except sounds.SoundError as e:
-        raise ConfigError(f"AMBIENT_SOUND {e}") from None
-    loop = sounds.make_seamless_loop(bed.samples, int(0.25 * SAMPLE_RATE))
-    return dataclasses.replace(bed, samples=loop)
+        raise ConfigError(f"{variable}: {e}") from None
+    loop = sounds.make_seamless_loop(sound.samples, int(0.25 * SAMPLE_RATE))
+    return dataclasses.replace(sound, samples=loop)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -669,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
     )
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "token"),
+                        help="run (default): run the worker; token: print a user token and what to paste into "
+                             "the Agents Playground or meet.livekit.io")
+    parser.add_argument("--identity", default="user", help="token: the user's identity (default: user)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         g = f.metadata["group"]
@@ -702,15 +752,34 @@ def exit_code_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PyJWT warns about short HMAC keys; livekit-server --dev's "secret" is one. Not ours to nag about.
+    warnings.filterwarnings("ignore", message="The HMAC key is")
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
     try:
-        cfg = load_config(gather_env(cli))
+        cfg = load_config(gather_env(cli), optional=("ASSEMBLYAI_API_KEY",) if args.command == "token" else ())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "token":
+        return print_token(cfg, args.identity)
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
     return asyncio.run(_run(cfg, log_ctx))
+
+
+def print_token(cfg: Config, identity: str) -> int:
+    """What a person needs to join the agent's room from a browser."""
+    token = mint_token(cfg, identity, ttl=datetime.timedelta(hours=24))
+    url = cfg.livekit_url
+    print(f"""LiveKit URL:  {url}
+Room:         {cfg.room_name}
+Identity:     {identity}
+Token (24 h): {token}
+
+Agents Playground (https://agents-playground.livekit.io): choose "Manual", paste the URL and the token.
+meet.livekit.io: open "Custom", paste the URL and the token.
+Or open: https://meet.livekit.io/custom?liveKitUrl={url}&token={token}""")
+    return EXIT_OK
 
 
 async def _run(cfg: Config, log_ctx: LogContext) -> int:
