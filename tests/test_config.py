@@ -1,0 +1,114 @@
+"""Configuration: every variable documented everywhere, bad values are one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+
+import worker
+from harness import REPO
+
+REQUIRED = {"LIVEKIT_URL": "ws://127.0.0.1:7880", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s",
+            "ASSEMBLYAI_API_KEY": "a"}
+VARIABLES = [f.name.upper() for f in dataclasses.fields(worker.Config)]
+
+
+def run_worker(env: dict[str, str], *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "worker.py"), *args], env={"PATH": "/usr/bin:/bin", **env},
+                          cwd=cwd or REPO / "tests", capture_output=True, text=True, timeout=30)
+
+
+def test_every_variable_is_in_readme_env_example_and_help():
+    readme = (REPO / "README.md").read_text()
+    example = (REPO / ".env.example").read_text()
+    help_text = " ".join(run_worker({}, "--help").stdout.split())
+    for name in VARIABLES:
+        assert f"| `{name}` |" in readme, f"{name} missing from README's configuration table"
+        assert re.search(rf"^{name}=", example, re.M), f"{name} missing from .env.example"
+        assert f"env {name};" in help_text, f"{name} missing from --help"
+
+
+def test_env_example_lines_each_have_one_comment():
+    lines = (REPO / ".env.example").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[A-Z_]+=", line):
+            assert lines[i - 1].startswith("# "), f"{line.split('=')[0]} in .env.example has no comment above it"
+
+
+def test_env_example_is_a_valid_configuration_once_the_key_is_filled_in():
+    from dotenv import dotenv_values
+
+    values = {k: v or "" for k, v in dotenv_values(REPO / ".env.example").items()}
+    values["ASSEMBLYAI_API_KEY"] = "x"
+    cfg = worker.load_config(values)
+    assert cfg.room_name == "voice-agent-demo" and cfg.ambient_volume == 0.3
+
+
+def test_defaults():
+    cfg = worker.load_config(REQUIRED)
+    assert cfg.room_name == "voice-agent-demo"
+    assert cfg.voice_agent_url == "wss://agents.assemblyai.com/v1/ws"
+    assert cfg.agent_identity == "voice-agent"
+    assert cfg.turn_detection() == {}  # the default profile sends nothing
+
+
+def test_turn_profile_and_overrides():
+    cfg = worker.load_config({**REQUIRED, "TURN_PROFILE": "standard", "MIN_SILENCE_MS": "400",
+                              "INTERRUPT_RESPONSE": "0"})
+    assert cfg.turn_detection() == {"min_silence": 400, "max_silence": 1500, "interrupt_response": False}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LIVEKIT_URL": None}, "LIVEKIT_URL is not set"),
+    ({"ASSEMBLYAI_API_KEY": "  "}, "ASSEMBLYAI_API_KEY is not set"),
+    ({"LIVEKIT_URL": "localhost:7880"}, "LIVEKIT_URL must be a URL"),
+    ({"AMBIENT_VOLUME": "1.5"}, "AMBIENT_VOLUME must be between 0 and 1"),
+    ({"AMBIENT_VOLUME": "loud"}, "AMBIENT_VOLUME must be a number"),
+    ({"AMBIENT_VOLUME": "nan"}, "AMBIENT_VOLUME must be a finite number"),
+    ({"OUTPUT_QUEUE_MS": "45"}, "OUTPUT_QUEUE_MS must be a multiple of 10"),
+    ({"BARGE_IN": "sometimes"}, "BARGE_IN must be one of interrupted, speech"),
+    ({"MIN_SILENCE_MS": "900", "MAX_SILENCE_MS": "800"}, "MIN_SILENCE_MS (900) must be less than MAX_SILENCE_MS"),
+    ({"INTERRUPT_RESPONSE": "maybe"}, "INTERRUPT_RESPONSE must be 1/0"),
+    ({"KEYTERMS": ",".join(f"t{i}" for i in range(101))}, "KEYTERMS at most 100 terms"),
+    ({"ROOM_NAME": "has space"}, "ROOM_NAME must be 1-128 characters without spaces"),
+])
+def test_bad_values_are_one_line_exit_2_no_traceback(env, message):
+    merged = {k: v for k, v in {**REQUIRED, **env}.items() if v is not None}
+    r = run_worker(merged)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], f"more than one line: {r.stderr!r}"
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_ambient_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "bed.wav"
+    bad.write_bytes(b"this is not audio")
+    r = run_worker({**REQUIRED, "AMBIENT_SOUND": str(bad)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "AMBIENT_SOUND" in r.stderr and "bed.wav" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_flags_override_env_and_env_overrides_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("ROOM_NAME=from-dotenv\nGREETING=from dotenv\n")
+    env = worker.gather_env({"GREETING": None}, cwd=tmp_path)
+    assert env["ROOM_NAME"] == "from-dotenv"
+    import os
+
+    os.environ["ROOM_NAME"] = "from-env"
+    try:
+        assert worker.gather_env({}, cwd=tmp_path)["ROOM_NAME"] == "from-env"
+        assert worker.gather_env({"ROOM_NAME": "from-flag"}, cwd=tmp_path)["ROOM_NAME"] == "from-flag"
+    finally:
+        del os.environ["ROOM_NAME"]
+
+
+def test_token_command_needs_no_api_key():
+    env = {k: v for k, v in REQUIRED.items() if k != "ASSEMBLYAI_API_KEY"}
+    r = run_worker(env, "token")
+    assert r.returncode == 0, r.stderr
+    assert "Token" in r.stdout and "agents-playground" in r.stdout
