@@ -1,0 +1,616 @@
+"""Tests of the Voice Agent API stand-in itself, driven by a bare websockets client (no bridge)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from standin import StandIn, StandInOptions, TurnDetector, dominant_frequency, tone
+
+RATE = 24_000
+KEY = "standin"
+FAST = dict(reply_seconds=0.5, greeting_seconds=0.3, think_ms=50)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.int16)
+
+
+def b64(pcm: np.ndarray) -> str:
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+
+
+def pcm_of(event: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(event["data"]), dtype="<i2")
+
+
+def heard_hz(text: str) -> float:
+    match = re.search(r"(\d+) Hz", text)
+    assert match, f"no frequency in user transcript {text!r}"
+    return float(match.group(1))
+
+
+class Client:
+    """A plain websockets client that files every server event with its arrival time."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.events: list[tuple[float, dict]] = []
+        self._cursor: dict[str, int] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in self.ws:
+                self.events.append((time.monotonic(), json.loads(frame)))
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.done()
+
+    def of(self, type: str) -> list[dict]:
+        return [e for _, e in self.events if e.get("type") == type]
+
+    def types(self) -> list[str]:
+        return [e.get("type") for _, e in self.events]
+
+    async def send(self, **event: object) -> None:
+        await self.ws.send(json.dumps(event))
+
+    async def expect(self, type: str, timeout: float = 5.0) -> dict:
+        """The next event of this type that no earlier expect() returned."""
+        deadline = time.monotonic() + timeout
+        while True:
+            start = self._cursor.get(type, 0)
+            for i in range(start, len(self.events)):
+                if self.events[i][1].get("type") == type:
+                    self._cursor[type] = i + 1
+                    return self.events[i][1]
+            if self.closed or time.monotonic() > deadline:
+                raise AssertionError(f"no {type} within {timeout} s; got {self.types()}"
+                                     + (f"; closed {self.ws.close_code}" if self.closed else ""))
+            await asyncio.sleep(0.005)
+
+    async def expect_none(self, type: str, within: float) -> None:
+        await asyncio.sleep(within)
+        assert not self.of(type)[self._cursor.get(type, 0):], f"unexpected {type}: {self.of(type)}"
+
+    async def ready(self, **session: object) -> dict:
+        await self.send(type="session.update", session=session)
+        return await self.expect("session.ready")
+
+    async def stream(self, pcm: np.ndarray, chunk_ms: int = 50, speed: float = 1.0) -> None:
+        """Send audio as input.audio messages at `speed` times real time."""
+        step = RATE * chunk_ms // 1000
+        t0 = time.monotonic()
+        for i, start in enumerate(range(0, len(pcm), step)):
+            delay = t0 + i * chunk_ms / 1000 / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.send(type="input.audio", audio=b64(pcm[start:start + step]))
+
+    async def closing(self, timeout: float = 5.0) -> tuple[int | None, str | None]:
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        return self.ws.close_code, self.ws.close_reason
+
+
+@contextlib.asynccontextmanager
+async def client(agent: StandIn, key: str | None = KEY) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with connect(agent.url, additional_headers=headers) as ws:
+        c = Client(ws)
+        try:
+            yield c
+        finally:
+            c._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await c._reader
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[StandIn]:
+    async with StandIn(StandInOptions(**FAST)) as standin:
+        yield standin
+
+
+# -- pure pieces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freq", [220.0, 440.0, 1234.5])
+def test_dominant_frequency_of_a_short_tone_is_within_a_hertz(freq: float) -> None:
+    assert dominant_frequency(tone(freq, 0.3)) == pytest.approx(freq, abs=1.0)
+
+
+def test_turn_detector_reports_start_progress_and_stop_in_audio_time() -> None:
+    detector = TurnDetector(min_silence_ms=300, start_ms=60, progress_ms=400)
+    events = detector.feed(np.concatenate([silence(0.2), tone(500, 1.0), silence(0.1)]))
+    assert [e.kind for e in events] == ["started", "progress", "progress"]
+    assert detector.in_speech and detector.voiced_since_start_ms == 940
+    (stop,) = detector.feed(silence(0.3))
+    assert stop.kind == "stopped" and not detector.in_speech
+    assert len(stop.audio) == RATE  # the voiced span, trailing silence trimmed
+    assert detector.feed(silence(1.0)) == []
+
+
+def test_turn_detector_ignores_blips_shorter_than_speech_start() -> None:
+    detector = TurnDetector(start_ms=60)
+    assert detector.feed(np.concatenate([silence(0.1), tone(500, 0.04), silence(0.5)])) == []
+
+
+# -- auth and HTTP ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [None, "standin", "Bearer wrong", "bearer standin"])
+async def test_a_bad_key_is_refused_with_http_401(agent: StandIn, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(agent.url, additional_headers=headers):
+            pass
+    assert refused.value.response.status_code == 401
+    assert agent.http_rejections == 1 and agent.sessions == []
+
+
+async def test_an_unknown_path_is_404(agent: StandIn) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(agent.url.replace("/v1/ws", "/v2/ws"),
+                           additional_headers={"Authorization": f"Bearer {KEY}"}):
+            pass
+    assert refused.value.response.status_code == 404
+
+
+async def test_a_bad_key_can_be_refused_by_close_1008(agent: StandIn) -> None:
+    agent.options.auth_failure = "close1008"
+    async with client(agent, key="wrong") as c:
+        assert await c.closing() == (1008, "UNAUTHORIZED")
+        assert c.events == []
+    assert agent.http_rejections == 0 and agent.auth_failures == 1
+
+
+@pytest.mark.parametrize("uppercase", [False, True])
+async def test_a_bad_key_can_be_refused_by_an_error_frame_then_1008(agent: StandIn, uppercase: bool) -> None:
+    agent.options.auth_failure = "error_frame"
+    agent.options.uppercase_codes = uppercase
+    async with client(agent, key=None) as c:
+        error = await c.expect("session.error")
+        assert error["code"] == ("UNAUTHORIZED" if uppercase else "unauthorized")
+        assert (await c.closing())[0] == 1008
+
+
+# -- session setup and validation -------------------------------------------------------------
+
+
+async def test_audio_is_refused_until_session_ready(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.send(type="input.audio", audio=b64(tone(440, 0.05)))
+        error = await c.expect("session.error")
+        assert (error["code"], error["message"]) == ("invalid_audio", "audio before session.ready")
+        ready = await c.ready(system_prompt="be brief")
+        assert ready["session_id"] == agent.sessions[0].session_id
+        assert ready["config"] == {"system_prompt": "be brief"} and ready["expires_at"].endswith("Z")
+        await c.send(type="input.audio", audio=b64(tone(440, 0.05)))
+        await agent.wait_for(lambda: len(agent.input_pcm()) == 1200, what="audio accepted after ready")
+    assert agent.sessions[0].audio_before_ready == 1
+
+
+async def test_an_invalid_first_update_leaves_the_session_unready_until_corrected(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.send(type="session.update",
+                     session={"input": {"turn_detection": {"min_silence": 800, "max_silence": 500}}})
+        error = await c.expect("session.error")
+        assert (error["code"], error["param"]) == ("invalid_value", "input.turn_detection.min_silence")
+        await c.send(type="input.audio", audio=b64(silence(0.05)))
+        assert (await c.expect("session.error"))["code"] == "invalid_audio"
+        assert not c.of("session.ready")
+        await c.ready(input={"turn_detection": {"min_silence": 300, "max_silence": 500}})
+    assert len(agent.sessions[0].updates) == 2
+
+
+@pytest.mark.parametrize("session, code, param", [
+    ({"agent_id": "agent_standin", "system_prompt": "hi"}, "invalid_config", "agent_id"),
+    ({"agent_id": "agent_nobody"}, "agent_not_found", "agent_id"),
+    ({"temperature": 0.2}, "invalid_config", "session.temperature"),
+    ({"output": {"voice": "nobody"}}, "invalid_value", "output.voice"),
+    ({"output": {"volume": 101}}, "invalid_value", "output.volume"),
+    ({"input": {"format": {"encoding": "audio/pcm", "sample_rate": 16000}}}, "invalid_value",
+     "input.format.sample_rate"),
+    ({"input": {"format": {"encoding": "audio/wav"}}}, "invalid_value", "input.format.encoding"),
+    ({"input": {"keyterms": ["x"] * 101}}, "invalid_value", "input.keyterms"),
+    ({"input": {"turn_detection": {"vad_threshold": 1.5}}}, "invalid_value", "input.turn_detection.vad_threshold"),
+    ({"input": {"turn_detection": {"interrupt_response": "no"}}}, "invalid_value",
+     "input.turn_detection.interrupt_response"),
+    ({"input": {"turn_detection": {"interruption_delay": 2000}}}, "invalid_value",
+     "input.turn_detection.interruption_delay"),
+    ({"tools": [{"type": "function", "name": "x"}]}, "invalid_config", "tools[0].description"),
+    ({"tools": [{"type": "function", "name": "x", "description": "", "parameters": []}]}, "invalid_config",
+     "tools[0].parameters"),
+    ({"greeting": 5}, "invalid_value", "greeting"),
+])
+async def test_invalid_config_is_rejected_with_code_and_param(agent: StandIn, session: dict, code: str,
+                                                              param: str) -> None:
+    async with client(agent) as c:
+        await c.send(type="session.update", session=session)
+        error = await c.expect("session.error")
+        assert (error["code"], error.get("param")) == (code, param), error["message"]
+        assert not c.of("session.ready")
+
+
+async def test_a_stored_agent_alone_is_accepted(agent: StandIn) -> None:
+    async with client(agent) as c:
+        assert (await c.ready(agent_id="agent_standin"))["config"] == {"agent_id": "agent_standin"}
+
+
+async def test_immutable_fields_cannot_change_after_ready_but_the_session_stays_open(agent: StandIn) -> None:
+    tools = [{"type": "function", "name": "get_time", "description": "now", "parameters": {"type": "object"}}]
+    async with client(agent) as c:
+        await c.ready(output={"voice": "ivy"})
+        for change, param in [({"output": {"voice": "sage"}}, "output.voice"),
+                              ({"greeting": "hello"}, "greeting"),
+                              ({"input": {"format": {"encoding": "audio/pcmu"}}}, "input.format")]:
+            await c.send(type="session.update", session=change)
+            error = await c.expect("session.error")
+            assert (error["code"], error["param"]) == ("immutable_field", param)
+        # Repeating the same voice is no change; mutable fields are acknowledged.
+        await c.send(type="session.update", session={"output": {"voice": "ivy", "volume": 40}, "tools": tools,
+                                                      "input": {"keyterms": ["LiveKit"]}})
+        updated = await c.expect("session.updated")
+        assert updated["config"]["output"] == {"voice": "ivy", "volume": 40}
+        await c.send(type="session.update", session={"agent_id": "agent_standin"})
+        assert (await c.expect("session.error"))["code"] == "agent_id_not_first"
+        assert not c.closed
+
+
+async def test_malformed_messages_get_invalid_format_and_the_session_stays_open(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        await c.ws.send("{not json")
+        await c.ws.send(b"\x00\x01")
+        await c.send(type="input.video")
+        await c.send(kind="input.audio")
+        await c.ws.send("[1, 2]")
+        for _ in range(5):
+            assert (await c.expect("session.error"))["code"] == "invalid_format"
+        await c.send(type="input.audio", audio="%%%")
+        await c.send(type="input.audio", audio=base64.b64encode(b"\x00\x01\x02").decode())
+        for _ in range(2):
+            assert (await c.expect("session.error"))["code"] == "invalid_audio"
+        await c.send(type="session.update", session={"system_prompt": "still here"})
+        await c.expect("session.updated")
+
+
+async def test_a_message_over_the_size_limit_closes_1009(agent: StandIn) -> None:
+    agent.options.max_message_bytes = 10_000
+    async with client(agent) as c:
+        await c.ready()
+        await c.send(type="input.audio", audio=b64(silence(0.2)))  # 9 600 bytes of PCM, 12 800 of base64
+        assert (await c.closing())[0] == 1009
+
+
+async def test_a_spurious_session_updated_may_precede_session_ready(agent: StandIn) -> None:
+    agent.options.extra_updated_before_ready = True
+    async with client(agent) as c:
+        await c.ready()
+        assert c.types()[:2] == ["session.updated", "session.ready"]
+
+
+# -- turns and replies ------------------------------------------------------------------------
+
+
+async def test_a_tone_burst_is_a_user_turn_and_gets_a_paced_reply(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        await c.stream(np.concatenate([silence(0.1), tone(440, 0.9), silence(0.7)]))
+        await c.expect("input.speech.started")
+        delta = await c.expect("transcript.user.delta")
+        assert heard_hz(delta["text"]) == pytest.approx(440, abs=5)
+        await c.expect("input.speech.stopped")
+        final = await c.expect("transcript.user")
+        assert final["item_id"] == delta["item_id"]
+        assert heard_hz(final["text"]) == pytest.approx(440, abs=5) and final["text"].endswith("0.9 s")
+        started = await c.expect("reply.started")
+        done = await c.expect("reply.done", timeout=3)
+    assert done == {"type": "reply.done", "status": "completed", "reply_id": started["reply_id"]}
+    types = c.types()
+    order = [types.index(t) for t in ("input.speech.started", "transcript.user.delta", "input.speech.stopped",
+                                      "transcript.user", "reply.started", "reply.audio", "transcript.agent",
+                                      "reply.done")]
+    assert order == sorted(order), types
+    reply = np.concatenate([pcm_of(e) for e in c.of("reply.audio")])
+    assert len(reply) == RATE // 2 and dominant_frequency(reply) == pytest.approx(1000, abs=2)
+    assert np.abs(reply).max() == pytest.approx(0.5 * 32767, rel=0.01)
+    text = c.of("transcript.agent")[0]
+    assert text["text"] == "This is reply number 1." and text["interrupted"] is False
+    assert "".join(d["delta"] for d in c.of("transcript.agent.delta")) == text["text"]
+    record = agent.sessions[0]
+    assert record.replies[0].kind == "turn" and record.replies[0].status == "completed"
+    assert record.errors_sent == []
+
+
+async def test_reply_audio_is_paced_in_real_time_with_a_bounded_lead_and_varied_chunks(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        reply = await agent.trigger_reply(seconds=1.2, freq_hz=700)
+        await c.expect("reply.done", timeout=4)
+    arrivals = [(t, len(pcm_of(e))) for t, e in c.events if e["type"] == "reply.audio"]
+    t0 = arrivals[0][0]
+    sent = np.cumsum([n for _, n in arrivals]) / RATE
+    for (t, _), total in zip(arrivals, sent):
+        assert total <= (t - t0) + 0.3 + 0.12 + 0.02, f"{total:.2f} s of audio only {t - t0:.2f} s in"
+    assert arrivals[-1][0] - t0 >= 1.2 - 0.3 - 0.12 - 0.05
+    done_at = next(t for t, e in c.events if e["type"] == "reply.done")
+    assert done_at - t0 == pytest.approx(1.2, abs=0.1), "reply.done comes when the audio has played"
+    sizes_ms = [1000 * n / RATE for _, n in arrivals]
+    assert len(set(sizes_ms)) > 3 and all(40 <= s <= 120 for s in sizes_ms[:-1])
+    assert reply.kind == "create" and reply.samples_sent == int(1.2 * RATE)
+
+
+@pytest.mark.parametrize("order", ["transcript_first", "done_first"])
+async def test_barge_in_interrupts_the_reply_and_becomes_a_turn(agent: StandIn, order: str) -> None:
+    agent.options.barge_in_order = order
+    agent.options.late_audio_after_interrupt = 2
+    async with client(agent) as c:
+        await c.ready()
+        reply = await agent.trigger_reply(seconds=2.0)
+        await c.expect("reply.started")
+        await asyncio.sleep(0.3)
+        await c.stream(np.concatenate([tone(300, 0.5), silence(0.7)]))
+        await c.expect("input.speech.started")
+        cut = await c.expect("transcript.agent")
+        done = await c.expect("reply.done")
+        user = await c.expect("transcript.user")
+        next_reply = await c.expect("reply.started")
+    assert cut["interrupted"] is True and done["status"] == "interrupted"
+    assert cut["reply_id"] == done["reply_id"] == reply.reply_id != next_reply["reply_id"]
+    full = "This is reply number 1."
+    assert full.startswith(cut["text"]) and 0 < len(cut["text"]) < len(full)
+    types = c.types()
+    first, second = ("reply.done", "transcript.agent") if order == "done_first" else ("transcript.agent", "reply.done")
+    assert types.index(first) < types.index(second)
+    late = [e for e in c.of("reply.audio")[types[:types.index(second)].count("reply.audio"):]
+            if e["reply_id"] == reply.reply_id]
+    assert len(late) == 2, "the late chunks of the interrupted reply follow the interruption events"
+    assert heard_hz(user["text"]) == pytest.approx(300, abs=5)
+    assert reply.status == "interrupted" and reply.late_chunks == 2
+    assert reply.interrupted_at - reply.first_audio_at < 1.0
+    assert agent.sessions[0].replies[1].kind == "turn"
+
+
+@pytest.mark.parametrize("announce", [True, False])
+async def test_a_backchannel_shorter_than_the_interruption_delay_does_not_interrupt(
+        agent: StandIn, announce: bool) -> None:
+    agent.options.speech_started_on_backchannel = announce
+    async with client(agent) as c:
+        await c.ready(input={"turn_detection": {"interruption_delay": 400}})
+        await agent.trigger_reply(seconds=1.5)
+        await c.expect("reply.audio")
+        await c.stream(np.concatenate([tone(300, 0.2), silence(0.7)]))
+        done = await c.expect("reply.done", timeout=3)
+        await asyncio.sleep(0.3)
+    assert done["status"] == "completed"
+    assert len(c.of("input.speech.started")) == (1 if announce else 0)
+    assert len(c.of("transcript.user")) == (1 if announce else 0)
+    assert len(c.of("reply.started")) == 1, "a turn that ends during a reply gets no reply of its own"
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+async def test_the_greeting_is_spoken_at_start_wrapped_or_bare(agent: StandIn, wrap: bool) -> None:
+    agent.options.wrap_greeting = wrap
+    async with client(agent) as c:
+        await c.ready(greeting="Hello there")
+        transcript = await c.expect("transcript.agent")
+        await asyncio.sleep(0.1)
+    assert transcript["text"] == "Hello there"
+    audio = np.concatenate([pcm_of(e) for e in c.of("reply.audio")])
+    assert dominant_frequency(audio) == pytest.approx(660, abs=2)
+    wrapped = [t for t in c.types() if t in ("reply.started", "reply.done")]
+    assert wrapped == (["reply.started", "reply.done"] if wrap else [])
+
+
+async def test_docs_only_shape_leaves_out_sdk_fields_and_done_status(agent: StandIn) -> None:
+    agent.options.sdk_fields = False
+    agent.options.omit_done_status = True
+    agent.options.unknown_events = True
+    async with client(agent) as c:
+        ready = await c.ready()
+        await agent.trigger_reply(seconds=0.2)
+        done = await c.expect("reply.done")
+    assert set(ready) == {"type", "session_id"}
+    assert done == {"type": "reply.done"}
+    assert all(set(e) == {"type", "data"} for e in c.of("reply.audio"))
+    assert c.of("standin.unknown_event")
+
+
+async def test_conversation_message_is_recorded_without_reply_and_reply_create_replies(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        await c.send(type="conversation.message", role="system", content="The user is in Paris.")
+        await c.expect_none("reply.started", within=0.3)
+        await c.send(type="conversation.message", role="agent", content="x")
+        assert (await c.expect("session.error"))["param"] == "role"
+        await c.send(type="reply.create", instructions="Say hi")
+        await c.expect("reply.done", timeout=3)
+    record = agent.sessions[0]
+    assert record.received_events("conversation.message")[0]["content"] == "The user is in Paris."
+    assert [r.kind for r in record.replies] == ["create"]
+
+
+# -- rate limit -------------------------------------------------------------------------------
+
+
+async def test_audio_sent_three_times_faster_than_real_time_is_dropped_with_an_error(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        await c.stream(silence(3.0), speed=3.0)
+        await c.expect("session.error")
+        await asyncio.sleep(0.1)
+    record = agent.sessions[0]
+    assert set(record.errors_sent) == {"audio_rate_violation"}
+    assert 1 <= len(record.errors_sent) <= 2, "at most one rate error per second"
+    accepted = len(record.audio) / 2 / RATE
+    assert 1.1 <= accepted < 2.5, f"{accepted:.2f} s accepted of 3 s sent in 1 s"
+
+
+# -- resume and end ---------------------------------------------------------------------------
+
+
+async def test_resume_within_the_window_continues_the_session(agent: StandIn) -> None:
+    async with client(agent) as c:
+        session_id = (await c.ready())["session_id"]
+        await agent.drop(1011)
+        assert (await c.closing())[0] == 1011
+    async with client(agent) as c:
+        await c.send(type="session.resume", session_id=session_id)
+        assert (await c.expect("session.ready"))["session_id"] == session_id
+        await c.send(type="reply.create")
+        await c.expect("reply.done", timeout=3)
+    record = agent.sessions[0]
+    assert len(agent.sessions) == 1 and record.resumes == 1 and record.sockets == 2
+
+
+@pytest.mark.parametrize("how", ["forced", "unknown id", "after end", "window passed", "forgets"])
+async def test_a_failed_resume_gets_an_error_then_1008(agent: StandIn, how: str) -> None:
+    agent.options.resume_window_s = 0.2
+    async with client(agent) as c:
+        session_id = (await c.ready())["session_id"]
+        if how == "after end":
+            await c.send(type="session.end")
+            await c.closing()
+    if how != "after end":
+        await agent.drop(None)  # no close frame
+    if how == "window passed":
+        await asyncio.sleep(0.3)
+    agent.options.fail_next_resume = "session_not_found" if how == "forced" else None
+    agent.options.resume_forgets = how == "forgets"
+    async with client(agent) as c:
+        await c.send(type="session.resume", session_id="sess_nope" if how == "unknown id" else session_id)
+        error = await c.expect("session.error")
+        assert (await c.closing())[0] == 1008
+    assert error["code"] == ("session_expired" if how == "window passed" else "session_not_found")
+    assert agent.options.fail_next_resume is None, "fail_next_resume is one-shot"
+
+
+async def test_session_end_answers_session_ended_then_closes_cleanly(agent: StandIn) -> None:
+    async with client(agent) as c:
+        await c.ready()
+        await c.stream(silence(0.5))
+        await c.send(type="session.end")
+        ended = await c.expect("session.ended")
+        assert await c.closing() == (1000, "session ended")
+    assert ended["audio_duration_seconds"] == pytest.approx(0.5, abs=0.01)
+    assert ended["session_duration_seconds"] >= 0.45  # the last 50 ms chunk leaves at 0.45 s
+    assert agent.sessions[0].ended
+
+
+async def test_the_clean_close_code_is_configurable(agent: StandIn) -> None:
+    agent.options.clean_close_code = 4000
+    async with client(agent) as c:
+        await c.ready()
+        await c.send(type="session.end")
+        assert (await c.closing())[0] == 4000
+
+
+async def test_a_session_past_its_maximum_length_is_closed_1008(agent: StandIn) -> None:
+    agent.options.max_session_s = 0.3
+    async with client(agent) as c:
+        await c.ready()
+        assert await c.closing() == (1008, "session_expired")
+    assert agent.sessions[0].expired
+
+
+# -- tools ------------------------------------------------------------------------------------
+
+
+async def test_a_tool_call_round_trip(agent: StandIn) -> None:
+    tools = [{"type": "function", "name": "get_weather", "description": "weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    async with client(agent) as c:
+        await c.ready(tools=tools)
+        call = asyncio.create_task(agent.call_tool("get_weather", {"city": "Paris"}))
+        started = await c.expect("reply.started")
+        request = await c.expect("tool.call")
+        await c.expect("reply.done")
+        assert request["name"] == "get_weather" and request["arguments"] == {"city": "Paris"}
+        await c.send(type="tool.result", call_id="call_unknown", result="{}")
+        await c.send(type="tool.result", call_id=request["call_id"], result={"weather": "sunny"})
+        await c.send(type="tool.result", call_id=request["call_id"], result="sunny")
+        for _ in range(3):
+            assert (await c.expect("session.error"))["code"] == "invalid_value"
+        answer = json.dumps({"weather": "sunny"})
+        await c.send(type="tool.result", call_id=request["call_id"], result=answer)
+        result = await asyncio.wait_for(call, 3)
+        spoken = await c.expect("transcript.agent", timeout=3)
+        await c.expect("reply.done", timeout=3)
+    assert result["result"] == answer and agent.sessions[0].tool_results == [result]
+    assert "sunny" in spoken["text"] and spoken["reply_id"] != started["reply_id"]
+    assert [r.kind for r in agent.sessions[0].replies] == ["tool", "tool"]
+
+
+async def test_a_user_turn_can_trigger_a_tool_call(agent: StandIn) -> None:
+    agent.options.tool_call_on_turn = ("lookup", {"q": "x"})
+    async with client(agent) as c:
+        await c.ready()
+        await c.stream(np.concatenate([tone(440, 0.3), silence(0.65)]))
+        call = await c.expect("tool.call", timeout=3)
+    assert (call["name"], call["arguments"]) == ("lookup", {"q": "x"})
+    assert not c.of("reply.audio") and agent.options.tool_call_on_turn is None
+
+
+# -- housekeeping -----------------------------------------------------------------------------
+
+
+async def test_stopping_mid_reply_leaves_no_task_behind() -> None:
+    before = asyncio.all_tasks()
+    standin = StandIn(StandInOptions(**FAST))
+    await standin.start()
+    async with client(standin) as c:
+        await c.ready(greeting="hi")
+        await c.expect("reply.audio")
+        await standin.stop()
+        assert (await c.closing())[0] == 1001
+    leftover = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert leftover == []
+    assert standin.sessions[0].replies[0].status == "abandoned"
+
+
+def test_the_command_line_serves_without_logging_the_key() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "sk-very-secret-123"
+    script = Path(__file__).with_name("standin.py")
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--api-key", secret, "-v"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def talk() -> str:
+            url = f"ws://127.0.0.1:{port}/v1/ws"
+            for _ in range(100):
+                try:
+                    ws = await connect(url, additional_headers={"Authorization": f"Bearer {secret}"})
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            async with ws:
+                await ws.send(json.dumps({"type": "session.update", "session": {}}))
+                return json.loads(await ws.recv())["type"]
+
+        assert asyncio.run(talk()) == "session.ready"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, output
+    assert "session.ready" in output and secret not in output
