@@ -934,7 +934,7 @@ class VoiceAgentClient:
 
 
 def _close_info(ws: websockets.ClientConnection) -> tuple[int | None, str]:
-    rcvd = ws.close_rcvd
+    rcvd = ws.protocol.close_rcvd
     if rcvd is None:
         return None, ""
     return rcvd.code, rcvd.reason

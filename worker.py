@@ -679,6 +679,8 @@ class Worker(bridge.BridgeEvents):
         self._state_soon("listening")
 
     def on_reply_done(self, reply_id: str, status: str) -> None:
+        if self.log_ctx.fields["reply_id"] == reply_id:
+            self.log_ctx.fields["reply_id"] = None
         self._spawn(self._listening_after_playout(), "playout")
 
     async def _listening_after_playout(self) -> None:
