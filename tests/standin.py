@@ -236,6 +236,11 @@ def _g711_table(encoding: str) -> np.ndarray:
     return np.where(a & 0x80, magnitude, -magnitude)
 
 
+def sample_width(encoding: str) -> int:
+    """Bytes per sample on the wire: 16-bit PCM or 8-bit G.711."""
+    return 2 if encoding == "audio/pcm" else 1
+
+
 def decode_audio(raw: bytes, encoding: str) -> np.ndarray:
     """Wire bytes -> int16 samples at the encoding's own rate."""
     if encoding == "audio/pcm":
@@ -656,8 +661,9 @@ class _Session:
         return normalized_format(_lookup(self.config, f"{side}.format"))
 
     def expired(self, now: float) -> bool:
-        dropped_too_long = self.record.dropped_at is not None and now - self.record.dropped_at > self.opts.resume_window_s
-        return dropped_too_long or now - self.created_at > self.opts.max_session_s
+        dropped = self.record.dropped_at
+        too_long_gone = dropped is not None and now - dropped > self.opts.resume_window_s
+        return too_long_gone or now - self.created_at > self.opts.max_session_s
 
     # -- socket lifecycle ---------------------------------------------------------------------
 
@@ -706,7 +712,7 @@ class _Session:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """Server shutdown: stop tasks and forget pending tool calls."""
+        """Session end or server shutdown: stop tasks and forget pending tool calls."""
         await self._cancel_tasks()
         for _, future in self._pending_tools.values():
             future.cancel()
@@ -732,12 +738,13 @@ class _Session:
         await self.ws.send(json.dumps(event))
         kind = event.get("type")
         if kind == "reply.audio" and isinstance(event.get("data"), str):
-            recorded = {**event, "data": len(base64.b64decode(event["data"]))}
+            data = event["data"]  # recorded as its decoded byte length
+            recorded = {**event, "data": len(data) * 3 // 4 - data[-2:].count("=")}
         else:
             recorded = event
         self.record.sent.append((time.monotonic(), recorded))
-        if kind == "session.error":
-            self.record.errors_sent.append(str(event.get("code")))
+        if kind == "session.error":  # canonical case, whatever uppercase_codes sent
+            self.record.errors_sent.append(str(event.get("code")).lower())
         level = logging.DEBUG if kind in QUIET_EVENTS else logging.INFO
         log.log(level, "[%s] -> %s", self.sid, _summary(recorded))
 
@@ -845,11 +852,9 @@ class _Session:
 
     async def _on_end(self, message: dict) -> None:
         self.record.ended = True
-        await self._cancel_tasks()
-        for _, future in self._pending_tools.values():
-            future.cancel()
-        self._pending_tools.clear()
-        audio_s = len(self.record.audio) / self._bytes_per_input_second()
+        await self.close()
+        fmt = self._format("input")
+        audio_s = len(self.record.audio) / sample_width(fmt["encoding"]) / fmt["sample_rate"]
         await self.send({"type": "session.ended",
                          "session_duration_seconds": round(time.monotonic() - self.created_at, 3),
                          "audio_duration_seconds": round(audio_s, 3)})
@@ -857,10 +862,6 @@ class _Session:
             await self.ws.close(self.opts.clean_close_code, "session ended")
 
     # -- input audio and turns ----------------------------------------------------------------
-
-    def _bytes_per_input_second(self) -> int:
-        fmt = self._format("input")
-        return fmt["sample_rate"] * (2 if fmt["encoding"] == "audio/pcm" else 1)
 
     async def _on_audio(self, message: dict) -> None:
         if not self.ready:
@@ -874,7 +875,7 @@ class _Session:
         except (binascii.Error, ValueError):
             return await self._error("invalid_audio", "audio is not valid base64", "audio")
         fmt = self._format("input")
-        width = 2 if fmt["encoding"] == "audio/pcm" else 1
+        width = sample_width(fmt["encoding"])
         if len(raw) % width:
             return await self._error("invalid_audio", f"odd byte length {len(raw)} for 16-bit PCM", "audio")
         now = time.monotonic()
@@ -987,7 +988,7 @@ class _Session:
         """Queue a spoken reply after any reply already queued; return its record at once."""
         record = ReplyRecord(self._new_id("reply"), kind, item_id=self._new_id("item"), call_id=call_id)
         self.record.replies.append(record)
-        self._chain(lambda: self._spoken_reply(record, think, seconds, freq_hz, text))
+        self._chain(record, lambda: self._spoken_reply(record, think, seconds, freq_hz, text))
         return record
 
     def start_tool_call(self, name: str, arguments: dict) -> tuple[ReplyRecord, asyncio.Future[dict]]:
@@ -996,16 +997,24 @@ class _Session:
         self._pending_tools[call_id] = (name, future)
         record = ReplyRecord(self._new_id("reply"), "tool", item_id=self._new_id("item"), call_id=call_id)
         self.record.replies.append(record)
-        self._chain(lambda: self._tool_call(record, name, arguments))
+        self._chain(record, lambda: self._tool_call(record, name, arguments))
         return record, future
 
-    def _chain(self, reply: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def _chain(self, record: ReplyRecord, reply: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `reply` once the previously queued reply is over. A reply cut short by a closed
+        socket (or never started) ends "abandoned": no reply.done was sent for it."""
         previous = self._last_reply
 
         async def after_previous() -> None:
-            if previous is not None and not previous.done():
-                await asyncio.wait({previous})
-            await reply()
+            try:
+                if previous is not None and not previous.done():
+                    await asyncio.wait({previous})
+                await reply()
+            except ConnectionClosed:
+                pass
+            finally:
+                if record.status is None:
+                    record.status, record.done_at = "abandoned", time.monotonic()
 
         self._last_reply = self._spawn(after_previous())
 
@@ -1038,16 +1047,10 @@ class _Session:
 
     async def _tool_call(self, record: ReplyRecord, name: str, arguments: dict) -> None:
         await asyncio.sleep(self.opts.think_ms / 1000)
-        try:
-            record.started_at = time.monotonic()
-            await self.send({"type": "reply.started", "reply_id": record.reply_id, "item_id": record.item_id})
-            await self.send({"type": "tool.call", "call_id": record.call_id, "name": name, "arguments": arguments})
-            await self._send_done(record, "completed")
-        except ConnectionClosed:
-            pass
-        finally:
-            if record.status is None:
-                record.status, record.done_at = "abandoned", time.monotonic()
+        record.started_at = time.monotonic()
+        await self.send({"type": "reply.started", "reply_id": record.reply_id, "item_id": record.item_id})
+        await self.send({"type": "tool.call", "call_id": record.call_id, "name": name, "arguments": arguments})
+        await self._send_done(record, "completed")
 
     async def _send_done(self, record: ReplyRecord, status: str) -> None:
         event: dict[str, Any] = {"type": "reply.done", "status": status, "reply_id": record.reply_id}
@@ -1078,24 +1081,19 @@ class _Session:
                 await self._end_interrupted(air, out["encoding"])
             else:
                 await self._end_completed(air)
-        except ConnectionClosed:
-            pass
         finally:
             if self.on_air is air:
                 self.on_air = None
-            if record.status is None:
-                record.status, record.done_at = "abandoned", time.monotonic()
 
     async def _stream(self, air: _OnAir, encoding: str) -> bool:
         """Send the audio no faster than real time plus lead_ms. True if interrupted."""
         while air.sent < len(air.pcm):
-            if air.t0 is not None:
-                ahead = air.sent / air.rate - (time.monotonic() - air.t0)
-                lead = self.opts.lead_ms / 1000
-                if ahead >= lead and await _wait_event(air.interrupt, ahead - lead + 0.001):
+            ahead = 0.0 if air.t0 is None else air.sent / air.rate - (time.monotonic() - air.t0)
+            lead = self.opts.lead_ms / 1000
+            if ahead >= lead:
+                if await _wait_event(air.interrupt, ahead - lead + 0.001):
                     return True
-                if ahead >= lead:
-                    continue
+                continue
             await self._send_chunk(air, encoding)
             if air.t0 is None:
                 air.t0 = air.record.first_audio_at = time.monotonic()
@@ -1103,9 +1101,9 @@ class _Session:
             for word in air.words[air.words_sent:]:
                 if word.start_ms >= air.sent_ms:
                     break
+                space = " " if air.words_sent else ""
                 air.words_sent += 1
-                await self.send({"type": "transcript.agent.delta",
-                                 "delta": word.text if word is air.words[0] else " " + word.text,
+                await self.send({"type": "transcript.agent.delta", "delta": space + word.text,
                                  "reply_id": air.record.reply_id, "item_id": air.record.item_id,
                                  "start_ms": word.start_ms, "end_ms": word.end_ms})
             if air.interrupt.is_set():
@@ -1122,33 +1120,36 @@ class _Session:
                          "reply_id": air.record.reply_id})
         air.sent = min(len(air.pcm), air.sent + len(chunk))
 
-    async def _end_completed(self, air: _OnAir) -> None:
+    async def _finish(self, air: _OnAir, status: str) -> None:
+        """reply.done for a wrapped reply; a bare one (unwrapped greeting) just ends."""
+        if air.wrapped:
+            await self._send_done(air.record, status)
+        else:
+            air.record.status, air.record.done_at = status, time.monotonic()
+
+    async def _send_transcript(self, air: _OnAir, interrupted: bool) -> None:
         record = air.record
         await self.send({"type": "transcript.agent", "text": record.text, "reply_id": record.reply_id,
-                         "item_id": record.item_id, "interrupted": False})
-        if air.wrapped:
-            await self._send_done(record, "completed")
-        else:
-            record.status, record.done_at = "completed", time.monotonic()
+                         "item_id": record.item_id, "interrupted": interrupted})
+
+    async def _end_completed(self, air: _OnAir) -> None:
+        await self._send_transcript(air, interrupted=False)
+        await self._finish(air, "completed")
 
     async def _end_interrupted(self, air: _OnAir, encoding: str) -> None:
-        record = air.record
-        played = air.played_ms(record.interrupted_at or time.monotonic())
-        record.text = " ".join(w.text for w in air.words if w.start_ms < played)
-        transcript = {"type": "transcript.agent", "text": record.text, "reply_id": record.reply_id,
-                      "item_id": record.item_id, "interrupted": True}
+        """The interruption events in the configured order, then any late audio."""
+        played = air.played_ms(air.record.interrupted_at or time.monotonic())
+        air.record.text = " ".join(w.text for w in air.words if w.start_ms < played)
         done_first = self.opts.barge_in_order == "done_first"
-        if air.wrapped and done_first:
-            await self._send_done(record, "interrupted")
-        await self.send(transcript)
-        if air.wrapped and not done_first:
-            await self._send_done(record, "interrupted")
-        if not air.wrapped:
-            record.status, record.done_at = "interrupted", time.monotonic()
+        if done_first:
+            await self._finish(air, "interrupted")
+        await self._send_transcript(air, interrupted=True)
+        if not done_first:
+            await self._finish(air, "interrupted")
         self.on_air = None
         for _ in range(self.opts.late_audio_after_interrupt):
             await self._send_chunk(air, encoding)
-            record.late_chunks += 1
+            air.record.late_chunks += 1
 
 
 def _summary(event: dict) -> str:

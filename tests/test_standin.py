@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -447,6 +446,39 @@ async def test_conversation_message_is_recorded_without_reply_and_reply_create_r
     record = agent.sessions[0]
     assert record.received_events("conversation.message")[0]["content"] == "The user is in Paris."
     assert [r.kind for r in record.replies] == ["create"]
+
+
+async def test_echo_mode_plays_the_users_turn_back_after_a_chime(agent: StandIn) -> None:
+    agent.options.reply_mode = "echo"
+    async with client(agent) as c:
+        await c.ready(greeting="Hi")
+        await c.expect("reply.done", timeout=3)
+        chime = np.concatenate([pcm_of(e) for e in c.of("reply.audio")])
+        await c.stream(np.concatenate([tone(523, 0.5), silence(0.7)]))
+        await c.expect("reply.done", timeout=3)
+        echoed = np.concatenate([pcm_of(e) for e in c.of("reply.audio")])[len(chime):]
+    assert dominant_frequency(chime[:RATE // 5]) == pytest.approx(660, abs=5)
+    assert dominant_frequency(echoed) == pytest.approx(523, abs=2) and len(echoed) == RATE // 2
+    assert c.of("transcript.agent")[1]["text"] == "You said: tone 523 Hz 0.5 s."
+
+
+async def test_g711_mu_law_in_and_out_at_8_khz(agent: StandIn) -> None:
+    from standin import decode_audio, encode_audio
+
+    pcmu = {"encoding": "audio/pcmu"}
+    async with client(agent) as c:
+        await c.ready(input={"format": pcmu}, output={"format": pcmu})
+        audio = np.concatenate([silence(0.1), tone(440, 0.6), silence(0.7)])[::3]  # 8 kHz
+        for start in range(0, len(audio), 400):
+            await c.send(type="input.audio", audio=base64.b64encode(encode_audio(audio[start:start + 400],
+                                                                                  "audio/pcmu")).decode())
+            await asyncio.sleep(0.05)
+        user = await c.expect("transcript.user", timeout=3)
+        await c.expect("reply.done", timeout=3)
+    assert heard_hz(user["text"]) == pytest.approx(440, abs=5)
+    reply = np.concatenate([decode_audio(base64.b64decode(e["data"]), "audio/pcmu") for e in c.of("reply.audio")])
+    assert len(reply) == 4000 and dominant_frequency(reply, 8000) == pytest.approx(1000, abs=5)
+    assert agent.input_pcm().dtype == np.int16 and len(agent.input_pcm()) == len(audio)
 
 
 # -- rate limit -------------------------------------------------------------------------------
