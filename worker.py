@@ -334,6 +334,7 @@ def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") ->
 
 
 AGENT_STATE = "lk.agent.state"
+MAX_CHAT_CHARS = 4000
 
 
 def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
@@ -539,6 +540,28 @@ class Worker(bridge.BridgeEvents):
         room.on("track_subscribed", self._on_track_subscribed)
         room.on("track_unsubscribed", self._on_track_unsubscribed)
         room.on("participant_disconnected", self._on_participant_disconnected)
+        room.register_text_stream_handler("lk.chat", self._on_chat)
+
+    def _on_chat(self, reader: Any, sender: str) -> None:
+        self._spawn(self._read_chat(reader, sender), "chat")
+
+    async def _read_chat(self, reader: Any, sender: str) -> None:
+        """Text typed in the frontend becomes the user's turn."""
+        text = (await reader.read_all()).strip()
+        if not text:
+            return
+        if self._user_identity not in (None, sender) or sender == self.cfg.agent_identity:
+            log.info("ignoring chat from %s (not the bridged user)", sender)
+            return
+        if len(text) > MAX_CHAT_CHARS:
+            log.warning("chat message from %s truncated to %d characters", sender, MAX_CHAT_CHARS)
+            text = text[:MAX_CHAT_CHARS]
+        client = self.client
+        if client is None or not client.protocol.ready:
+            log.warning("chat message from %s dropped: no Voice Agent session yet", sender)
+            return
+        log.info("chat from %s (%d characters)", sender, len(text))
+        await client.send_text(text)
 
     async def _set_state(self, state: str) -> None:
         if state == self._state or self.room is None or not self.room.isconnected():
