@@ -513,9 +513,14 @@ class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
 
-    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 40) -> None:
+    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 40,
+                 clear_queue_on_barge_in: bool = False) -> None:
         self.core = MixerCore(settings)
         self.queue_ms = queue_ms
+        # The naive design (benchmark baseline only): also flush the source's queue on
+        # barge-in, which throws away the bed audio queued with it.
+        self.clear_queue_on_barge_in = clear_queue_on_barge_in
+        self.cleared_ms: list[float] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -600,7 +605,16 @@ class Mixer:
 
     def interrupt(self, reply_id: str | None = None) -> ReplyStats | None:
         with self._lock:
-            return self.core.interrupt(reply_id)
+            st = self.core.interrupt(reply_id)
+        if self.clear_queue_on_barge_in and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._clear_source_queue)
+        return st
+
+    def _clear_source_queue(self) -> None:
+        now = time.monotonic()
+        self.cleared_ms.append(max(0.0, (self._handed_until - now) * 1000))
+        self._handed_until = now
+        self.source.clear_queue()
 
     def set_bed(self, name: str, samples: np.ndarray, volume: float | None = None, fade_ms: int | None = None) -> None:
         with self._lock:
