@@ -156,3 +156,44 @@ async def test_user_hears_greeting_reply_and_ambient_and_barge_in_stops_reply(
         await user.leave()
     out = worker.output()
     assert API_SECRET not in out and ASSEMBLYAI_KEY not in out, "a secret appeared in the worker's output"
+
+
+async def test_bed_never_drops_out_across_three_barge_ins(livekit_server, standin, room_name, tmp_path, ambient_wav):
+    """The bed is heard for the whole call with no 20 ms window of silence, while the user
+    barges in on three replies."""
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND=str(ambient_wav),
+                                      AMBIENT_VOLUME="0.5", GREETING=""), tmp_path / "worker").start()
+    user = RoomUser(livekit_server, room_name)
+    try:
+        await user.join()
+        heard = await user.wait_heard("voice-agent", timeout=20)
+        await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 15, "the session")
+        session = standin.sessions[0]
+        amb_start = None
+        cuts = []
+        for i in range(3):
+            reply = await standin.trigger_reply(seconds=4.0)
+            await standin.wait_for(lambda: reply.first_audio_at is not None, 10, f"reply {i + 1}")
+            await asyncio.sleep(1.0)
+            user.say(tone(USER_HZ, 0.5, amplitude=0.6))
+            await standin.wait_for(lambda: reply.interrupted_at is not None, 10, f"interruption {i + 1}")
+            cuts.append(reply.interrupted_at)
+            # The interrupting speech is a turn: let its answer finish before the next round.
+            await standin.wait_for(lambda: answered_after(session, cuts[-1]), 10, "the answer to the barge-in")
+            await asyncio.sleep(0.3)
+        end = time.monotonic() - 0.3
+        amb_tl = heard.timeline(AMBIENT_HZ)
+        amb_start = next(t for t, a in amb_tl if a > 0.05)
+        gap = longest_gap_ms(amb_tl, amb_start + 0.1, end, 0.01)
+        assert gap <= 0, f"ambient silent for {gap:.0f} ms during the call (barge-ins at {cuts})"
+        reply_tl = heard.timeline(REPLY_HZ)
+        for cut in cuts:
+            assert present(reply_tl, cut + 0.3, cut + 0.6, 0.05) == 0, "a reply kept playing after barge-in"
+        assert worker.alive
+    finally:
+        worker.kill()
+        await user.leave()
+
+
+def answered_after(session, t: float) -> bool:
+    return any(r.kind == "turn" and r.started_at and r.started_at > t and r.done_at for r in session.replies)
