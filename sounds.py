@@ -1,0 +1,1247 @@
+"""Sound assets: turn a file, bytes or a built-in name into one clean 24 kHz mono buffer.
+
+Everything here is synchronous and CPU-bound; the mixer calls it off the audio loop (in a
+thread) once per asset, then loops the result from memory.
+
+    sound = load("sounds/cafe.mp3", target_lufs=-30.0)   # or load("builtin:office", ...)
+    sound.samples     # float32, mono, 24 kHz, nominal range [-1, 1], read-only
+    sound.loudness_lufs
+
+Pipeline: decode (WAV natively, anything else through PyAV, imported lazily) -> downmix to mono
+-> resample once to 24 kHz (livekit.rtc.AudioResampler) -> measure loudness (ITU-R BS.1770-4)
+-> optional gain to a target loudness, limited so peaks stay below 0.99.
+
+Every failure a user can cause raises `SoundError`, whose message is one line naming the file
+(or configuration entry) and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import re
+import shlex
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SAMPLE_RATE",
+    "MAX_FILE_BYTES",
+    "MAX_DURATION_S",
+    "SoundError",
+    "Sound",
+    "load",
+    "decode_bytes",
+    "decode_wav",
+    "to_mono_24k",
+    "integrated_loudness",
+    "k_weighting_coefficients",
+    "normalize",
+    "make_seamless_loop",
+    "Clip",
+    "parse_clip_list",
+    "pick_clip",
+    "BUILTINS",
+    "builtin",
+]
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+MAX_FILE_BYTES = 200_000_000
+MAX_DURATION_S = 30 * 60
+PEAK_CEILING = 0.99
+BUILTIN_PREFIX = "builtin:"
+_MIN_RATE, _MAX_RATE = 4000, 768000
+_MAX_CHANNELS = 64
+
+
+class SoundError(ValueError):
+    """A sound asset cannot be used; str(e) is one user-facing line naming the asset and the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class Sound:
+    """A decoded asset, ready to loop: float32 mono at `SAMPLE_RATE`, read-only.
+
+    `loudness_lufs` is the integrated loudness (BS.1770-4) of the decoded material as it will be
+    played (mono, 24 kHz) BEFORE normalisation; None when the material is silent. Note that for a
+    stereo file whose channels are identical this reads 3 LU below a stereo meter, because the
+    mono downmix is what we measure and play.
+    """
+
+    name: str
+    samples: np.ndarray
+    source_rate: int
+    loudness_lufs: float | None
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load(source: str, *, target_lufs: float | None = None) -> Sound:
+    """Load a file path or "builtin:<name>" as a `Sound`, optionally normalised to `target_lufs`."""
+    if source.startswith(BUILTIN_PREFIX):
+        samples = builtin(source)  # its errors quote `source` as written
+        return _finish(BUILTIN_PREFIX + source[len(BUILTIN_PREFIX):].strip().lower(), samples, SAMPLE_RATE, target_lufs)
+    return decode_bytes(_read_file(source), name=source, target_lufs=target_lufs)
+
+
+def decode_bytes(data: bytes, *, name: str = "upload", target_lufs: float | None = None) -> Sound:
+    """Decode in-memory bytes (WAV natively, any other container through PyAV) to a `Sound`."""
+    if not data:
+        raise SoundError(f"{name}: the sound is empty (0 bytes); provide a WAV/MP3/OGG/FLAC file with audio")
+    if len(data) > MAX_FILE_BYTES:
+        raise SoundError(
+            f"{name}: {len(data) / 1e6:.0f} MB is over the {MAX_FILE_BYTES / 1e6:.0f} MB limit; "
+            f"shorten or convert it: {_ffmpeg_hint(name, trim=True)}"
+        )
+    if _looks_like_wav(data):
+        frames, rate = decode_wav(data, name)
+    else:
+        frames, rate = _decode_with_av(data, name)
+    return _finish(name, to_mono_24k(frames, rate), rate, target_lufs)
+
+
+def _finish(name: str, mono: np.ndarray, source_rate: int, target_lufs: float | None) -> Sound:
+    """Measure, normalise (gain only, peak-safe) and freeze a mono 24 kHz buffer."""
+    loudness = integrated_loudness(mono, SAMPLE_RATE)
+    measured = loudness if math.isfinite(loudness) else None
+    if target_lufs is not None and measured is not None:
+        out = _apply_gain(mono, target_lufs - measured, name)
+    else:
+        out = _apply_gain(mono, 0.0, name)
+    out.setflags(write=False)
+    return Sound(name=name, samples=out, source_rate=int(source_rate), loudness_lufs=measured)
+
+
+def _read_file(path_text: str) -> bytes:
+    path = Path(path_text).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SoundError(
+            f"{path_text}: sound file not found (looked at {path.resolve()}); fix the path, "
+            f"or use one of the built-ins: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+        ) from None
+    except OSError as e:
+        raise SoundError(f"{path_text}: cannot access the sound file ({e.strerror}); check the path and permissions") from None
+    if path.is_dir():
+        raise SoundError(f"{path_text}: is a directory, not a sound file; point to a file inside it")
+    if st.st_size == 0:
+        raise SoundError(f"{path_text}: the sound file is empty (0 bytes); re-export or re-copy it")
+    if st.st_size > MAX_FILE_BYTES:
+        raise SoundError(
+            f"{path_text}: {st.st_size / 1e6:.0f} MB is over the {MAX_FILE_BYTES / 1e6:.0f} MB limit; "
+            f"shorten or convert it: {_ffmpeg_hint(path_text, trim=True)}"
+        )
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise SoundError(f"{path_text}: permission denied reading the sound file; make it readable (chmod a+r)") from None
+    except OSError as e:
+        raise SoundError(f"{path_text}: cannot read the sound file ({e.strerror}); check the file and the disk") from None
+
+
+def _ffmpeg_hint(name: str, *, trim: bool = False) -> str:
+    """The one-line conversion that always works: ffmpeg to 24 kHz mono WAV."""
+    src = Path(name)
+    stem = src.stem or "output"
+    out = f"{stem}-24k.wav" if src.suffix.lower() == ".wav" else f"{stem}.wav"
+    limit = f" -t {MAX_DURATION_S}" if trim else ""
+    return f"ffmpeg -i {shlex.quote(name)} -ac 1 -ar {SAMPLE_RATE}{limit} {shlex.quote(out)}"
+
+
+def _check_duration(name: str, frames: int, rate: int) -> None:
+    if frames > MAX_DURATION_S * rate:
+        raise SoundError(
+            f"{name}: {frames / rate / 60:.1f} min of audio is over the {MAX_DURATION_S // 60} min limit "
+            f"for a looped sound; trim it: {_ffmpeg_hint(name, trim=True)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# WAV (RIFF/RIFX/RF64) parser
+# --------------------------------------------------------------------------------------------
+
+_WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+_KSDATAFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+_CODEC_NAMES: Mapping[int, str] = MappingProxyType({
+    0x0002: "MS ADPCM",
+    0x0006: "A-law",
+    0x0007: "µ-law",
+    0x0011: "IMA ADPCM",
+    0x0031: "GSM 6.10",
+    0x0050: "MPEG",
+    0x0055: "MP3",
+    0x00FF: "AAC",
+    0x1610: "AAC",
+    0xF1AC: "FLAC",
+})
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class _WavFormat:
+    tag: int  # 1 = integer PCM, 3 = IEEE float (extensible already resolved)
+    channels: int
+    rate: int
+    bytes_per_sample: int  # container size
+
+
+def _looks_like_wav(data: bytes) -> bool:
+    return len(data) >= 12 and data[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64") and data[8:12] == b"WAVE"
+
+
+def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """Decode a WAV file held in memory; returns (frames x channels float32, sample rate).
+
+    Integer PCM 8/16/24/32-bit and IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE, RIFF
+    (little-endian), RIFX (big-endian) and RF64. Unknown chunks are skipped, odd chunk sizes are
+    padded, and a data size that is 0xFFFFFFFF (streaming writers) or larger than the file
+    (truncated copy) means "everything until the end of the file".
+    """
+    if not _looks_like_wav(data):
+        raise SoundError(
+            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {data[:4]!r}); "
+            f"convert it: {_ffmpeg_hint(name)}"
+        )
+    endian = ">" if data[:4] == b"RIFX" else "<"
+    fmt, body = _wav_chunks(data, name, endian)
+    frames_count = len(body) // (fmt.channels * fmt.bytes_per_sample)
+    if frames_count == 0:
+        raise SoundError(f"{name}: the WAV file contains no audio samples; re-export it with audio")
+    _check_duration(name, frames_count, fmt.rate)
+    usable = body[: frames_count * fmt.channels * fmt.bytes_per_sample]
+    samples = _pcm_to_float(usable, fmt, endian)
+    return samples.reshape(frames_count, fmt.channels), fmt.rate
+
+
+def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memoryview]:
+    """Walk the chunk list; return the format and a view of the (possibly truncated) data."""
+    view = memoryview(data)
+    fmt: _WavFormat | None = None
+    body: memoryview | None = None
+    ds64_data_size: int | None = None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id = bytes(view[pos : pos + 4])
+        (size,) = struct.unpack_from(endian + "I", data, pos + 4)
+        start = pos + 8
+        available = len(data) - start
+        if chunk_id == b"ds64" and size >= 16:
+            (ds64_data_size,) = struct.unpack_from("<Q", data, start + 8)
+        elif chunk_id == b"fmt ":
+            fmt = _parse_fmt(view[start : start + min(size, available)], name, endian)
+        elif chunk_id == b"data":
+            if size == _UNKNOWN_SIZE and ds64_data_size is not None:
+                size = ds64_data_size
+            if size == _UNKNOWN_SIZE or size > available:
+                if size != _UNKNOWN_SIZE:
+                    log.debug("%s: data chunk says %d bytes, file has %d: using what is there", name, size, available)
+                body = view[start:]
+                break
+            body = view[start : start + size]
+            if fmt is not None:
+                break
+        pos = start + size + (size & 1)
+    if fmt is None:
+        raise SoundError(f"{name}: damaged or truncated WAV header (no 'fmt ' chunk); re-export it or convert it: {_ffmpeg_hint(name)}")
+    if body is None:
+        raise SoundError(f"{name}: the WAV file has no 'data' chunk (no audio); re-export it with audio")
+    return fmt, body
+
+
+def _parse_fmt(chunk: memoryview, name: str, endian: str) -> _WavFormat:
+    if len(chunk) < 16:
+        raise SoundError(f"{name}: damaged or truncated WAV header ('fmt ' chunk too short); re-export it or convert it: {_ffmpeg_hint(name)}")
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from(endian + "HHIIHH", chunk, 0)
+    if tag == _WAVE_EXTENSIBLE:
+        if len(chunk) < 40:
+            raise SoundError(f"{name}: damaged WAV header (WAVE_FORMAT_EXTENSIBLE without its sub-format); convert it: {_ffmpeg_hint(name)}")
+        guid = bytes(chunk[24:40])
+        sub = struct.unpack_from(endian + "H", guid, 0)[0]
+        tag = sub if guid[2:] == _KSDATAFORMAT_TAIL else -1
+    if tag not in (_WAVE_PCM, _WAVE_FLOAT):
+        codec = _CODEC_NAMES.get(tag, f"format 0x{tag & 0xFFFF:04X}" if tag >= 0 else "unknown sub-format")
+        raise SoundError(
+            f"{name}: compressed WAV ({codec}) is not supported, only PCM or float WAV; "
+            f"convert it: {_ffmpeg_hint(name)}"
+        )
+    if channels == 0 or channels > _MAX_CHANNELS:
+        raise SoundError(f"{name}: WAV header says {channels} channels; the file is damaged, re-export it")
+    if not _MIN_RATE <= rate <= _MAX_RATE:
+        raise SoundError(
+            f"{name}: WAV sample rate {rate} Hz is outside {_MIN_RATE}-{_MAX_RATE} Hz; "
+            f"the header is damaged or the file is unusual, convert it: {_ffmpeg_hint(name)}"
+        )
+    size = _container_size(channels, block_align, bits)
+    allowed = (1, 2, 3, 4) if tag == _WAVE_PCM else (4, 8)
+    if size not in allowed:
+        kind = "integer" if tag == _WAVE_PCM else "float"
+        raise SoundError(f"{name}: {bits}-bit {kind} WAV is not supported; convert it: {_ffmpeg_hint(name)}")
+    return _WavFormat(tag=tag, channels=channels, rate=rate, bytes_per_sample=size)
+
+
+def _container_size(channels: int, block_align: int, bits: int) -> int:
+    """Bytes per sample: trust block_align when it is consistent, else round the bit depth up."""
+    if block_align and block_align % channels == 0:
+        return block_align // channels
+    return (bits + 7) // 8
+
+
+def _pcm_to_float(raw: memoryview, fmt: _WavFormat, endian: str) -> np.ndarray:
+    """Interleaved samples -> float32 in [-1, 1] (integer PCM) or as stored (float)."""
+    size = fmt.bytes_per_sample
+    if fmt.tag == _WAVE_FLOAT:
+        values = np.frombuffer(raw, dtype=f"{endian}f{size}").astype(np.float32)
+        return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+    if size == 1:
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    if size == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        lo, mid, hi = (b[:, 0], b[:, 1], b[:, 2]) if endian == "<" else (b[:, 2], b[:, 1], b[:, 0])
+        ints = ((hi << 24) | (mid << 16) | (lo << 8)) >> 8  # arithmetic shift sign-extends
+        return ints.astype(np.float32) / np.float32(1 << 23)
+    ints = np.frombuffer(raw, dtype=f"{endian}i{size}")
+    return (ints.astype(np.float64 if size == 4 else np.float32) / float(1 << (8 * size - 1))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Other formats through PyAV (lazy import)
+# --------------------------------------------------------------------------------------------
+
+
+def _import_av(name: str):  # noqa: ANN202 - the module object
+    try:
+        import av  # type: ignore[import-not-found]
+    except ImportError:
+        raise SoundError(
+            f"{name}: not a WAV file, and decoding other formats (MP3, AAC, FLAC, OGG, Opus) needs PyAV, "
+            f"which is not installed: run `pip install av`, or convert it once: {_ffmpeg_hint(name)}"
+        ) from None
+    return av
+
+
+def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """Decode any container/codec FFmpeg knows; returns (frames x channels float32, rate)."""
+    av = _import_av(name)
+    cannot = f"{name}: cannot decode this file (not WAV, and FFmpeg/PyAV could not read it"
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as e:  # PyAV raises many FFmpegError subclasses; all mean "unreadable"
+        raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
+    with container:
+        if not container.streams.audio:
+            raise SoundError(f"{name}: the file has no audio stream; use an audio file, or extract the audio: {_ffmpeg_hint(name)}")
+        if container.duration is not None and container.duration / 1e6 > MAX_DURATION_S + 1:
+            _check_duration(name, int(container.duration), 1_000_000)
+        chunks, rate = _av_decode_stream(av, container, name, cannot)
+    if not chunks:
+        raise SoundError(f"{name}: the file decodes to no audio samples; re-export it with audio")
+    planar = np.concatenate(chunks, axis=1)
+    return np.ascontiguousarray(planar.T, dtype=np.float32), rate
+
+
+def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.ndarray], int]:  # noqa: ANN001
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="fltp")  # sample format only; keeps layout and rate
+    chunks: list[np.ndarray] = []
+    rate = 0
+    total = 0
+    try:
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                rate = rate or out.sample_rate
+                chunks.append(out.to_ndarray())
+                total += chunks[-1].shape[1]
+                _check_duration(name, total, rate)
+        for out in resampler.resample(None):
+            rate = rate or out.sample_rate
+            chunks.append(out.to_ndarray())
+    except SoundError:
+        raise
+    except Exception as e:
+        if not chunks:
+            raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
+        log.warning("%s: decoding stopped early (%s); using the %.2f s decoded so far", name, _short(e), total / rate)
+    if chunks and not _MIN_RATE <= rate <= _MAX_RATE:
+        raise SoundError(f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}-{_MAX_RATE} Hz; convert it: {_ffmpeg_hint(name)}")
+    return chunks, rate
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:160]
+
+
+# --------------------------------------------------------------------------------------------
+# Downmix + resample
+# --------------------------------------------------------------------------------------------
+
+_RESAMPLE_CHUNK = 1 << 20  # input samples per push: bounds the FFI buffers, same output
+_RESAMPLE_HEADROOM = 0.5  # int16 path: peak placed here, leaving room for the filter's overshoot
+
+
+def to_mono_24k(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Downmix (mean of channels) and resample once to 24 kHz mono float32.
+
+    Uses livekit.rtc.AudioResampler (soxr, VERY_HIGH quality) and flushes it, so the output is
+    time-aligned with the input (soxr's delay is compensated) and round(n * 24000 / rate) long.
+    That resampler works on int16, so the signal is scaled to a fixed peak before and scaled
+    back after: quantisation noise sits ~90 dB below the material's peak, whatever its level.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim == 2:  # a matrix-vector product: ~20x faster than mean(axis=1) on (n, 2)
+        mono = x @ np.full(x.shape[1], 1.0 / max(1, x.shape[1]), dtype=np.float32)
+    else:
+        mono = x.reshape(-1)
+    if rate == SAMPLE_RATE:
+        return np.array(mono, dtype=np.float32)
+    peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+    expected = round(mono.size * SAMPLE_RATE / rate)
+    if peak == 0.0 or not math.isfinite(peak):
+        return np.zeros(expected, dtype=np.float32)
+    scale = _RESAMPLE_HEADROOM / peak
+    ints = np.round(mono * (scale * 32767.0)).astype(np.int16)
+    out = _soxr_int16(ints, rate)
+    return (out.astype(np.float32) * np.float32(1.0 / (scale * 32767.0))).astype(np.float32)
+
+
+def _soxr_int16(ints: np.ndarray, rate: int) -> np.ndarray:
+    from livekit import rtc
+
+    resampler = rtc.AudioResampler(rate, SAMPLE_RATE, num_channels=1, quality=rtc.AudioResamplerQuality.VERY_HIGH)
+    parts: list[np.ndarray] = []
+    for start in range(0, ints.size, _RESAMPLE_CHUNK):
+        for frame in resampler.push(bytearray(ints[start : start + _RESAMPLE_CHUNK].tobytes())):
+            parts.append(np.frombuffer(frame.data, dtype=np.int16).copy())
+    for frame in resampler.flush():
+        parts.append(np.frombuffer(frame.data, dtype=np.int16).copy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# Loudness (ITU-R BS.1770-4)
+# --------------------------------------------------------------------------------------------
+
+_BLOCK_S, _STEP_S = 0.4, 0.1
+_ABSOLUTE_GATE = -70.0
+_RELATIVE_GATE = -10.0
+
+
+def k_weighting_coefficients(rate: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The two BS.1770 K-weighting biquads (b, a) for any rate, via the bilinear transform.
+
+    Analogue prototypes as derived in libebur128/pyloudnorm; at 48 kHz they reproduce the table
+    printed in BS.1770-4 to ~1e-8.
+    """
+    # Stage 1: high shelf (+4 dB above ~1.7 kHz), models the head's acoustic effect.
+    f0, gain_db, q = 1681.974450955533, 3.999843853973347, 0.7071752369554196
+    k = math.tan(math.pi * f0 / rate)
+    vh = 10.0 ** (gain_db / 20.0)
+    vb = vh**0.4996667741545416
+    a0 = 1.0 + k / q + k * k
+    shelf_b = np.array([(vh + vb * k / q + k * k) / a0, 2.0 * (k * k - vh) / a0, (vh - vb * k / q + k * k) / a0])
+    shelf_a = np.array([1.0, 2.0 * (k * k - 1.0) / a0, (1.0 - k / q + k * k) / a0])
+    # Stage 2: RLB high-pass at ~38 Hz.
+    f0, q = 38.13547087602444, 0.5003270373238773
+    k = math.tan(math.pi * f0 / rate)
+    a0 = 1.0 + k / q + k * k
+    hp_b = np.array([1.0, -2.0, 1.0])
+    hp_a = np.array([1.0, 2.0 * (k * k - 1.0) / a0, (1.0 - k / q + k * k) / a0])
+    return [(shelf_b, shelf_a), (hp_b, hp_a)]
+
+
+def _k_weighting_fir(rate: int) -> np.ndarray:
+    """Impulse response of the K-weighting cascade, truncated once its tail is below 1e-10.
+
+    Sampled from the exact IIR frequency response on a grid long enough (>= 1 s; the response
+    decays in ~0.1 s) that time aliasing is far below float precision.
+    """
+    m = 1 << max(12, math.ceil(math.log2(rate)))
+    z = np.exp(-2j * np.pi * np.arange(m // 2 + 1) / m)
+    response = np.ones_like(z)
+    for b, a in k_weighting_coefficients(rate):
+        response *= np.polyval(b[::-1], z) / np.polyval(a[::-1], z)
+    h = np.fft.irfft(response, m)
+    tail = np.sqrt(np.cumsum((h * h)[::-1])[::-1])  # energy from n to the end
+    length = int(np.searchsorted(-tail, -1e-10 * tail[0])) + 1
+    return h[: max(length, 3)]
+
+
+def _subblock_energy(x: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """K-weighted sum of squares per 100 ms sub-block and per channel.
+
+    `x` is channels x frames. Overlap-save FIR filtering (float32 FFTs: ample for a level
+    measurement) in groups aligned on sub-block boundaries, so memory stays small however long
+    the input. Returns (energy[sub-block, channel], sub-block boundaries in samples).
+    """
+    channels, n = x.shape
+    step = rate * _STEP_S
+    bounds = np.round(np.arange(int(n // step) + 1) * step).astype(np.int64)
+    if bounds.size < 2:
+        return np.zeros((0, channels)), bounds
+    h = _k_weighting_fir(rate)
+    taps = h.size
+    nfft = 1 << max(15, math.ceil(math.log2(8 * taps)))
+    per_group = max(1, int((nfft - taps + 1) // math.ceil(step)) - 1)
+    spectrum = np.fft.rfft(h, nfft).astype(np.complex64)
+    energy = np.empty((bounds.size - 1, channels))
+    seg = np.zeros((channels, nfft), dtype=np.float32)
+    for g0 in range(0, bounds.size - 1, per_group):
+        g1 = min(g0 + per_group, bounds.size - 1)
+        s, e = int(bounds[g0]), int(bounds[g1])
+        lead = min(taps - 1, s)
+        seg[:] = 0.0
+        seg[:, taps - 1 - lead : taps - 1 + e - s] = x[:, s - lead : e]
+        y = np.fft.irfft(np.fft.rfft(seg, axis=-1) * spectrum, nfft, axis=-1)[:, taps - 1 : taps - 1 + e - s]
+        energy[g0:g1] = np.add.reduceat(y.astype(np.float64) ** 2, bounds[g0:g1] - s, axis=-1).T
+    return energy, bounds
+
+
+def integrated_loudness(
+    samples: np.ndarray, rate: int, *, channel_weights: Sequence[float] | None = None
+) -> float:
+    """Integrated loudness in LUFS per ITU-R BS.1770-4; -inf for silence.
+
+    `samples` is 1-D (mono) or frames x channels. Channel weights default to 1.0 (L, R, C; pass
+    e.g. (1, 1, 1, 0, 1.41, 1.41) for 5.1 with the LFE fourth). Gating blocks are 400 ms with
+    75 % overlap, an absolute gate at -70 LUFS and a relative gate 10 LU below the absolutely
+    gated loudness. Material shorter than one block is measured as a single block.
+    """
+    x = np.asarray(samples)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"expected mono (n,) or frames x channels (n, c) samples, got shape {x.shape}")
+    if x.shape[0] == 0:
+        return float("-inf")
+    weights = np.ones(x.shape[1]) if channel_weights is None else np.asarray(channel_weights, dtype=np.float64)
+    if weights.shape != (x.shape[1],):
+        raise ValueError(f"{len(weights)} channel weights given for {x.shape[1]} channels")
+    energy, bounds = _subblock_energy(np.ascontiguousarray(x.T, dtype=np.float32), rate)
+    if energy.shape[0] < 4:  # shorter than one 400 ms block: one block over what exists
+        power = _k_weighted_power_whole(x, rate)
+        block_power = np.array([power @ weights])
+    else:
+        summed = energy @ weights
+        window = np.convolve(summed, np.ones(4), mode="valid")
+        block_power = window / (bounds[4:] - bounds[:-4])
+    return _gated_loudness(block_power)
+
+
+def _k_weighted_power_whole(x: np.ndarray, rate: int) -> np.ndarray:
+    h = _k_weighting_fir(rate)
+    nfft = 1 << math.ceil(math.log2(x.shape[0] + h.size))
+    y = np.fft.irfft(np.fft.rfft(x.astype(np.float64), nfft, axis=0) * np.fft.rfft(h, nfft)[:, None], nfft, axis=0)[: x.shape[0]]
+    return np.mean(y * y, axis=0)
+
+
+def _gated_loudness(block_power: np.ndarray) -> float:
+    with np.errstate(divide="ignore"):
+        block_lufs = -0.691 + 10.0 * np.log10(block_power)
+    above_abs = block_power[block_lufs > _ABSOLUTE_GATE]
+    if above_abs.size == 0:
+        return float("-inf")
+    relative_gate = -0.691 + 10.0 * math.log10(float(np.mean(above_abs))) + _RELATIVE_GATE
+    gated = block_power[(block_lufs > _ABSOLUTE_GATE) & (block_lufs > relative_gate)]
+    return float(-0.691 + 10.0 * math.log10(float(np.mean(gated))))
+
+
+def normalize(samples: np.ndarray, rate: int, target_lufs: float) -> np.ndarray:
+    """Gain `samples` to `target_lufs` (gain only), limited so the peak stays below 0.99.
+
+    Silent material is returned unchanged (as float32).
+    """
+    loudness = integrated_loudness(samples, rate)
+    if not math.isfinite(loudness):
+        return np.array(samples, dtype=np.float32)
+    return _apply_gain(np.asarray(samples, dtype=np.float32), target_lufs - loudness, "samples")
+
+
+def _apply_gain(x: np.ndarray, gain_db: float, name: str) -> np.ndarray:
+    """Apply `gain_db`, reduced if needed so |peak| <= PEAK_CEILING (logged at debug)."""
+    gain = 10.0 ** (gain_db / 20.0)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak * gain > PEAK_CEILING:
+        limited = PEAK_CEILING / peak
+        log.debug(
+            "%s: gain limited to %+.1f dB (wanted %+.1f dB) to keep peaks under %.2f",
+            name, 20.0 * math.log10(limited), gain_db, PEAK_CEILING,
+        )
+        gain = limited
+    return (x * np.float32(gain)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Seamless loop
+# --------------------------------------------------------------------------------------------
+
+
+def make_seamless_loop(samples: np.ndarray, crossfade_samples: int) -> np.ndarray:
+    """Return a buffer that loops without a gap or a pop.
+
+    Drops the first X samples and crossfades the original head x[0:X] into the last X samples,
+    so the buffer ends on x[X-1] exactly and wraps to x[X], its natural successor. The fade is
+    equal-power (cos/sin) for uncorrelated material; when head and tail are positively
+    correlated (tonal material) the sum is renormalised by sqrt(1 + 2·rho·sin·cos) so it does
+    not swell by up to 3 dB mid-fade. X shrinks to a third of the material when it is short.
+    """
+    x = np.asarray(samples, dtype=np.float32).reshape(-1)
+    fade = min(int(crossfade_samples), x.size // 3)
+    if fade < 1:
+        return x.copy()
+    head = x[:fade].astype(np.float64)
+    tail = x[x.size - fade :].astype(np.float64)
+    theta = (np.pi / 2.0) * np.arange(1, fade + 1) / fade
+    fade_in, fade_out = np.sin(theta), np.cos(theta)
+    rho = _correlation(head, tail)
+    mixed = (tail * fade_out + head * fade_in) / np.sqrt(1.0 + 2.0 * max(rho, 0.0) * fade_in * fade_out)
+    out = x[fade:].copy()
+    out[-fade:] = mixed.astype(np.float32)
+    return out
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denom if denom > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Clip lists ("AMBIENT_SOUND=builtin:office:0.4:0.7, sounds/cafe.mp3:0.3:0.3")
+# --------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_PROBABILITY_EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One entry of a clip list: a source, an optional volume and the chance it is picked."""
+
+    source: str
+    volume: float | None = None  # None = use the configured default volume
+    probability: float = 1.0
+
+
+def parse_clip_list(text: str, variable: str) -> list[Clip]:
+    """Parse `source[:volume[:probability]]` entries separated by commas.
+
+    Fields are taken from the RIGHT (at most two numbers), so "builtin:office", "C:\\x.wav" and
+    other paths with colons work; quote a path that contains commas or ends in ":<number>"
+    ("my,file.wav":0.3). An empty volume ("a.wav::0.5") means the default volume. Entries without a
+    probability share what the others leave (a single such entry gets 1.0); when probabilities
+    sum below 1, the rest is the chance of silence. Errors name `variable` and the entry.
+    """
+    entries = [e for e in _split_entries(text, variable) if e.strip()]
+    parsed = [_parse_entry(e.strip(), variable) for e in entries]
+    return _resolve_probabilities(parsed, variable)
+
+
+def _split_entries(text: str, variable: str) -> list[str]:
+    """Split on commas, except inside a quoted path (a quote that opens an entry)."""
+    entries: list[str] = []
+    current: list[str] = []
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'" and not "".join(current).strip():
+            quote = ch
+        elif ch == ",":
+            entries.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    if quote:
+        raise SoundError(f"{variable}: unterminated quote in {text.strip()!r}; close the {quote} around the path")
+    entries.append("".join(current))
+    return entries
+
+
+def _parse_entry(entry: str, variable: str) -> tuple[str, float | None, float | None]:
+    """One entry -> (source, volume or None, probability or None)."""
+    if entry[0] in "\"'":
+        end = entry.find(entry[0], 1)
+        if end < 0:
+            raise SoundError(f"{variable}: unterminated quote in {entry!r}; close the quote around the path")
+        source, rest = entry[1:end], entry[end + 1 :].strip()
+        if rest and not rest.startswith(":"):
+            raise SoundError(f"{variable}: unexpected text after the quoted path in {entry!r}; write \"path\":volume:probability")
+        fields = [f.strip() for f in rest[1:].split(":")] if rest else []
+        if len(fields) > 2 or not all(_NUMBER.fullmatch(f) or f == "" for f in fields):
+            raise SoundError(f"{variable}: expected up to two numbers after the path in {entry!r}; write \"path\":volume:probability")
+    else:
+        source, fields = _split_fields_from_right(entry, variable)
+    if not source.strip():
+        raise SoundError(f"{variable}: entry {entry!r} has no sound source; write source[:volume[:probability]]")
+    source = _check_source(source.strip(), entry, variable)
+    volume, probability = _numbers(fields, entry, variable)
+    return source, volume, probability
+
+
+def _split_fields_from_right(entry: str, variable: str) -> tuple[str, list[str]]:
+    tokens = [t.strip() for t in entry.split(":")]
+    min_source_tokens = 2 if tokens[0].lower() == "builtin" else 1
+    if len(tokens) > min_source_tokens and tokens[-1] == "":
+        raise SoundError(f"{variable}: entry {entry!r} ends with an empty ':' field; remove the trailing ':'")
+    fields: list[str] = []
+    while len(tokens) > min_source_tokens and len(fields) < 2 and _NUMBER.fullmatch(tokens[-1]):
+        fields.insert(0, tokens.pop())
+    # "a.wav::0.5": empty volume followed by a probability means default volume.
+    if len(fields) == 1 and len(tokens) > min_source_tokens and tokens[-1] == "":
+        fields.insert(0, tokens.pop())
+    if len(fields) == 2 and len(tokens) > min_source_tokens and _NUMBER.fullmatch(tokens[-1]):
+        raise SoundError(
+            f"{variable}: too many ':' fields in {entry!r}; write source[:volume[:probability]], "
+            f"and quote a path that itself ends in ':<number>'"
+        )
+    return ":".join(tokens), fields
+
+
+def _check_source(source: str, entry: str, variable: str) -> str:
+    if source.lower().startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):].strip().lower()
+        if name not in BUILTINS:
+            raise SoundError(
+                f"{variable}: unknown built-in {name!r} in {entry!r}; "
+                f"choose one of {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+            )
+        return BUILTIN_PREFIX + name
+    return source
+
+
+def _numbers(fields: list[str], entry: str, variable: str) -> tuple[float | None, float | None]:
+    values: list[float | None] = [float(f) if f else None for f in fields] + [None] * (2 - len(fields))
+    volume, probability = values
+    for label, value in (("volume", volume), ("probability", probability)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise SoundError(f"{variable}: {label} {value:g} in {entry!r} is outside 0.0-1.0")
+    return volume, probability
+
+
+def _resolve_probabilities(
+    parsed: list[tuple[str, float | None, float | None]], variable: str
+) -> list[Clip]:
+    explicit = sum(p for _, _, p in parsed if p is not None)
+    unspecified = sum(1 for _, _, p in parsed if p is None)
+    listing = ", ".join(f"{s}={p:g}" for s, _, p in parsed if p is not None)
+    if explicit > 1.0 + _PROBABILITY_EPSILON:
+        raise SoundError(f"{variable}: probabilities sum to {explicit:.3g} ({listing}); they must add up to at most 1")
+    share = max(0.0, 1.0 - explicit) / unspecified if unspecified else 0.0
+    if unspecified and share <= _PROBABILITY_EPSILON:
+        unnamed = ", ".join(s for s, _, p in parsed if p is None)
+        raise SoundError(
+            f"{variable}: {unnamed} would never play: the other probabilities already sum to 1 ({listing}); "
+            f"give it a probability or lower the others"
+        )
+    return [Clip(source=s, volume=v, probability=p if p is not None else share) for s, v, p in parsed]
+
+
+def pick_clip(clips: list[Clip], rng: random.Random) -> Clip | None:
+    """Pick one clip according to the probabilities; None (silence) with the remaining chance."""
+    u = rng.random()
+    cumulative = 0.0
+    for clip in clips:
+        cumulative += clip.probability
+        if u < cumulative:
+            return clip
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Built-ins
+# --------------------------------------------------------------------------------------------
+"""How the built-ins were judged without ears.
+
+Each built-in is synthesised here with numpy only (no third-party audio, no scipy), from a fixed
+seed, and is exactly periodic by construction: noise is shaped in the frequency domain over the
+whole buffer (an FFT is circular), every event (key, clink, syllable) is added modulo the length,
+and every tone or pitch contour completes a whole number of cycles. So it loops with no seam at
+all, and the tests check the step across the wrap is an ordinary step of the material.
+
+They were judged against objective features that match what the name promises, each a test in
+tests/test_sounds.py: `roomtone` is stationary (short-term level within ~1 dB), dark (spectral
+centroid well under 1 kHz, energy falling with frequency), free of transients (low crest
+factor), and carries a faint mains hum (a line at 50 Hz above the surrounding noise).
+`keyboard` is transient (crest factor and onset detection in the 2-8 kHz band): onsets at a
+typing rate (about 3-10 per second while typing, median gap 0.1-0.3 s) with pauses over 0.5 s
+between words/phrases, and spacebar thuds measurably lower in pitch than letter keys. `cafe` has
+most of its energy in the speech band (200 Hz-4 kHz) and a syllabic amplitude modulation: the
+modulation spectrum of its speech-band envelope peaks in 3-8 Hz, well above 12-24 Hz, as crowd
+babble does, plus sparse high clinks. `office` is a quiet steady bed (room tone + HVAC with a fan
+line) with sparse, soft events (few onsets, small peak-to-loudness ratio). `thinking` is a soft,
+sparse tap pattern, darker than `keyboard`. The component levels were set by reasoning about
+real rooms (HVAC ~ -45 dBFS, distant typing ~10 dB under a near keyboard), not by listening.
+"""
+
+BUILTINS: tuple[str, ...] = ("roomtone", "office", "keyboard", "cafe", "thinking")
+_BUILTIN_SECONDS: Mapping[str, float] = MappingProxyType(
+    {"roomtone": 12.0, "office": 20.0, "keyboard": 12.0, "cafe": 16.0, "thinking": 8.0}
+)
+_BUILTIN_LUFS = -30.0
+_BUILTIN_PEAK = 0.9
+
+
+def builtin(name: str, seconds: float | None = None) -> np.ndarray:
+    """Synthesise a built-in bed or cue: float32 mono 24 kHz, deterministic, seamlessly loopable.
+
+    Comes out at -30 LUFS (peak <= 0.9); `load("builtin:<name>", target_lufs=...)` normalises
+    it like any file.
+    """
+    key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
+    key = key.strip().lower()
+    if key not in BUILTINS:
+        raise SoundError(f"unknown built-in sound {name!r}; choose one of {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}")
+    duration = _BUILTIN_SECONDS[key] if seconds is None else float(seconds)
+    if not 1.0 <= duration <= 600.0:
+        raise SoundError(f"built-in {key!r}: length {duration:g} s is outside 1-600 s")
+    n = int(round(duration * SAMPLE_RATE))
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    raw = _SYNTHS[key](n, rng)
+    return _level_builtin(raw, key)
+
+
+def _level_builtin(x: np.ndarray, key: str) -> np.ndarray:
+    x = x - x.mean()
+    loudness = integrated_loudness(x, SAMPLE_RATE)
+    gain = 10.0 ** ((_BUILTIN_LUFS - loudness) / 20.0)
+    peak = float(np.max(np.abs(x)))
+    if peak * gain > _BUILTIN_PEAK:
+        log.debug("builtin %s: gain limited for a %.2f peak", key, _BUILTIN_PEAK)
+        gain = _BUILTIN_PEAK / peak
+    return (x * gain).astype(np.float32)
+
+
+# -- building blocks -------------------------------------------------------------------------
+# Everything is built on exactly one period of n samples: noises and tones are written directly
+# as spectra (one inverse FFT per layer), filters multiply spectra, events are added modulo n.
+# So every layer, and their sum, is periodic: the buffer loops with no seam at all.
+
+_Magnitude = Callable[[np.ndarray], np.ndarray]
+
+
+def _bins(n: int, rate: float = SAMPLE_RATE) -> np.ndarray:
+    return np.fft.rfftfreq(n, 1.0 / rate)
+
+
+def _power(spectrum: np.ndarray, n: int) -> float:
+    """Mean square of irfft(spectrum, n), by Parseval (no inverse FFT needed)."""
+    weights = np.full(spectrum.size, 2.0)
+    weights[0] = 1.0
+    if n % 2 == 0:
+        weights[-1] = 1.0
+    return float(np.sum(weights * (spectrum.real**2 + spectrum.imag**2))) / (n * n)
+
+
+def _noise(n: int, rng: np.random.Generator, magnitude: _Magnitude, rate: float = SAMPLE_RATE) -> np.ndarray:
+    """Spectrum of Gaussian noise with |H| = magnitude(f), scaled to unit RMS."""
+    f = _bins(n, rate)
+    spectrum = (rng.standard_normal(f.size) + 1j * rng.standard_normal(f.size)) * magnitude(f)
+    spectrum[0] = 0.0
+    if n % 2 == 0:
+        spectrum[-1] = spectrum[-1].real
+    return spectrum / math.sqrt(_power(spectrum, n) + 1e-30)
+
+
+def _tone(n: int, freq: float, amp: float, phase: float = 0.0, rate: float = SAMPLE_RATE) -> np.ndarray:
+    """Spectrum of amp * sin(2 pi f t + phase), f rounded to a whole number of cycles in n."""
+    spectrum = np.zeros(n // 2 + 1, dtype=complex)
+    spectrum[max(1, round(freq * n / rate))] = amp * n / 2.0 * np.exp(1j * (phase - np.pi / 2.0))
+    return spectrum
+
+
+def _to_time(spectrum: np.ndarray, n: int) -> np.ndarray:
+    return np.fft.irfft(spectrum, n)
+
+
+def _upsample(spectrum: np.ndarray, m: int, n: int) -> np.ndarray:
+    """The spectrum of the same periodic signal sampled n (> m) times per period instead of m."""
+    out = np.zeros(n // 2 + 1, dtype=complex)
+    keep = spectrum.size - (1 if m % 2 == 0 else 0)  # an even-length Nyquist bin has no twin
+    out[:keep] = spectrum[:keep] * (n / m)
+    return out
+
+
+def _band(lo: float | None, hi: float | None, order: int = 2) -> _Magnitude:
+    """Butterworth-like magnitude: high-pass at lo and/or low-pass at hi (zero phase)."""
+
+    def magnitude(f: np.ndarray) -> np.ndarray:
+        m = np.ones_like(f)
+        if lo:
+            m /= np.sqrt(1.0 + (lo / np.maximum(f, 1e-9)) ** (2 * order))
+        if hi:
+            m /= np.sqrt(1.0 + (f / hi) ** (2 * order))
+        return m
+
+    return magnitude
+
+
+def _tilt(exponent: float, lo: float, hi: float) -> _Magnitude:
+    """|H| ~ f^-exponent between lo and hi (pink: 0.5, brown: 1.0), gently band-limited."""
+    band = _band(lo, hi)
+    return lambda f: np.maximum(f, lo) ** -exponent * band(f)
+
+
+def _smooth_random(n: int, rng: np.random.Generator, below_hz: float, rate: float = SAMPLE_RATE) -> np.ndarray:
+    """A slow, unit-RMS periodic random curve (made at a ~100 Hz control rate, interpolated)."""
+    control = max(16, int(n * 100 / rate))
+    curve = _to_time(_noise(control, rng, _band(None, below_hz, order=4), rate=control * rate / n), control)
+    grid = np.arange(n) * (control / n)
+    return np.interp(grid, np.arange(control + 1), np.append(curve, curve[0]))
+
+
+def _add_circular(out: np.ndarray, event: np.ndarray, at: int) -> None:
+    """out[at : at + len(event)] += event, wrapping around the end (as often as needed)."""
+    n = out.size
+    at %= n
+    done = 0
+    while done < event.size:
+        take = min(event.size - done, n - at)
+        out[at : at + take] += event[done : done + take]
+        done += take
+        at = 0
+
+
+def _damped(freqs: Sequence[float], decays_s: Sequence[float], amps: Sequence[float], length: int, rate: float) -> np.ndarray:
+    """A sum of exponentially decaying sines (struck objects, key bodies)."""
+    t = np.arange(length) / rate
+    out = np.zeros(length)
+    for f, d, a in zip(freqs, decays_s, amps):
+        if f < 0.45 * rate:
+            out += a * np.sin(2.0 * np.pi * f * t) * np.exp(-t / d)
+    return out
+
+
+def _room(n: int, rng: np.random.Generator, rt60: float, wet: float, rate: float = SAMPLE_RATE) -> np.ndarray:
+    """Frequency response 1 + wet * R(f) of a small diffuse room (dark decaying noise tail)."""
+    length = min(n, int(rt60 * rate))
+    t = np.arange(length) / rate
+    ir = np.convolve(rng.standard_normal(length) * np.exp(-6.9 * t / rt60), np.ones(4) / 4, mode="same")
+    ir[: int(0.004 * rate)] = 0.0  # the direct sound is the dry path; reflections start later
+    return 1.0 + wet * np.fft.rfft(ir / math.sqrt(float(ir @ ir) + 1e-30), n)
+
+
+def _rms(x: np.ndarray) -> float:
+    return math.sqrt(float(np.mean(x * x)) + 1e-30)
+
+
+# -- roomtone -------------------------------------------------------------------------------
+
+
+def _roomtone(n: int, rng: np.random.Generator) -> np.ndarray:
+    return _to_time(_roomtone_spectrum(n, rng), n)
+
+
+def _roomtone_spectrum(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Brownish air noise (-4.8 dB/octave, rolled off below 60 Hz and above 3 kHz) with a faint
+    50 Hz mains hum. The hum's lines sit 6-12 dB under the noise in their critical bands (about
+    7 % of the power): at the edge of audibility, a texture rather than a tone."""
+    air = _noise(n, rng, lambda f: _tilt(0.8, 40.0, 3000.0)(f) * _band(60.0, None)(f))
+    hum = sum(
+        (_tone(n, 50.0 * k, amp, phase=float(k)) for k, amp in ((1, 0.15), (2, 0.3), (3, 0.12), (4, 0.1), (6, 0.06))),
+        np.zeros(n // 2 + 1, dtype=complex),
+    )
+    return air + hum
+
+
+# -- keyboard ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Typist:
+    """Timing model of a typist; times in seconds."""
+
+    median_gap: float = 0.16  # inter-key interval inside a word (log-normal)
+    gap_spread: float = 0.35
+    mean_word: float = 4.5  # letters per word
+    word_pause_chance: float = 0.25  # a thinking pause after a word
+    phrase_words: tuple[int, int] = (4, 9)  # a longer pause after this many words
+
+
+def _typing_events(seconds: float, rng: np.random.Generator, typist: _Typist, start_s: float) -> list[tuple[float, str]]:
+    """(time, kind) key presses, kind in {"key", "space", "backspace"}, within the span."""
+    end = seconds - 0.12
+    events: list[tuple[float, str]] = []
+    t = start_s
+    words_left = int(rng.integers(*typist.phrase_words))
+    while t < end:
+        for _ in range(max(1, int(rng.poisson(typist.mean_word)))):
+            events.append((t, "key"))
+            t += typist.median_gap * float(np.exp(typist.gap_spread * rng.standard_normal()))
+        if rng.random() < 0.08:  # a typo, corrected
+            for _ in range(int(rng.integers(1, 4))):
+                events.append((t, "backspace"))
+                t += 0.11 + 0.03 * rng.random()
+        events.append((t, "space"))
+        t += 1.2 * typist.median_gap * float(np.exp(typist.gap_spread * rng.standard_normal()))
+        words_left -= 1
+        if words_left == 0:
+            t += 1.0 + 1.2 * rng.random()
+            words_left = int(rng.integers(*typist.phrase_words))
+        elif rng.random() < typist.word_pause_chance:
+            t += 0.35 + 0.6 * rng.random()
+    return [(time, kind) for time, kind in events if time < end]
+
+
+def _click(rng: np.random.Generator, centre_hz: float, decay_s: float, rate: float) -> np.ndarray:
+    """A short noise burst ringing around centre_hz: a hard plastic tick."""
+    length = int(decay_s * 8 * rate)
+    t = np.arange(length) / rate
+    noise = np.diff(rng.standard_normal(length) * np.exp(-t / decay_s), prepend=0.0)
+    ring = np.sin(2.0 * np.pi * min(centre_hz, 0.42 * rate) * t) * np.exp(-t / (1.5 * decay_s))
+    return 0.6 * ring + 0.4 * noise
+
+
+def _key_sound(kind: str, rng: np.random.Generator, rate: float, soft: bool = False) -> np.ndarray:
+    """One key stroke: a contact click, the body "thock" at bottom-out, then a quieter release.
+
+    Letter keys vary in body pitch and click colour; the spacebar is lower, louder in the body
+    and rattles (stabiliser); backspace sits in between.
+    """
+    out = np.zeros(int(0.16 * rate))
+    if kind == "space":
+        body = _damped([rng.uniform(95, 150), rng.uniform(260, 340)], [0.030, 0.012], [0.8, 0.3], int(0.07 * rate), rate)
+        click_level = 0.45
+    else:
+        body_f = rng.uniform(200, 450) if kind == "key" else rng.uniform(170, 260)
+        body = _damped([body_f, body_f * rng.uniform(2.2, 2.9)], [0.007, 0.003], [0.45, 0.2], int(0.04 * rate), rate)
+        click_level = 1.0
+    level = rng.uniform(0.65, 1.0)
+    click = _click(rng, rng.uniform(2200, 5000), rng.uniform(0.0015, 0.0025), rate) * click_level
+    out[: click.size] += click * level * (0.2 if soft else 1.0)
+    bottom = int(rng.uniform(0.004, 0.012) * rate)
+    out[bottom : bottom + body.size] += body * level
+    if kind == "space":
+        for k in range(3):
+            tick = _click(rng, rng.uniform(1800, 3000), 0.0008, rate) * 0.25
+            at = bottom + int((0.004 + 0.005 * k) * rate)
+            out[at : at + tick.size] += tick
+    release = int(rng.uniform(0.07, 0.12) * rate)
+    up = _click(rng, rng.uniform(2000, 4500), 0.001, rate) * rng.uniform(0.2, 0.35) * (0.3 if soft else 1.0)
+    end = min(out.size, release + up.size)
+    out[release:end] += up[: end - release]
+    return out
+
+
+def _typing(n: int, rng: np.random.Generator, typist: _Typist, rate: float = SAMPLE_RATE, start_s: float = 0.3) -> np.ndarray:
+    out = np.zeros(n)
+    for time, kind in _typing_events(n / rate, rng, typist, start_s):
+        _add_circular(out, _key_sound(kind, rng, rate), int(time * rate))
+    return out
+
+
+def _keyboard(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A typist at a desk, in a small room, over a very low room tone."""
+    keys = _typing(n, rng, _Typist())
+    spectrum = np.fft.rfft(keys) * _room(n, rng, rt60=0.3, wet=0.3)
+    spectrum += _noise(n, rng, _tilt(0.8, 40.0, 3000.0)) * (0.02 * _rms(keys))
+    return _to_time(spectrum, n)
+
+
+# -- voices (cafe babble, office murmur) --------------------------------------------------------
+
+_VOICE_RATE = 8000  # voices are band-limited below 4 kHz: synthesised at 8 kHz, upsampled once
+_VOWELS = (  # F1, F2, F3 (Hz) of an average adult voice: /a/, /i/, /u/, /e/, /o/
+    (730.0, 1090.0, 2440.0),
+    (270.0, 2290.0, 3010.0),
+    (300.0, 870.0, 2240.0),
+    (530.0, 1840.0, 2480.0),
+    (570.0, 840.0, 2410.0),
+)
+
+
+def _formant_response(formants: Sequence[float], scale: float) -> _Magnitude:
+    """Magnitude of a cascade of second-order resonators: a crude vocal tract."""
+
+    def magnitude(f: np.ndarray) -> np.ndarray:
+        m = np.ones_like(f)
+        for k, formant in enumerate(formants):
+            fc = formant * scale
+            bw = 60.0 + 40.0 * k
+            m *= fc * fc / np.sqrt((fc * fc - f * f) ** 2 + (bw * f) ** 2 + 1e-9)
+        return m
+
+    return magnitude
+
+
+def _glottal_source(m: int, rng: np.random.Generator, f0: float) -> np.ndarray:
+    """A sawtooth pulse train whose pitch wanders (intonation) and closes on whole cycles.
+
+    The pitch contour lives at a ~100 Hz control rate; its running phase is interpolated, so
+    the per-sample work is one interpolation and one modulo.
+    """
+    control = max(16, int(m * 100 / _VOICE_RATE))
+    control_rate = control * _VOICE_RATE / m
+    wander = _to_time(_noise(control, rng, _band(None, 3.0, order=4), rate=control_rate), control)
+    cycles_per_step = f0 * np.exp(0.12 * wander) / control_rate
+    cycles_per_step *= round(cycles_per_step.sum()) / cycles_per_step.sum()
+    phase = np.concatenate(([0.0], np.cumsum(cycles_per_step)))
+    at = np.interp(np.arange(m) * (control / m), np.arange(control + 1), phase)
+    return 2.0 * (at % 1.0) - 1.0
+
+
+def _syllables(
+    rng: np.random.Generator, span: tuple[float, float], syllable_hz: float, talk_share: float
+) -> list[tuple[float, float, float]]:
+    """(start s, length s, level) of syllables in talk spurts of 1-3.5 s within span."""
+    out: list[tuple[float, float, float]] = []
+    t, end = span[0] + rng.uniform(0.0, 0.5), span[0] + span[1]
+    while t < end:
+        spurt_end = min(t + rng.uniform(1.0, 3.5), end)
+        while t < spurt_end:
+            out.append((t, rng.uniform(0.6, 1.1) / syllable_hz, float(rng.uniform(0.5, 1.0))))
+            t += 1.0 / (syllable_hz * rng.uniform(0.8, 1.25))
+        t += rng.uniform(0.3, 1.2) * (1.0 - talk_share) / max(talk_share, 0.05)
+    return out
+
+
+def _babble_spectrum(
+    m: int, rng: np.random.Generator, voices: Sequence[tuple[float, float]], span: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Spectrum (at _VOICE_RATE, m samples) of pseudo-voices saying vowel-like syllables.
+
+    Each voice (f0, level) talks in spurts at its own syllable rate (3.5-6.5 Hz); a syllable is
+    a Hann window over the voice's pulse train plus breath noise, added to the buffer of its
+    vowel. One formant filter per vowel and voice register then serves the whole crowd, since
+    filtering is linear.
+    """
+    span = span or (0.0, m / _VOICE_RATE)
+    per_vowel = np.zeros((2, len(_VOWELS), m))  # [low / higher voice register, vowel]
+    breath = rng.standard_normal(m)
+    hann = np.hanning(1024)
+    for f0, level in voices:
+        source = _glottal_source(m, rng, f0) + 0.25 * np.roll(breath, int(rng.integers(m)))
+        register = per_vowel[int(f0 > 165.0)]
+        for start_s, length_s, amp in _syllables(rng, span, rng.uniform(3.5, 6.5), talk_share=0.65):
+            start, length = int(start_s * _VOICE_RATE), int(length_s * _VOICE_RATE)
+            envelope = hann[(np.arange(length) * (hann.size - 1)) // max(1, length - 1)]
+            syllable = envelope * (amp * level) * np.take(source, np.arange(start, start + length), mode="wrap")
+            _add_circular(register[int(rng.integers(len(_VOWELS)))], syllable, start)
+    f = _bins(m, _VOICE_RATE)
+    spectrum = np.zeros(f.size, dtype=complex)
+    for register, scale in enumerate((1.0, 1.17)):
+        for vowel, formants in enumerate(_VOWELS):
+            if per_vowel[register, vowel].any():
+                spectrum += np.fft.rfft(per_vowel[register, vowel]) * _formant_response(formants, scale)(f)
+    return spectrum
+
+
+def _clinks(n: int, rng: np.random.Generator, every_s: float) -> np.ndarray:
+    """Cup and spoon clinks: inharmonic, quickly decaying partials, sometimes a stirring run."""
+    out = np.zeros(n)
+    t = rng.uniform(0.5, every_s)
+    while t < n / SAMPLE_RATE:
+        base = rng.uniform(2200.0, 3600.0)
+        for k in range(int(rng.choice([1, 1, 2, 3]))):
+            ring = _damped(
+                [base, base * 1.58, base * 2.33, base * 2.92], [0.09, 0.05, 0.03, 0.02], [1.0, 0.6, 0.35, 0.2],
+                int(0.35 * SAMPLE_RATE), SAMPLE_RATE,
+            )
+            _add_circular(out, ring * rng.uniform(0.5, 1.0), int((t + 0.16 * k) * SAMPLE_RATE))
+        t += every_s * rng.uniform(0.4, 1.6)
+    return out
+
+
+def _cafe(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Three nearer talkers and a dozen farther ones in a reverberant room, plus clinks."""
+    m = max(64, round(n * _VOICE_RATE / SAMPLE_RATE))
+    near = [(rng.uniform(95, 130), 1.0), (rng.uniform(180, 240), 0.85), (rng.uniform(100, 140), 0.7)]
+    far = [(rng.uniform(90, 250), rng.uniform(0.25, 0.45)) for _ in range(12)]
+    crowd = _babble_spectrum(m, rng, near + far)
+    crowd *= _band(150.0, 3500.0)(_bins(m, _VOICE_RATE)) * _room(m, rng, rt60=0.6, wet=0.6, rate=_VOICE_RATE)
+    spectrum = _upsample(crowd, m, n)
+    spectrum /= math.sqrt(_power(spectrum, n))
+    spectrum += 0.15 * _noise(n, rng, _tilt(0.8, 40.0, 3000.0))
+    return _to_time(spectrum, n) + 0.9 * _clinks(n, rng, every_s=2.5)
+
+
+# -- office -------------------------------------------------------------------------------------
+
+
+def _office(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Room tone + HVAC (airflow and a fan line), with someone typing a few desks away now and
+    then, a colleague's muffled phone call, and the odd mouse click. The bed dominates."""
+    m = max(64, round(n * _VOICE_RATE / SAMPLE_RATE))
+    bed = _roomtone_spectrum(n, rng) + _tone(n, 118.0, 0.25) + _tone(n, 236.0, 0.1, 0.7)
+    airflow = _to_time(_noise(n, rng, _band(120.0, 900.0)), n) * (1.0 + 0.08 * _smooth_random(n, rng, 0.3))
+    # Levels against a bed of ~1.3 RMS: distant key clicks and mouse clicks stand ~10 dB above
+    # the bed in 3-8 kHz (where the bed is quiet) and no higher than the bed's own peaks overall;
+    # the murmur's loudest syllables sit ~3 dB above the bed in 200 Hz-1 kHz.
+    typing = np.fft.rfft(_typing_bursts(n, rng)) * _band(None, 6000.0)(_bins(n)) * 3.0
+    murmur = _upsample(_phone_murmur(m, rng), m, n) * 0.2
+    return _to_time(bed + typing + murmur, n) + 0.8 * airflow + 1.2 * _mouse_clicks(n, rng)
+
+
+def _typing_bursts(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Someone typing now and then: 2-5 s bursts, 3-8 s apart."""
+    out = np.zeros(n)
+    typist = _Typist(word_pause_chance=0.1)
+    t = rng.uniform(0.5, 2.0)
+    while t < n / SAMPLE_RATE - 1.0:
+        length = int(rng.uniform(2.0, 5.0) * SAMPLE_RATE)
+        burst = _typing(length, rng, typist, start_s=0.0)
+        _add_circular(out, burst * rng.uniform(0.6, 1.0), int(t * SAMPLE_RATE))
+        t += length / SAMPLE_RATE + rng.uniform(3.0, 8.0)
+    return out
+
+
+def _phone_murmur(m: int, rng: np.random.Generator) -> np.ndarray:
+    """Spectrum of one colleague on the phone across the room: 4-7 s of a muffled voice."""
+    seconds = m / _VOICE_RATE
+    length = min(rng.uniform(4.0, 7.0), 0.6 * seconds)
+    voice = _babble_spectrum(m, rng, [(rng.uniform(105, 135), 1.0)], span=(rng.uniform(0.0, seconds), length))
+    voice *= _band(300.0, 1800.0, order=3)(_bins(m, _VOICE_RATE))
+    active_share = length / seconds
+    return voice / math.sqrt(_power(voice, m) / active_share + 1e-30)
+
+
+def _mouse_clicks(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A click or a double click every ~7 s."""
+    out = np.zeros(n)
+    for _ in range(max(1, int(n / SAMPLE_RATE / 7))):
+        at = int(rng.uniform(0, n))
+        for k in range(int(rng.choice([1, 2]))):
+            _add_circular(out, _click(rng, rng.uniform(4000, 6500), 0.0006, SAMPLE_RATE), at + int(0.11 * k * SAMPLE_RATE))
+    return out
+
+
+# -- thinking -----------------------------------------------------------------------------------
+
+
+def _thinking(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Gentle taps in small groups (soft, rounded keys; no sharp clicks) over a whisper of air."""
+    out = np.zeros(n)
+    t = 0.25
+    while t < n / SAMPLE_RATE - 0.4:
+        for _ in range(int(rng.integers(3, 7))):
+            _add_circular(out, _key_sound("key", rng, SAMPLE_RATE, soft=True) * rng.uniform(0.6, 1.0), int(t * SAMPLE_RATE))
+            t += 0.15 + 0.1 * rng.random()
+        t += rng.uniform(0.6, 1.4)
+    spectrum = np.fft.rfft(out) * _band(None, 2500.0)(_bins(n)) * _room(n, rng, rt60=0.25, wet=0.25)
+    spectrum += _noise(n, rng, _tilt(0.8, 40.0, 3000.0)) * (0.05 * _rms(out))
+    return _to_time(spectrum, n)
+
+
+_SYNTHS: Mapping[str, Callable[[int, np.random.Generator], np.ndarray]] = MappingProxyType({
+    "roomtone": _roomtone,
+    "office": _office,
+    "keyboard": _keyboard,
+    "cafe": _cafe,
+    "thinking": _thinking,
+})
