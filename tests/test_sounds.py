@@ -274,6 +274,16 @@ def test_unknown_chunks_and_odd_sizes_are_skipped() -> None:
     check_decoded_sine(sounds.decode_bytes(data), 0.5, 440, 0.5)
 
 
+def test_fmt_after_data_and_chunks_after_data_are_handled() -> None:
+    x = sine(440, 0.5, 16000)
+    normal = make_wav(x, 16000, "pcm16")
+    fmt_chunk, data_chunk = normal[12:36], normal[36:]
+    reordered = b"RIFF" + struct.pack("<I", len(normal) - 8) + b"WAVE" + data_chunk + fmt_chunk
+    check_decoded_sine(sounds.decode_bytes(reordered), 0.5, 440, 0.5)
+    trailing = normal + chunk(b"LIST", b"INFOIART\x03\x00\x00\x00me\x00")
+    check_decoded_sine(sounds.decode_bytes(trailing), 0.5, 440, 0.5)
+
+
 def test_streaming_writer_sizes_0xffffffff_are_read_to_the_end() -> None:
     data = make_wav(sine(440, 0.5, 16000), 16000, "pcm16", data_size=0xFFFFFFFF, riff_size=0xFFFFFFFF)
     check_decoded_sine(sounds.decode_bytes(data), 0.5, 440, 0.5)
@@ -823,7 +833,7 @@ def test_cafe_is_babble_with_syllabic_modulation_and_clinks(built: dict[str, np.
     clinks = onsets(x, 5000, 11000, threshold=8, min_gap_s=0.1)
     assert 3 <= clinks.size <= 2 * x.size / SAMPLE_RATE, f"{clinks.size} clinks"
     levels = short_term_levels_db(x, 1.0)
-    assert levels.max() - levels.min() < 6.0, "a crowd murmur, not a single talker"
+    assert levels.max() - levels.min() < 4.0, "a crowd murmur, not a single talker"
 
 
 def test_office_is_a_quiet_bed_with_sparse_soft_events(built: dict[str, np.ndarray]) -> None:
