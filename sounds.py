@@ -25,10 +25,10 @@ import re
 import shlex
 import struct
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -97,7 +97,9 @@ def load(source: str, *, target_lufs: float | None = None) -> Sound:
     """Load a file path or "builtin:<name>" as a `Sound`, optionally normalised to `target_lufs`."""
     if source.lower().startswith(BUILTIN_PREFIX):
         samples = builtin(source)  # its errors quote `source` as written
-        return _finish(BUILTIN_PREFIX + source[len(BUILTIN_PREFIX):].strip().lower(), samples, SAMPLE_RATE, target_lufs)
+        return _finish(
+            BUILTIN_PREFIX + source[len(BUILTIN_PREFIX) :].strip().lower(), samples, SAMPLE_RATE, target_lufs
+        )
     return decode_bytes(_read_file(source), name=source, target_lufs=target_lufs)
 
 
@@ -139,7 +141,9 @@ def _read_file(path_text: str) -> bytes:
             f"or use one of the built-ins: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
         ) from None
     except OSError as e:
-        raise SoundError(f"{path_text}: cannot access the sound file ({e.strerror}); check the path and permissions") from None
+        raise SoundError(
+            f"{path_text}: cannot access the sound file ({e.strerror}); check the path and permissions"
+        ) from None
     if path.is_dir():
         raise SoundError(f"{path_text}: is a directory, not a sound file; point to a file inside it")
     if st.st_size == 0:
@@ -152,9 +156,13 @@ def _read_file(path_text: str) -> bytes:
     try:
         return path.read_bytes()
     except PermissionError:
-        raise SoundError(f"{path_text}: permission denied reading the sound file; make it readable (chmod a+r)") from None
+        raise SoundError(
+            f"{path_text}: permission denied reading the sound file; make it readable (chmod a+r)"
+        ) from None
     except OSError as e:
-        raise SoundError(f"{path_text}: cannot read the sound file ({e.strerror}); check the file and the disk") from None
+        raise SoundError(
+            f"{path_text}: cannot read the sound file ({e.strerror}); check the file and the disk"
+        ) from None
 
 
 def _ffmpeg_hint(name: str, *, trim: bool = False) -> str:
@@ -180,18 +188,20 @@ def _check_duration(name: str, frames: int, rate: int) -> None:
 
 _WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 _KSDATAFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
-_CODEC_NAMES: Mapping[int, str] = MappingProxyType({
-    0x0002: "MS ADPCM",
-    0x0006: "A-law",
-    0x0007: "µ-law",
-    0x0011: "IMA ADPCM",
-    0x0031: "GSM 6.10",
-    0x0050: "MPEG",
-    0x0055: "MP3",
-    0x00FF: "AAC",
-    0x1610: "AAC",
-    0xF1AC: "FLAC",
-})
+_CODEC_NAMES: Mapping[int, str] = MappingProxyType(
+    {
+        0x0002: "MS ADPCM",
+        0x0006: "A-law",
+        0x0007: "µ-law",
+        0x0011: "IMA ADPCM",
+        0x0031: "GSM 6.10",
+        0x0050: "MPEG",
+        0x0055: "MP3",
+        0x00FF: "AAC",
+        0x1610: "AAC",
+        0xF1AC: "FLAC",
+    }
+)
 _UNKNOWN_SIZE = 0xFFFFFFFF
 
 
@@ -217,8 +227,7 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """
     if not _looks_like_wav(data):
         raise SoundError(
-            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {data[:4]!r}); "
-            f"convert it: {_ffmpeg_hint(name)}"
+            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {data[:4]!r}); convert it: {_ffmpeg_hint(name)}"
         )
     endian = ">" if data[:4] == b"RIFX" else "<"
     fmt, body = _wav_chunks(data, name, endian)
@@ -260,7 +269,10 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
                 break
         pos = start + size + (size & 1)
     if fmt is None:
-        raise SoundError(f"{name}: damaged or truncated WAV header (no 'fmt ' chunk); re-export it or convert it: {_ffmpeg_hint(name)}")
+        raise SoundError(
+            f"{name}: damaged or truncated WAV header (no 'fmt ' chunk); "
+            f"re-export it or convert it: {_ffmpeg_hint(name)}"
+        )
     if body is None:
         raise SoundError(f"{name}: the WAV file has no 'data' chunk (no audio); re-export it with audio")
     return fmt, body
@@ -268,11 +280,17 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
 
 def _parse_fmt(chunk: memoryview, name: str, endian: str) -> _WavFormat:
     if len(chunk) < 16:
-        raise SoundError(f"{name}: damaged or truncated WAV header ('fmt ' chunk too short); re-export it or convert it: {_ffmpeg_hint(name)}")
+        raise SoundError(
+            f"{name}: damaged or truncated WAV header ('fmt ' chunk too short); "
+            f"re-export it or convert it: {_ffmpeg_hint(name)}"
+        )
     tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from(endian + "HHIIHH", chunk, 0)
     if tag == _WAVE_EXTENSIBLE:
         if len(chunk) < 40:
-            raise SoundError(f"{name}: damaged WAV header (WAVE_FORMAT_EXTENSIBLE without its sub-format); convert it: {_ffmpeg_hint(name)}")
+            raise SoundError(
+                f"{name}: damaged WAV header (WAVE_FORMAT_EXTENSIBLE without its sub-format); "
+                f"convert it: {_ffmpeg_hint(name)}"
+            )
         guid = bytes(chunk[24:40])
         sub = struct.unpack_from(endian + "H", guid, 0)[0]
         tag = sub if guid[2:] == _KSDATAFORMAT_TAIL else -1
@@ -326,7 +344,7 @@ def _pcm_to_float(raw: memoryview, fmt: _WavFormat, endian: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _import_av(name: str):  # noqa: ANN202 - the module object
+def _import_av(name: str):  # returns the av module
     try:
         import av  # type: ignore[import-not-found]
     except ImportError:
@@ -347,7 +365,9 @@ def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
         raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
     with container:
         if not container.streams.audio:
-            raise SoundError(f"{name}: the file has no audio stream; use an audio file, or extract the audio: {_ffmpeg_hint(name)}")
+            raise SoundError(
+                f"{name}: the file has no audio stream; use an audio file, or extract the audio: {_ffmpeg_hint(name)}"
+            )
         if container.duration is not None and container.duration / 1e6 > MAX_DURATION_S + 1:
             _check_duration(name, int(container.duration), 1_000_000)
         chunks, rate = _av_decode_stream(av, container, name, cannot)
@@ -357,7 +377,7 @@ def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(planar.T, dtype=np.float32), rate
 
 
-def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.ndarray], int]:  # noqa: ANN001
+def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.ndarray], int]:  # av objects: untyped
     stream = container.streams.audio[0]
     resampler = av.AudioResampler(format="fltp")  # sample format only; keeps layout and rate
     chunks: list[np.ndarray] = []
@@ -380,7 +400,9 @@ def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.nd
             raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
         log.warning("%s: decoding stopped early (%s); using the %.2f s decoded so far", name, _short(e), total / rate)
     if chunks and not _MIN_RATE <= rate <= _MAX_RATE:
-        raise SoundError(f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}-{_MAX_RATE} Hz; convert it: {_ffmpeg_hint(name)}")
+        raise SoundError(
+            f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}-{_MAX_RATE} Hz; convert it: {_ffmpeg_hint(name)}"
+        )
     return chunks, rate
 
 
@@ -519,9 +541,7 @@ def _subblock_energy(x: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
     return energy, bounds
 
 
-def integrated_loudness(
-    samples: np.ndarray, rate: int, *, channel_weights: Sequence[float] | None = None
-) -> float:
+def integrated_loudness(samples: np.ndarray, rate: int, *, channel_weights: Sequence[float] | None = None) -> float:
     """Integrated loudness in LUFS per ITU-R BS.1770-4; -inf for silence.
 
     `samples` is 1-D (mono) or frames x channels. Channel weights default to 1.0 (L, R, C; pass
@@ -554,7 +574,9 @@ def integrated_loudness(
 def _k_weighted_power_whole(x: np.ndarray, rate: int) -> np.ndarray:
     h = _k_weighting_fir(rate)
     nfft = 1 << math.ceil(math.log2(x.shape[0] + h.size))
-    y = np.fft.irfft(np.fft.rfft(x.astype(np.float64), nfft, axis=0) * np.fft.rfft(h, nfft)[:, None], nfft, axis=0)[: x.shape[0]]
+    y = np.fft.irfft(np.fft.rfft(x.astype(np.float64), nfft, axis=0) * np.fft.rfft(h, nfft)[:, None], nfft, axis=0)[
+        : x.shape[0]
+    ]
     return np.mean(y * y, axis=0)
 
 
@@ -588,7 +610,10 @@ def _apply_gain(x: np.ndarray, gain_db: float, name: str) -> np.ndarray:
         limited = PEAK_CEILING / peak
         log.debug(
             "%s: gain limited to %+.1f dB (wanted %+.1f dB) to keep peaks under %.2f",
-            name, 20.0 * math.log10(limited), gain_db, PEAK_CEILING,
+            name,
+            20.0 * math.log10(limited),
+            gain_db,
+            PEAK_CEILING,
         )
         gain = limited
     return (x * np.float32(gain)).astype(np.float32)
@@ -688,10 +713,14 @@ def _parse_entry(entry: str, variable: str) -> tuple[str, float | None, float | 
             raise SoundError(f"{variable}: unterminated quote in {entry!r}; close the quote around the path")
         source, rest = entry[1:end], entry[end + 1 :].strip()
         if rest and not rest.startswith(":"):
-            raise SoundError(f"{variable}: unexpected text after the quoted path in {entry!r}; write \"path\":volume:probability")
+            raise SoundError(
+                f'{variable}: unexpected text after the quoted path in {entry!r}; write "path":volume:probability'
+            )
         fields = [f.strip() for f in rest[1:].split(":")] if rest else []
         if len(fields) > 2 or not all(_NUMBER.fullmatch(f) or f == "" for f in fields):
-            raise SoundError(f"{variable}: expected up to two numbers after the path in {entry!r}; write \"path\":volume:probability")
+            raise SoundError(
+                f'{variable}: expected up to two numbers after the path in {entry!r}; write "path":volume:probability'
+            )
     else:
         source, fields = _split_fields_from_right(entry, variable)
     if not source.strip():
@@ -722,7 +751,7 @@ def _split_fields_from_right(entry: str, variable: str) -> tuple[str, list[str]]
 
 def _check_source(source: str, entry: str, variable: str) -> str:
     if source.lower().startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):].strip().lower()
+        name = source[len(BUILTIN_PREFIX) :].strip().lower()
         if name not in BUILTINS:
             raise SoundError(
                 f"{variable}: unknown built-in {name!r} in {entry!r}; "
@@ -741,9 +770,7 @@ def _numbers(fields: list[str], entry: str, variable: str) -> tuple[float | None
     return volume, probability
 
 
-def _resolve_probabilities(
-    parsed: list[tuple[str, float | None, float | None]], variable: str
-) -> list[Clip]:
+def _resolve_probabilities(parsed: list[tuple[str, float | None, float | None]], variable: str) -> list[Clip]:
     explicit = sum(p for _, _, p in parsed if p is not None)
     unspecified = sum(1 for _, _, p in parsed if p is None)
     listing = ", ".join(f"{s}={p:g}" for s, _, p in parsed if p is not None)
@@ -817,14 +844,16 @@ def builtin(name: str, seconds: float | None = None) -> np.ndarray:
     Comes out at -30 LUFS (peak <= 0.9); `load("builtin:<name>", target_lufs=...)` normalises
     it like any file.
     """
-    key = name[len(BUILTIN_PREFIX):] if name.lower().startswith(BUILTIN_PREFIX) else name
+    key = name[len(BUILTIN_PREFIX) :] if name.lower().startswith(BUILTIN_PREFIX) else name
     key = key.strip().lower()
     if key not in BUILTINS:
-        raise SoundError(f"unknown built-in sound {name!r}; choose one of {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}")
+        raise SoundError(
+            f"unknown built-in sound {name!r}; choose one of {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+        )
     duration = _BUILTIN_SECONDS[key] if seconds is None else float(seconds)
     if not 1.0 <= duration <= 600.0:
         raise SoundError(f"built-in {key!r}: length {duration:g} s is outside 1-600 s")
-    n = int(round(duration * SAMPLE_RATE))
+    n = round(duration * SAMPLE_RATE)
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     raw = _SYNTHS[key](n, rng)
     return _level_builtin(raw, key)
@@ -931,11 +960,13 @@ def _add_circular(out: np.ndarray, event: np.ndarray, at: int) -> None:
         at = 0
 
 
-def _damped(freqs: Sequence[float], decays_s: Sequence[float], amps: Sequence[float], length: int, rate: float) -> np.ndarray:
+def _damped(
+    freqs: Sequence[float], decays_s: Sequence[float], amps: Sequence[float], length: int, rate: float
+) -> np.ndarray:
     """A sum of exponentially decaying sines (struck objects, key bodies)."""
     t = np.arange(length) / rate
     out = np.zeros(length)
-    for f, d, a in zip(freqs, decays_s, amps):
+    for f, d, a in zip(freqs, decays_s, amps, strict=True):
         if f < 0.45 * rate:
             out += a * np.sin(2.0 * np.pi * f * t) * np.exp(-t / d)
     return out
@@ -987,7 +1018,9 @@ class _Typist:
     phrase_words: tuple[int, int] = (4, 9)  # a longer pause after this many words
 
 
-def _typing_events(seconds: float, rng: np.random.Generator, typist: _Typist, start_s: float) -> list[tuple[float, str]]:
+def _typing_events(
+    seconds: float, rng: np.random.Generator, typist: _Typist, start_s: float
+) -> list[tuple[float, str]]:
     """(time, kind) key presses, kind in {"key", "space", "backspace"}, within the span."""
     end = seconds - 0.12
     events: list[tuple[float, str]] = []
@@ -1029,7 +1062,9 @@ def _key_sound(kind: str, rng: np.random.Generator, rate: float, soft: bool = Fa
     """
     out = np.zeros(int(0.16 * rate))
     if kind == "space":
-        body = _damped([rng.uniform(95, 150), rng.uniform(260, 340)], [0.030, 0.012], [0.8, 0.3], int(0.07 * rate), rate)
+        body = _damped(
+            [rng.uniform(95, 150), rng.uniform(260, 340)], [0.030, 0.012], [0.8, 0.3], int(0.07 * rate), rate
+        )
         click_level = 0.45
     else:
         body_f = rng.uniform(200, 450) if kind == "key" else rng.uniform(170, 260)
@@ -1052,7 +1087,9 @@ def _key_sound(kind: str, rng: np.random.Generator, rate: float, soft: bool = Fa
     return out
 
 
-def _typing(n: int, rng: np.random.Generator, typist: _Typist, rate: float = SAMPLE_RATE, start_s: float = 0.3) -> np.ndarray:
+def _typing(
+    n: int, rng: np.random.Generator, typist: _Typist, rate: float = SAMPLE_RATE, start_s: float = 0.3
+) -> np.ndarray:
     out = np.zeros(n)
     for time, kind in _typing_events(n / rate, rng, typist, start_s):
         _add_circular(out, _key_sound(kind, rng, rate), int(time * rate))
@@ -1163,8 +1200,11 @@ def _clinks(n: int, rng: np.random.Generator, every_s: float) -> np.ndarray:
         base = rng.uniform(2200.0, 3600.0)
         for k in range(int(rng.choice([1, 1, 2, 3]))):
             ring = _damped(
-                [base, base * 1.58, base * 2.33, base * 2.92], [0.09, 0.05, 0.03, 0.02], [1.0, 0.6, 0.35, 0.2],
-                int(0.35 * SAMPLE_RATE), SAMPLE_RATE,
+                [base, base * 1.58, base * 2.33, base * 2.92],
+                [0.09, 0.05, 0.03, 0.02],
+                [1.0, 0.6, 0.35, 0.2],
+                int(0.35 * SAMPLE_RATE),
+                SAMPLE_RATE,
             )
             _add_circular(out, ring * rng.uniform(0.5, 1.0), int((t + 0.16 * k) * SAMPLE_RATE))
         t += every_s * rng.uniform(0.4, 1.6)
@@ -1230,7 +1270,9 @@ def _mouse_clicks(n: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(max(1, int(n / SAMPLE_RATE / 7))):
         at = int(rng.uniform(0, n))
         for k in range(int(rng.choice([1, 2]))):
-            _add_circular(out, _click(rng, rng.uniform(4000, 6500), 0.0006, SAMPLE_RATE), at + int(0.11 * k * SAMPLE_RATE))
+            _add_circular(
+                out, _click(rng, rng.uniform(4000, 6500), 0.0006, SAMPLE_RATE), at + int(0.11 * k * SAMPLE_RATE)
+            )
     return out
 
 
@@ -1243,7 +1285,9 @@ def _thinking(n: int, rng: np.random.Generator) -> np.ndarray:
     t = 0.25
     while t < n / SAMPLE_RATE - 0.4:
         for _ in range(int(rng.integers(3, 7))):
-            _add_circular(out, _key_sound("key", rng, SAMPLE_RATE, soft=True) * rng.uniform(0.6, 1.0), int(t * SAMPLE_RATE))
+            _add_circular(
+                out, _key_sound("key", rng, SAMPLE_RATE, soft=True) * rng.uniform(0.6, 1.0), int(t * SAMPLE_RATE)
+            )
             t += 0.15 + 0.1 * rng.random()
         t += rng.uniform(0.6, 1.4)
     spectrum = np.fft.rfft(out) * _band(None, 2500.0)(_bins(n)) * _room(n, rng, rt60=0.25, wet=0.25)
@@ -1251,10 +1295,12 @@ def _thinking(n: int, rng: np.random.Generator) -> np.ndarray:
     return _to_time(spectrum, n)
 
 
-_SYNTHS: Mapping[str, Callable[[int, np.random.Generator], np.ndarray]] = MappingProxyType({
-    "roomtone": _roomtone,
-    "office": _office,
-    "keyboard": _keyboard,
-    "cafe": _cafe,
-    "thinking": _thinking,
-})
+_SYNTHS: Mapping[str, Callable[[int, np.random.Generator], np.ndarray]] = MappingProxyType(
+    {
+        "roomtone": _roomtone,
+        "office": _office,
+        "keyboard": _keyboard,
+        "cafe": _cafe,
+        "thinking": _thinking,
+    }
+)
