@@ -836,13 +836,15 @@ _BUILTIN_SECONDS: Mapping[str, float] = MappingProxyType(
 )
 _BUILTIN_LUFS = -30.0
 _BUILTIN_PEAK = 0.9
+_BUILTIN_MAX_SECONDS = 120.0
 
 
 def builtin(name: str, seconds: float | None = None) -> np.ndarray:
     """Synthesise a built-in bed or cue: float32 mono 24 kHz, deterministic, seamlessly loopable.
 
     Comes out at -30 LUFS (peak <= 0.9); `load("builtin:<name>", target_lufs=...)` normalises
-    it like any file.
+    it like any file. `seconds` (1-120, default 8-20 depending on the sound) is rounded to the
+    nearest FFT-friendly sample count (within 0.3 %; the default lengths are exact).
     """
     key = name[len(BUILTIN_PREFIX) :] if name.lower().startswith(BUILTIN_PREFIX) else name
     key = key.strip().lower()
@@ -851,12 +853,32 @@ def builtin(name: str, seconds: float | None = None) -> np.ndarray:
             f"unknown built-in sound {name!r}; choose one of {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
         )
     duration = _BUILTIN_SECONDS[key] if seconds is None else float(seconds)
-    if not 1.0 <= duration <= 600.0:
-        raise SoundError(f"built-in {key!r}: length {duration:g} s is outside 1-600 s")
-    n = round(duration * SAMPLE_RATE)
+    if not 1.0 <= duration <= _BUILTIN_MAX_SECONDS:
+        raise SoundError(f"built-in {key!r}: length {duration:g} s is outside 1-{_BUILTIN_MAX_SECONDS:g} s")
+    n = _fft_friendly(round(duration * SAMPLE_RATE))
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     raw = _SYNTHS[key](n, rng)
     return _level_builtin(raw, key)
+
+
+def _fft_friendly(n: int) -> int:
+    """The sample count nearest n whose prime factors are all <= 11 (at most ~0.3 % away).
+
+    Built-ins are made of whole-buffer FFTs; a length with a large prime factor makes them
+    2-5x slower. The default lengths are already such numbers, so they are kept exactly.
+    """
+
+    def smooth(m: int) -> bool:
+        for p in (2, 3, 5, 7, 11):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for delta in range(n):
+        for candidate in (n - delta, n + delta):
+            if candidate > 0 and smooth(candidate):
+                return candidate
+    return n
 
 
 def _level_builtin(x: np.ndarray, key: str) -> np.ndarray:
@@ -1233,7 +1255,7 @@ def _office(n: int, rng: np.random.Generator) -> np.ndarray:
     m = max(64, round(n * _VOICE_RATE / SAMPLE_RATE))
     bed = _roomtone_spectrum(n, rng) + _tone(n, 118.0, 0.25) + _tone(n, 236.0, 0.1, 0.7)
     airflow = _to_time(_noise(n, rng, _band(120.0, 900.0)), n) * (1.0 + 0.08 * _smooth_random(n, rng, 0.3))
-    # Levels against a bed of ~1.3 RMS: distant key clicks and mouse clicks stand ~10 dB above
+    # Levels against a bed of ~1.3 RMS: distant key clicks and mouse clicks stand 10-15 dB above
     # the bed in 3-8 kHz (where the bed is quiet) and no higher than the bed's own peaks overall;
     # the murmur's loudest syllables sit ~3 dB above the bed in 200 Hz-1 kHz.
     typing = np.fft.rfft(_typing_bursts(n, rng)) * _band(None, 6000.0)(_bins(n)) * 3.0

@@ -398,6 +398,7 @@ def error_for(source: str) -> str:
 
 
 def test_not_a_wav_with_a_wav_name_is_rejected_with_the_fix(tmp_path: Path) -> None:
+    pytest.importorskip("av")  # without PyAV the next test covers the message
     path = tmp_path / "fake.wav"
     path.write_bytes(b"this is certainly not audio, just some text pretending to be a wav file\n" * 20)
     message = error_for(str(path))
@@ -810,6 +811,8 @@ def test_builtins_are_deterministic_and_lengths_are_adjustable(built: dict[str, 
     np.testing.assert_array_equal(sounds.builtin("keyboard"), built["keyboard"])
     np.testing.assert_array_equal(sounds.builtin("builtin:roomtone"), built["roomtone"])
     assert sounds.builtin("thinking", seconds=3.0).size == 3 * SAMPLE_RATE
+    odd = sounds.builtin("roomtone", seconds=2.0417)  # rounded to an FFT-friendly length
+    assert abs(odd.size - 2.0417 * SAMPLE_RATE) <= 0.003 * odd.size
     with pytest.raises(SoundError, match="builtin:office"):
         sounds.builtin("disco")
     with pytest.raises(SoundError, match="builtin:disco"):
