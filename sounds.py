@@ -373,8 +373,8 @@ def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
         chunks, rate = _av_decode_stream(av, container, name, cannot)
     if not chunks:
         raise SoundError(f"{name}: the file decodes to no audio samples; re-export it with audio")
-    planar = np.concatenate(chunks, axis=1)
-    return np.ascontiguousarray(planar.T, dtype=np.float32), rate
+    planar = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    return planar.T, rate  # a frames x channels view: downmixing reads the planar rows directly
 
 
 def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.ndarray], int]:  # av objects: untyped
