@@ -111,7 +111,9 @@ class BridgeEvents:
     def on_user_transcript(self, text: str, item_id: str | None, final: bool) -> None: ...
     def on_reply_started(self, reply_id: str) -> None: ...
     def on_reply_audio(self, reply_id: str, pcm: bytes) -> None: ...
-    def on_agent_transcript_delta(self, reply_id: str, delta: str) -> None: ...
+    def on_agent_transcript_delta(self, reply_id: str, delta: str, start_ms: float | None) -> None:
+        """A word (or a few) of the agent's reply; ``start_ms``, when the service gives
+        it, is where the word starts in the reply's audio."""
     def on_agent_transcript(self, reply_id: str, text: str, interrupted: bool) -> None: ...
     def on_reply_done(self, reply_id: str, status: str) -> None: ...
 
@@ -480,7 +482,10 @@ class Protocol:
         rid = self._reply_id(msg)
         if rid in self._interrupted:
             return []
-        return [Emit("on_agent_transcript_delta", (rid, delta))]
+        start = msg.get("start_ms")
+        start_ms = float(start) if isinstance(start, (int, float)) and not isinstance(start, bool) \
+            and 0 <= start < 1e8 else None
+        return [Emit("on_agent_transcript_delta", (rid, delta, start_ms))]
 
     def _on_transcript_agent(self, msg: dict[str, Any]) -> list[Any]:
         text = _str(msg, "text")
@@ -619,8 +624,8 @@ class InputPacer:
         *,
         chunk_ms: int = 50,
         max_backlog_ms: int = 500,
-        rate: float = 1.05,
-        burst_ms: int = 100,
+        rate: float = 1.02,
+        burst_ms: int = 50,
         sample_rate: int = SAMPLE_RATE,
     ) -> None:
         self.chunk_bytes = sample_rate * chunk_ms // 1000 * BYTES_PER_SAMPLE
@@ -635,8 +640,23 @@ class InputPacer:
         self._last: float | None = None
         self.sent_chunks = 0
         self.dropped_s = 0.0
+        self.last_push: float | None = None
+        self.silence_s = 0.0
+
+    def fill_silence(self, now: float, after_s: float = 0.25) -> None:
+        """The service detects the end of a turn from the audio it receives: if the
+        microphone stops delivering (muted, stalled), keep the stream going with silence."""
+        if self.last_push is None:
+            self.last_push = now
+        if now - self.last_push < after_s:
+            return
+        missing = int((now - self.last_push) / self.chunk_s)
+        if missing:
+            self.push(b"\x00" * self.chunk_bytes * missing, now)
+            self.silence_s += missing * self.chunk_s
 
     def push(self, pcm: bytes, now: float) -> None:
+        self.last_push = now
         self._partial += pcm
         while len(self._partial) >= self.chunk_bytes:
             self._chunks.append((now, bytes(self._partial[: self.chunk_bytes])))
@@ -737,6 +757,10 @@ class VoiceAgentClient:
         self.connects = 0
 
     @property
+    def tools_running(self) -> int:
+        return len(self._tool_tasks)
+
+    @property
     def session_id(self) -> str | None:
         return self.protocol.session_id or None
 
@@ -745,6 +769,7 @@ class VoiceAgentClient:
         c = collections.Counter(self.protocol.counters)
         c["input_chunks_sent"] = self.pacer.sent_chunks
         c["input_dropped_ms"] = int(self.pacer.dropped_s * 1000)
+        c["input_silence_filled_ms"] = int(self.pacer.silence_s * 1000)
         return c
 
     # -- called by the application --
@@ -877,7 +902,11 @@ class VoiceAgentClient:
     async def _send_loop(self, ws: websockets.ClientConnection) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._audio_ready.wait()
+            try:
+                await asyncio.wait_for(self._audio_ready.wait(), 0.05)
+            except asyncio.TimeoutError:
+                if self.protocol.ready and not self._ending:
+                    self.pacer.fill_silence(time.monotonic())
             self._audio_ready.clear()
             while self.protocol.ready and not self._ending:
                 now = loop.time()

@@ -307,6 +307,10 @@ class MixerCore:
         self.stats: collections.OrderedDict[str, ReplyStats] = collections.OrderedDict()
         self.counters = MixerCounters()
         self.samples_out = 0
+        # Playback transitions for the application: ("playing", reply_id) when a reply's
+        # first sample is mixed, ("idle", None) when reply audio stops. Drained by Mixer.
+        self.events: list[tuple[str, str | None]] = []
+        self._speaking = False
 
     def _ms(self, ms: float) -> int:
         return int(round(ms * SAMPLE_RATE / 1000))
@@ -462,6 +466,7 @@ class MixerCore:
                 st = self._stats(rid)
                 if st.first_played_at is None:
                     st.first_played_at = now
+                    self.events.append(("playing", rid))
                     if st.first_received_at is not None:
                         ms = (now - st.first_received_at) * 1000
                         self.counters.last_reply_latency_ms = ms
@@ -470,6 +475,11 @@ class MixerCore:
                 st.played += count
             if self.thinking is not None:
                 self.stop_thinking()
+
+        if speech != self._speaking:
+            self._speaking = speech
+            if not speech:
+                self.events.append(("idle", None))
 
         # Bed(s), ducked under the agent's speech.
         if self.beds:
@@ -529,7 +539,11 @@ class Mixer:
         self._error: BaseException | None = None
         self.source = None  # rtc.AudioSource, created on the audio thread
         self.heartbeat = time.monotonic()  # last frame handed to the source (watchdog)
+        # on_event(name, reply_id, delay_s): called ON THE AUDIO THREAD for playback
+        # transitions; delay_s is how long until the frame is actually heard.
+        self.on_event: Callable[[str, str | None, float], None] | None = None
         self._handed_until = 0.0  # monotonic time when the queued audio runs out
+        self.writer_cpu_s = 0.0  # CPU seconds used so far by the writer thread (for the bench)
 
     # -- lifecycle --
 
@@ -573,6 +587,7 @@ class Mixer:
         while not self._stop.is_set():
             with self._lock:
                 samples = self.core.next_frame()
+                events, self.core.events = self.core.events, []
             now = time.monotonic()
             if self._handed_until and now > self._handed_until + 0.002:
                 counters.underruns += 1
@@ -582,6 +597,15 @@ class Mixer:
             frame = rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, len(samples))
             await self.source.capture_frame(frame)
             self.heartbeat = time.monotonic()
+            self.writer_cpu_s = time.thread_time()
+            if events and self.on_event is not None:
+                # Heard once the queue ahead of this frame has played out.
+                delay = max(0.0, self._handed_until - self.heartbeat - frame_s)
+                for name, reply_id in events:
+                    try:
+                        self.on_event(name, reply_id, delay)
+                    except Exception:
+                        log.exception("playback event handler failed")
 
     async def aclose(self, fade_ms: int = 0) -> None:
         """Stop the writer (after an optional bed fade-out) and join the thread."""

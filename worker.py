@@ -188,6 +188,11 @@ class Config:
     output_queue_ms: int = _setting(40, "audio queued in the published track, in ms (multiple of 10; lower = less "
                                     "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
                                     group="Audio")
+    idle_timeout_s: float = _setting(30.0, "end the Voice Agent session (billed while open) when no user has been in "
+                                     "the room for this long; the next user starts a new call",
+                                     _number(float, 0, 86400), group="LiveKit")
+    mix_participants: bool = _setting(False, "1: mix every user's microphone into the one session (meetings); "
+                                      "0: bridge one user", _bool, group="LiveKit")
     # Operations
     shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
                                          _number(float, 0.5, 60), group="Operations")
@@ -364,6 +369,160 @@ def session_settings(cfg: Config) -> bridge.SessionSettings:
     )
 
 
+TOPIC_TRANSCRIPTION = "lk.transcription"
+TOPIC_CHAT = "lk.chat"
+ATTR_FINAL = "lk.transcription_final"
+ATTR_TRACK = "lk.transcribed_track_id"
+ATTR_SEGMENT = "lk.segment_id"
+
+
+@dataclass
+class _AgentSegment:
+    """The caption of one reply: words with the sample position where their audio starts."""
+
+    reply_id: str
+    segment_id: str
+    words: list[tuple[int, str]] = field(default_factory=list)
+    shown: int = 0
+    writer: Any = None
+    done: bool = False  # reply.done seen: flush once the audio has played
+    cut: int | None = None  # interrupted: nothing past this sample is ever shown
+    created: float = field(default_factory=time.monotonic)
+
+
+class Captions:
+    """Transcripts for the frontend, as ``lk.transcription`` text streams.
+
+    User text goes out with the user's identity and microphone track (each interim
+    update is a new stream of the same segment, carrying the full text so far); agent
+    text goes out word by word as its audio is actually played, in one stream per reply
+    that is closed final, and cut where an interruption cut the audio. One task writes
+    everything, in order.
+    """
+
+    TICK_S = 0.05
+
+    def __init__(self, worker: "Worker") -> None:
+        self.w = worker
+        self._ops: asyncio.Queue[tuple[str, tuple[Any, ...]]] = asyncio.Queue()
+        self._agent: dict[str, _AgentSegment] = {}
+        self._user_segment: dict[str, str] = {}  # item_id -> segment id
+        self._turn = 0
+        self.published = 0
+
+    # -- called from bridge events (never block) --
+
+    def user(self, identity: str, track_sid: str | None, item_id: str | None, text: str, final: bool) -> None:
+        key = item_id or f"turn-{self._turn}"
+        segment = self._user_segment.setdefault(key, f"SG_{key}")
+        if final:
+            self._user_segment.pop(key, None)
+            self._turn += 1
+        self._ops.put_nowait(("user", (identity, track_sid, segment, text, final)))
+
+    def agent_word(self, reply_id: str, text: str, position: int) -> None:
+        seg = self._segment(reply_id)
+        if seg.cut is None:
+            seg.words.append((position, text))
+
+    def agent_text(self, reply_id: str, text: str, received: int) -> None:
+        """The full reply text. Used only if no word-level deltas came: words are then
+        spread over the reply's audio in proportion to their place in the text."""
+        seg = self._segment(reply_id)
+        if seg.words or not text.strip():
+            return
+        offset = 0
+        for word in text.split():
+            at = text.index(word, offset)
+            seg.words.append((int(received * at / max(1, len(text))), (" " if at else "") + word))
+            offset = at + len(word)
+
+    def agent_done(self, reply_id: str, cut_at: int | None = None) -> None:
+        seg = self._segment(reply_id)
+        seg.done = True
+        if cut_at is not None and seg.cut is None:
+            seg.cut = cut_at
+
+    def _segment(self, reply_id: str) -> _AgentSegment:
+        seg = self._agent.get(reply_id)
+        if seg is None:
+            seg = self._agent[reply_id] = _AgentSegment(reply_id, f"SG_{reply_id}")
+        return seg
+
+    # -- the writer task --
+
+    async def run(self) -> None:
+        while True:
+            try:
+                kind, args = await asyncio.wait_for(self._ops.get(), self.TICK_S)
+            except asyncio.TimeoutError:
+                kind, args = "tick", ()
+            try:
+                if kind == "user":
+                    await self._publish_user(*args)
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # captions are best effort: never take the call down
+                log.warning("could not publish a caption: %s", _one_line(e))
+
+    async def _publish_user(self, identity: str, track_sid: str | None, segment: str, text: str, final: bool) -> None:
+        attrs = {ATTR_FINAL: "true" if final else "false", ATTR_SEGMENT: segment}
+        if track_sid:
+            attrs[ATTR_TRACK] = track_sid
+        room = self.w.room
+        if room is None or not room.isconnected():
+            return
+        writer = await room.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION, sender_identity=identity,
+                                                          attributes=attrs)
+        await writer.write(text)
+        await writer.aclose()
+        self.published += 1
+
+    async def _tick(self) -> None:
+        room = self.w.room
+        for rid, seg in list(self._agent.items()):
+            st = self.w.mixer.reply_stats(rid)
+            played = st.played if st is not None else 0
+            received = st.received if st is not None else 0
+            limit = played if seg.cut is None else min(played, seg.cut)
+            finished = seg.done and (seg.cut is not None or played >= received)
+            if finished and seg.cut is None:
+                limit = 1 << 62  # all audio played: show the rest of the text
+            stale = time.monotonic() - seg.created > 120
+            due = [w for w in seg.words[seg.shown:] if w[0] <= limit]
+            if room is not None and room.isconnected() and (due or (finished and seg.writer is None and seg.shown < len(seg.words))):
+                if seg.writer is None and due:
+                    seg.writer = await room.local_participant.stream_text(
+                        topic=TOPIC_TRANSCRIPTION, sender_identity=self.w.cfg.agent_identity,
+                        attributes={ATTR_FINAL: "false", ATTR_SEGMENT: seg.segment_id,
+                                    **({ATTR_TRACK: self.w.track_sid} if self.w.track_sid else {})})
+                if due:
+                    await seg.writer.write("".join(text for _, text in due))
+                    seg.shown += len(due)
+            if finished or stale:
+                if seg.writer is not None:
+                    attrs = {ATTR_FINAL: "true", ATTR_SEGMENT: seg.segment_id}
+                    if self.w.track_sid:
+                        attrs[ATTR_TRACK] = self.w.track_sid
+                    await seg.writer.aclose(attributes=attrs)
+                    self.published += 1
+                del self._agent[rid]
+
+    def agent_shown_text(self, reply_id: str) -> str | None:
+        seg = self._agent.get(reply_id)
+        return None if seg is None else "".join(t for _, t in seg.words[: seg.shown])
+
+
+@dataclass
+class _Input:
+    identity: str
+    track_sid: str
+    stream: Any  # rtc.AudioStream
+    task: asyncio.Task[None] | None = None  # its pump (single-user mode)
+    mix_source: Any = None  # what was added to the room mixer (MIX_PARTICIPANTS=1)
+
+
 class Worker(bridge.BridgeEvents):
     """Owns the room, the mixer, the Voice Agent session and every task it starts."""
 
@@ -373,17 +532,25 @@ class Worker(bridge.BridgeEvents):
         self.room: Any = None
         self.mixer: Any = None
         self.client: bridge.VoiceAgentClient | None = None
+        self.captions = Captions(self)
+        self.track_sid: str | None = None
+        self.thinking: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
         self._fatal_message: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_task: asyncio.Task[None] | None = None
-        self._user_identity: str | None = None
-        self._user_track_sid: str | None = None
-        self._pump_task: asyncio.Task[None] | None = None
+        self._inputs: dict[str, _Input] = {}  # identity -> the microphone we bridge
+        self._room_mixer: Any = None  # rtc.AudioMixer when MIX_PARTICIPANTS=1
+        self._mix_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
         self._state = ""
+        self._playing: str | None = None  # reply audible in the room right now
         self._disconnected = asyncio.Event()
+        self._disconnect_reason: int | None = None
         self._turn_ended_at: float | None = None
+        self._calls = 0
 
     # -- task ownership --
 
@@ -419,6 +586,7 @@ class Worker(bridge.BridgeEvents):
 
         import mixer as mixer_mod
 
+        self._loop = asyncio.get_running_loop()
         self.log_ctx.fields["room"] = self.cfg.room_name
         # Sounds are decoded before we touch the network: a bad file fails fast.
         bed = load_loop(self.cfg.ambient_sound, "AMBIENT_SOUND")
@@ -428,12 +596,15 @@ class Worker(bridge.BridgeEvents):
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
             queue_ms=self.cfg.output_queue_ms,
         )
+        self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
         if bed is not None:
             self.mixer.set_bed(bed.name, bed.samples, self.cfg.ambient_volume)
         self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
             self._spawn(self._room_loop(), "room")
+            self._spawn(self.captions.run(), "captions")
+            self._spawn(self._report_counters(), "counters")
             await self._stop.wait()
         finally:
             await self._shutdown()
@@ -458,15 +629,19 @@ class Worker(bridge.BridgeEvents):
     async def _graceful_stop(self) -> None:
         if self.mixer is not None:
             self.mixer.stop_bed(300)
-        if self.client is not None:
-            await self.client.end(timeout=1.5)
-        if self._session_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._session_task), 1.0)
-            except (asyncio.TimeoutError, Exception):
-                pass
+        await self._end_session()
         if self.room is not None and self.room.isconnected():
             await self.room.disconnect()
+
+    async def _report_counters(self) -> None:
+        """Mixer and bridge counters, periodically, at debug level (benchmarks read them too)."""
+        while True:
+            await asyncio.sleep(10)
+            client = self.client
+            log.debug("counters", extra={"fields": {
+                "mixer": self.mixer.snapshot(),
+                "bridge": dict(client.counters) if client is not None else None,
+            }})
 
     # -- the room --
 
@@ -484,36 +659,32 @@ class Worker(bridge.BridgeEvents):
             try:
                 await room.connect(self.cfg.livekit_url, token, rtc.RoomOptions(auto_subscribe=True))
             except rtc.ConnectError as e:
-                msg = str(e)
-                if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature")):
+                msg = self.log_ctx.redact(str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature", "invalid api key")):
                     raise FatalError(EXIT_LIVEKIT_AUTH,
-                                     "LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET "
-                                     f"({self.log_ctx.redact(msg.splitlines()[0][:160])})") from None
+                                     f"LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET ({msg})") from None
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since > self.cfg.reconnect_give_up_s:
                     raise FatalError(EXIT_LIVEKIT_UNREACHABLE,
-                                     f"cannot join LiveKit at {self.cfg.livekit_url}: "
-                                     f"{self.log_ctx.redact(msg.splitlines()[0][:160])}") from None
+                                     f"cannot join LiveKit at {self.cfg.livekit_url}: {msg}") from None
                 delay = min(10.0, 0.5 * 2**attempt)
                 attempt += 1
-                log.warning("cannot join LiveKit at %s (%s); retrying in %.1f s",
-                            self.cfg.livekit_url, msg.splitlines()[0][:160], delay)
+                log.warning("cannot join LiveKit at %s (%s); retrying in %.1f s", self.cfg.livekit_url, msg, delay)
                 await asyncio.sleep(delay)
                 continue
             attempt, failing_since = 0, None
             self.room = room
             self._disconnected.clear()
             log.info("joined room %s as %s", self.cfg.room_name, self.cfg.agent_identity)
-            await room.local_participant.publish_track(
+            pub = await room.local_participant.publish_track(
                 self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
-            await self._set_state("listening" if self.client and self.client.protocol.ready else "initializing")
-            for p in room.remote_participants.values():
-                for pub in p.track_publications.values():
-                    if pub.track is not None:
-                        self._on_track_subscribed(pub.track, pub, p)
+            self.track_sid = pub.sid
+            self._state = ""
+            await self._update_state()
+            self._scan_participants()
             await self._disconnected.wait()
-            self._detach_user()
+            self._release_all_inputs()
             if self._stop.is_set():
                 break
             reason = self._disconnect_reason
@@ -530,17 +701,228 @@ class Worker(bridge.BridgeEvents):
             await asyncio.sleep(0.5)
 
     def _wire_room(self, room: Any) -> None:
-        self._disconnect_reason: int | None = None
+        self._disconnect_reason = None
 
         def on_disconnected(reason: int) -> None:
             self._disconnect_reason = reason
             self._disconnected.set()
 
         room.on("disconnected", on_disconnected)
-        room.on("track_subscribed", self._on_track_subscribed)
+        room.on("track_subscribed", lambda track, pub, p: self._scan_participants())
         room.on("track_unsubscribed", self._on_track_unsubscribed)
         room.on("participant_disconnected", self._on_participant_disconnected)
-        room.register_text_stream_handler("lk.chat", self._on_chat)
+        room.on("reconnecting", lambda: log.warning("LiveKit connection interrupted; resuming"))
+        room.on("reconnected", lambda: log.info("LiveKit connection resumed"))
+        room.register_text_stream_handler(TOPIC_CHAT, self._on_chat)
+
+    # -- agent state --
+
+    def _desired_state(self) -> str:
+        client = self.client
+        if client is None or not client.protocol.ever_ready:
+            return "initializing"
+        if self._playing is not None:
+            return "speaking"
+        if self._turn_ended_at is not None or self._tools_running:
+            return "thinking"
+        return "listening"
+
+    @property
+    def _tools_running(self) -> bool:
+        client = self.client
+        return client is not None and bool(client.tools_running)
+
+    async def _update_state(self) -> None:
+        state = self._desired_state()
+        room = self.room
+        if state == self._state or room is None or not room.isconnected():
+            return
+        self._state = state
+        try:
+            await room.local_participant.set_attributes({AGENT_STATE: state})
+            log.debug("%s -> %s", AGENT_STATE, state)
+        except Exception as e:  # state is cosmetic; never fatal
+            self._state = ""
+            log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
+
+    def _state_changed(self) -> None:
+        if self.room is not None and self._desired_state() != self._state:
+            self._spawn(self._update_state(), "agent-state")
+
+    def _on_playback_event(self, name: str, reply_id: str | None, delay: float) -> None:
+        """From the audio thread: a reply became audible, or reply audio stopped."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(loop.call_later, delay, self._playback_changed, name, reply_id)
+
+    def _playback_changed(self, name: str, reply_id: str | None) -> None:
+        if name == "playing":
+            self._playing = reply_id
+            self._turn_ended_at = None
+        elif name == "idle":
+            client = self.client
+            if client is not None and client.protocol.current_reply is not None \
+                    and client.protocol.current_reply == self._playing:
+                return  # a stall in the middle of a reply, not its end
+            self._playing = None
+        self._state_changed()
+
+    # -- users and their microphones --
+
+    def _eligible(self, participant: Any) -> bool:
+        from livekit import rtc
+
+        if participant.identity == self.cfg.agent_identity:
+            return False
+        if self.cfg.user_identity:
+            return participant.identity == self.cfg.user_identity
+        return participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
+
+    def _scan_participants(self) -> None:
+        """(Re)consider every subscribed microphone. Idempotent: safe to call after any
+        room event, including the ones the SDK re-emits after a reconnect."""
+        from livekit import rtc
+
+        room = self.room
+        if room is None:
+            return
+        for p in room.remote_participants.values():
+            if not self._eligible(p):
+                continue
+            for pub in p.track_publications.values():
+                track = pub.track
+                if track is None or track.kind != rtc.TrackKind.KIND_AUDIO \
+                        or pub.source != rtc.TrackSource.SOURCE_MICROPHONE:
+                    continue
+                current = self._inputs.get(p.identity)
+                if current is not None and current.track_sid == track.sid:
+                    continue  # already bridged
+                if current is None and self._inputs and not self.cfg.mix_participants:
+                    continue  # someone else is the user
+                self._attach(p.identity, track)
+
+    def _attach(self, identity: str, track: Any) -> None:
+        from livekit import rtc
+
+        self._release_input(identity)
+        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=10)
+        inp = _Input(identity, track.sid, stream)
+        self._inputs[identity] = inp
+        if self.cfg.mix_participants:
+            inp.mix_source = _frames(stream)
+            self._room_mix().add_stream(inp.mix_source)
+            log.info("mixing the microphone of %s (%d in the mix)", identity, len(self._inputs))
+        else:
+            inp.task = self._spawn(self._pump(stream, identity), f"mic-{identity}")
+            log.info("bridging the microphone of %s", identity)
+        self._user_arrived()
+
+    def _room_mix(self) -> Any:
+        from livekit import rtc
+
+        if self._room_mixer is None:
+            self._room_mixer = rtc.AudioMixer(SAMPLE_RATE, 1, blocksize=SAMPLE_RATE // 50, stream_timeout_ms=40)
+            self._mix_task = self._spawn(self._pump(self._room_mixer, None), "mic-mix")
+        return self._room_mixer
+
+    async def _pump(self, source: Any, identity: str | None) -> None:
+        try:
+            async for item in source:
+                frame = getattr(item, "frame", item)
+                client = self.client
+                if client is not None:
+                    client.send_audio(bytes(frame.data))
+        finally:
+            if identity is not None:
+                await source.aclose()
+
+    def _on_track_unsubscribed(self, track: Any, publication: Any, participant: Any) -> None:
+        inp = self._inputs.get(participant.identity)
+        if inp is not None and inp.track_sid == track.sid:
+            self._release_input(participant.identity)
+            self._after_departure()
+
+    def _on_participant_disconnected(self, participant: Any) -> None:
+        if participant.identity in self._inputs:
+            log.info("%s left", participant.identity)
+            self._release_input(participant.identity)
+            self._after_departure()
+
+    def _release_input(self, identity: str) -> None:
+        inp = self._inputs.pop(identity, None)
+        if inp is None:
+            return
+        if inp.task is not None:
+            inp.task.cancel()  # the pump closes its stream
+        else:
+            self._room_mixer.remove_stream(inp.mix_source)
+            self._spawn(inp.stream.aclose(), "mic-close")
+
+    def _release_all_inputs(self) -> None:
+        for identity in list(self._inputs):
+            self._release_input(identity)
+
+    def _after_departure(self) -> None:
+        self._scan_participants()  # the next user, if someone is waiting
+        if not self._inputs:
+            self._start_idle_timer()
+
+    # -- the Voice Agent session: starts with the first user, ends when the last has gone --
+
+    def _user_arrived(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            self._idle_task = None
+        if self._session_task is not None and not self._session_task.done():
+            return
+        self._calls += 1
+        self.client = bridge.VoiceAgentClient(
+            self.cfg.voice_agent_url,
+            self.cfg.assemblyai_api_key,
+            session_settings(self.cfg),
+            self,
+            bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
+                                 input_backlog_ms=self.cfg.input_backlog_ms),
+        )
+        log.info("starting a Voice Agent session (call %d)", self._calls)
+        self._session_task = self._spawn(self._run_session(self.client), "session")
+
+    def _start_idle_timer(self) -> None:
+        if self._idle_task is None and self._session_task is not None and not self._session_task.done():
+            self._idle_task = self._spawn(self._idle_then_end(), "idle")
+
+    async def _idle_then_end(self) -> None:
+        await asyncio.sleep(self.cfg.idle_timeout_s)
+        self._idle_task = None
+        if not self._inputs:
+            log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
+            await self._end_session()
+
+    async def _end_session(self) -> None:
+        client, task = self.client, self._session_task
+        if client is not None:
+            await client.end(timeout=1.5)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+
+    async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
+        try:
+            await client.run()
+        finally:
+            if self.client is client:
+                self.client = None
+                self._playing = None
+                self._turn_ended_at = None
+                self.log_ctx.fields["session_id"] = None
+                self.log_ctx.fields["reply_id"] = None
+                self._state_changed()
+
+    # -- text typed in the frontend --
 
     def _on_chat(self, reader: Any, sender: str) -> None:
         self._spawn(self._read_chat(reader, sender), "chat")
@@ -550,7 +932,7 @@ class Worker(bridge.BridgeEvents):
         text = (await reader.read_all()).strip()
         if not text:
             return
-        if self._user_identity not in (None, sender) or sender == self.cfg.agent_identity:
+        if sender not in self._inputs:
             log.info("ignoring chat from %s (not the bridged user)", sender)
             return
         if len(text) > MAX_CHAT_CHARS:
@@ -563,124 +945,35 @@ class Worker(bridge.BridgeEvents):
         log.info("chat from %s (%d characters)", sender, len(text))
         await client.send_text(text)
 
-    async def _set_state(self, state: str) -> None:
-        if state == self._state or self.room is None or not self.room.isconnected():
-            return
-        self._state = state
-        try:
-            await self.room.local_participant.set_attributes({AGENT_STATE: state})
-        except Exception as e:  # state is cosmetic; never fatal
-            log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
-
-    def _state_soon(self, state: str) -> None:
-        if self.room is not None:
-            self._spawn(self._set_state(state), f"state-{state}")
-
-    # -- the user --
-
-    def _eligible(self, participant: Any) -> bool:
-        from livekit import rtc
-
-        if self.cfg.user_identity:
-            return participant.identity == self.cfg.user_identity
-        return participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
-                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
-
-    def _on_track_subscribed(self, track: Any, publication: Any, participant: Any) -> None:
-        from livekit import rtc
-
-        if track.kind != rtc.TrackKind.KIND_AUDIO or publication.source != rtc.TrackSource.SOURCE_MICROPHONE:
-            return
-        if not self._eligible(participant):
-            return
-        if self._user_identity not in (None, participant.identity):
-            return  # someone else is the user
-        if self._user_track_sid == track.sid and self._pump_task is not None and not self._pump_task.done():
-            return  # re-emitted after a reconnect: already bridged
-        self._detach_user()
-        self._user_identity, self._user_track_sid = participant.identity, track.sid
-        log.info("bridging the microphone of %s", participant.identity)
-        self._pump_task = self._spawn(self._pump_mic(track), "mic")
-        self._ensure_session()
-
-    def _on_track_unsubscribed(self, track: Any, publication: Any, participant: Any) -> None:
-        if track.sid == self._user_track_sid:
-            self._detach_user()
-            self._pick_next_user()
-
-    def _on_participant_disconnected(self, participant: Any) -> None:
-        if participant.identity == self._user_identity:
-            log.info("%s left", participant.identity)
-            self._detach_user()
-            self._pick_next_user()
-
-    def _detach_user(self) -> None:
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-        self._pump_task = None
-        self._user_identity = self._user_track_sid = None
-
-    def _pick_next_user(self) -> None:
-        if self.room is None:
-            return
-        for p in self.room.remote_participants.values():
-            for pub in p.track_publications.values():
-                if pub.track is not None:
-                    self._on_track_subscribed(pub.track, pub, p)
-                    if self._user_identity is not None:
-                        return
-
-    async def _pump_mic(self, track: Any) -> None:
-        from livekit import rtc
-
-        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=10)
-        try:
-            async for event in stream:
-                client = self.client
-                if client is not None:
-                    client.send_audio(bytes(event.frame.data))
-        finally:
-            await stream.aclose()
-
-    # -- the Voice Agent session --
-
-    def _ensure_session(self) -> None:
-        if self._session_task is not None and not self._session_task.done():
-            return
-        self.client = bridge.VoiceAgentClient(
-            self.cfg.voice_agent_url,
-            self.cfg.assemblyai_api_key,
-            session_settings(self.cfg),
-            self,
-            bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s),
-        )
-        self._session_task = self._spawn(self._run_session(self.client), "session")
-
-    async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
-        try:
-            await client.run()
-        finally:
-            if self.client is client:
-                self.client = None
-            self.log_ctx.fields["session_id"] = None
-
-    # BridgeEvents: called on the event loop by the bridge
+    # -- BridgeEvents: called on the event loop by the bridge --
 
     def on_session_ready(self, session_id: str, resumed: bool) -> None:
         self.log_ctx.fields["session_id"] = session_id
         log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
-        self._state_soon("listening")
+        self._state_changed()
 
     def on_speech_started(self) -> None:
         log.debug("user started speaking")
         self.mixer.stop_thinking()
-        self._state_soon("listening")
+        self._turn_ended_at = None
+        self._state_changed()
 
     def on_speech_stopped(self) -> None:
         self._turn_ended_at = time.monotonic()
         if self.thinking is not None:
             self.mixer.start_thinking(self.thinking.name, self.thinking.samples)
-        self._state_soon("thinking")
+        self._state_changed()
+
+    def _user_caption_identity(self) -> tuple[str, str | None] | None:
+        if len(self._inputs) != 1:
+            return None  # nobody, or a mix of several people: no single speaker to attribute
+        inp = next(iter(self._inputs.values()))
+        return inp.identity, inp.track_sid
+
+    def on_user_transcript(self, text: str, item_id: str | None, final: bool) -> None:
+        who = self._user_caption_identity()
+        if who is not None and text:
+            self.captions.user(who[0], who[1], item_id, text, final)
 
     def on_reply_started(self, reply_id: str) -> None:
         self.log_ctx.fields["reply_id"] = reply_id
@@ -691,28 +984,48 @@ class Worker(bridge.BridgeEvents):
                      reply_id, (time.monotonic() - self._turn_ended_at) * 1000)
             self._turn_ended_at = None
         self.mixer.push_reply(reply_id, pcm)
-        if self._state != "speaking":
-            self._state_soon("speaking")
+
+    def on_agent_transcript_delta(self, reply_id: str, delta: str, start_ms: float | None) -> None:
+        if start_ms is not None:
+            position = int(start_ms * SAMPLE_RATE / 1000)
+        else:
+            st = self.mixer.reply_stats(reply_id)
+            position = st.received if st is not None else 0
+        self.captions.agent_word(reply_id, delta, position)
+
+    def on_agent_transcript(self, reply_id: str, text: str, interrupted: bool) -> None:
+        st = self.mixer.reply_stats(reply_id)
+        self.captions.agent_text(reply_id, text, st.received if st is not None else 0)
 
     def on_interrupt(self, reply_id: str, reason: str) -> None:
         st = self.mixer.interrupt(reply_id)
+        played = st.played if st is not None else 0
+        self.captions.agent_done(reply_id, cut_at=played)
         if st is not None:
             log.info("reply %s interrupted (%s) after %.2f s of %.2f s received",
                      reply_id, reason, st.played / SAMPLE_RATE, st.received / SAMPLE_RATE)
-        self._state_soon("listening")
 
     def on_reply_done(self, reply_id: str, status: str) -> None:
+        self.captions.agent_done(reply_id)
         if self.log_ctx.fields["reply_id"] == reply_id:
             self.log_ctx.fields["reply_id"] = None
-        self._spawn(self._listening_after_playout(), "playout")
+        self._state_changed()
 
-    async def _listening_after_playout(self) -> None:
-        await self.mixer.wait_reply_played()
-        if self.client is not None and self.client.protocol.current_reply is None:
-            await self._set_state("listening")
+    def on_session_lost(self) -> None:
+        self._state_changed()
 
     def on_session_ended(self) -> None:
         log.info("Voice Agent session ended")
+
+
+async def _frames(stream: Any) -> Any:
+    """AudioStream events -> frames, for rtc.AudioMixer."""
+    async for event in stream:
+        yield event.frame
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0][:200]
 
 
 def load_loop(value: str, variable: str) -> Any:
@@ -834,4 +1147,10 @@ async def _run(cfg: Config, log_ctx: LogContext) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything we own is closed by now. Skip the interpreter's teardown of the LiveKit
+    # native library, which can crash on its way out (seen as SIGSEGV after a kick).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

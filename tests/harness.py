@@ -301,6 +301,8 @@ class RoomUser:
         self._tasks: list[asyncio.Task[Any]] = []
         self.publication: Any = None
         self.speaking_until = 0.0
+        self.states: list[tuple[float, str]] = []  # the agent's lk.agent.state, as seen here
+        self.captions: list[dict[str, Any]] = []  # lk.transcription streams received
 
     async def join(self, publish: bool = True) -> "RoomUser":
         from livekit import rtc
@@ -314,7 +316,26 @@ class RoomUser:
                 self.track_sources[participant.identity] = pub.source
                 self._tasks.append(asyncio.create_task(self._listen(track, heard)))
 
+        @self.room.on("participant_attributes_changed")
+        def on_attrs(changed: dict, participant: Any) -> None:
+            if "lk.agent.state" in changed:
+                self.states.append((time.monotonic(), changed["lk.agent.state"]))
+
+        @self.room.on("participant_connected")
+        def on_connected(participant: Any) -> None:
+            state = participant.attributes.get("lk.agent.state")
+            if state:
+                self.states.append((time.monotonic(), state))
+
+        def on_caption(reader: Any, sender: str) -> None:
+            self._tasks.append(asyncio.create_task(self._read_caption(reader, sender)))
+
+        self.room.register_text_stream_handler("lk.transcription", on_caption)
         await self.room.connect(self.server.url, self.server.token(self.identity, self.room_name, kind=self.kind))
+        for p in self.room.remote_participants.values():
+            state = p.attributes.get("lk.agent.state")
+            if state:
+                self.states.append((time.monotonic(), state))
         if publish:
             self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=100)
             track = rtc.LocalAudioTrack.create_audio_track("mic", self.source)
@@ -322,6 +343,23 @@ class RoomUser:
                 track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
             self._tasks.append(asyncio.create_task(self._mic()))
         return self
+
+    async def _read_caption(self, reader: Any, sender: str) -> None:
+        opened = time.monotonic()
+        try:
+            text = await reader.read_all()
+        except Exception:  # the stream was cut when someone left: not a caption
+            return
+        info = reader.info
+        self.captions.append({"sender": sender, "text": text, "attributes": dict(info.attributes),
+                              "opened": opened, "closed": time.monotonic(), "stream_id": info.stream_id})
+
+    def state_sequence(self) -> list[str]:
+        out: list[str] = []
+        for _, s in self.states:
+            if not out or out[-1] != s:
+                out.append(s)
+        return out
 
     async def _listen(self, track: Any, heard: Heard) -> None:
         from livekit import rtc

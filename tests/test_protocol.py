@@ -304,7 +304,7 @@ def test_pacer_sends_50ms_chunks_at_real_time():
 
 
 def test_pacer_backlog_after_stall_is_capped_and_drains_slowly():
-    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500, rate=1.05)
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
     t = 0.0
     for _ in range(300):  # 3 s arrive while nothing is sent (a stall)
         pacer.push(b"\x00\x00" * 240, t)
@@ -317,4 +317,15 @@ def test_pacer_backlog_after_stall_is_capped_and_drains_slowly():
         pacer.push(b"\x00\x00" * 240, t)
         sent += len(pacer.pop(t))
         t += 0.01
-    assert sent * 0.05 <= 1.05 * 1.0 + 0.1 + 1e-9
+    assert sent * 0.05 <= 1.1
+
+
+def test_pacer_fills_silence_when_the_microphone_stops():
+    pacer = InputPacer(chunk_ms=50)
+    pacer.push(b"\x00\x00" * 240, 0.0)
+    pacer.fill_silence(0.1)  # a little jitter: nothing added
+    assert pacer.silence_s == 0
+    pacer.fill_silence(1.0)  # muted for a second: the service still hears time pass
+    assert pacer.silence_s == pytest.approx(1.0, abs=0.05)
+    sent = sum(len(c) for c in pacer.pop(1.0))
+    assert sent > 0
