@@ -519,6 +519,25 @@ class MixerCore:
 # --- the writer ---------------------------------------------------------------------------
 
 
+def _raise_thread_priority() -> str:
+    """Give the calling (audio) thread real-time scheduling if we may, else a higher
+    priority, else leave it: on a busy host this is what keeps the queue from running
+    dry. Needs CAP_SYS_NICE (root, or AmbientCapabilities=CAP_SYS_NICE under systemd)."""
+    import os
+
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(10))
+        return "SCHED_RR"
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, -10)
+        return "nice -10"
+    except (OSError, AttributeError):
+        return "normal"
+
+
 class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
@@ -542,6 +561,7 @@ class Mixer:
         # on_event(name, reply_id, delay_s): called ON THE AUDIO THREAD for playback
         # transitions; delay_s is how long until the frame is actually heard.
         self.on_event: Callable[[str, str | None, float], None] | None = None
+        self.priority = "normal"  # scheduling the audio thread got
         self._handed_until = 0.0  # monotonic time when the queued audio runs out
         self.writer_cpu_s = 0.0  # CPU seconds used so far by the writer thread (for the bench)
 
@@ -560,6 +580,7 @@ class Mixer:
     def _thread_main(self) -> None:
         from livekit import rtc
 
+        self.priority = _raise_thread_priority()
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -596,6 +617,11 @@ class Mixer:
             counters.queue_ms = max(0.0, (self._handed_until - now) * 1000)
             frame = rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, len(samples))
             await self.source.capture_frame(frame)
+            ahead = self._handed_until - time.monotonic() - self.queue_ms / 1000
+            if ahead > 0.1:
+                # The source stopped pacing us (closed?): never spin, least of all at
+                # real-time priority.
+                await asyncio.sleep(ahead)
             self.heartbeat = time.monotonic()
             self.writer_cpu_s = time.thread_time()
             if events and self.on_event is not None:

@@ -294,6 +294,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
         extra = " ".join(f"{k}={getattr(record, k)}" for k in ("session_id", "reply_id") if getattr(record, k, None))
         return self.ctx.redact(f"{line} [{extra}]" if extra else line)
 
@@ -598,6 +601,8 @@ class Worker(bridge.BridgeEvents):
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
+        log.info("audio: %d ms frames, %d ms output queue, audio thread scheduling %s",
+                 self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
         if bed is not None:
             self.mixer.set_bed(bed.name, bed.samples, self.cfg.ambient_volume)
         self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
@@ -1102,7 +1107,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         return print_token(cfg, args.identity)
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
+    raise_priority()
     return asyncio.run(_run(cfg, log_ctx))
+
+
+def raise_priority() -> None:
+    """Real-time audio on a shared host: ask for a higher CPU priority for the whole
+    process before LiveKit starts its threads (they inherit it). Needs CAP_SYS_NICE
+    (root, or the systemd unit's Nice=/AmbientCapabilities=); harmless without it."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > -10:
+            os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except OSError:
+        log.debug("running at normal CPU priority (no CAP_SYS_NICE)")
 
 
 def print_token(cfg: Config, identity: str) -> int:
