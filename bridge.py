@@ -980,3 +980,34 @@ def _one_line(e: BaseException) -> str:
 
 
 ToolHandler = Callable[[str, dict[str, Any], str], Awaitable[Any]]
+
+
+async def verify_session(url: str, api_key: str, settings: SessionSettings, timeout: float = 10.0) -> str:
+    """Open a session, wait for session.ready, end it cleanly: proves the URL, the key
+    and the configuration (billed for about a second). Returns the session id; raises
+    FatalError for what the service rejected, OSError/TimeoutError if unreachable."""
+    protocol = Protocol(settings, greet=False)
+    try:
+        async with asyncio.timeout(timeout):
+            async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {api_key}"},
+                                          open_timeout=timeout, close_timeout=2) as ws:
+                for action in protocol.connection_opened(time.monotonic()):
+                    await ws.send(json.dumps(action.message))
+                async for frame in ws:
+                    protocol.receive(frame)
+                    if protocol.ready:
+                        session_id = protocol.session_id or ""
+                        for action in protocol.end_session():
+                            await ws.send(json.dumps(action.message))
+                        async for frame in ws:  # until session.ended and the close
+                            protocol.receive(frame)
+                        return session_id
+                code, reason = _close_info(ws)
+    except InvalidStatus as e:
+        code, reason = None, ""
+        protocol.connection_lost(time.monotonic(), None, "", e.response.status_code)
+        raise OSError(f"HTTP {e.response.status_code}") from None
+    except ConnectionClosed as e:
+        code, reason = _close_info_exc(e)
+    protocol.connection_lost(time.monotonic(), code, reason)
+    raise OSError(f"the connection closed before session.ready (code {code})")

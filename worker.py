@@ -194,6 +194,9 @@ class Config:
     mix_participants: bool = _setting(False, "1: mix every user's microphone into the one session (meetings); "
                                       "0: bridge one user", _bool, group="LiveKit")
     # Operations
+    startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
+                                   "billed) before reporting ready; 0: trust it until the first call",
+                                   _bool, group="Operations")
     shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
                                          _number(float, 0.5, 60), group="Operations")
     log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"),
@@ -269,10 +272,11 @@ class LogContext(logging.Filter):
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
         self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
-        self.secrets = [s for s in secrets if s]
+        # Redacting a 1-3 character "secret" would mangle every line; real ones are long.
+        self.secrets = [s for s in secrets if len(s) >= 6]
 
     def add_secret(self, s: str) -> None:
-        if s:
+        if len(s) >= 6:
             self.secrets.append(s)
 
     def redact(self, text: str) -> str:
@@ -554,6 +558,10 @@ class Worker(bridge.BridgeEvents):
         self._disconnect_reason: int | None = None
         self._turn_ended_at: float | None = None
         self._calls = 0
+        self._turns = 0
+        self.notifier = SystemdNotifier()
+        self._in_room = asyncio.Event()
+        self._api_verified = asyncio.Event()
 
     # -- task ownership --
 
@@ -610,11 +618,15 @@ class Worker(bridge.BridgeEvents):
             self._spawn(self._room_loop(), "room")
             self._spawn(self.captions.run(), "captions")
             self._spawn(self._report_counters(), "counters")
+            self._spawn(self._startup_check(), "startup-check")
+            self._spawn(self._notify_ready(), "sd-ready")
+            if self.notifier.watchdog_s:
+                self._spawn(self._watchdog(), "sd-watchdog")
             await self._stop.wait()
         finally:
             await self._shutdown()
         if self._fatal_message:
-            print(f"error: {self.log_ctx.redact(self._fatal_message)}", file=sys.stderr)
+            report_fatal(self.cfg, self.log_ctx, self._fatal_message, self._exit_code)
         return self._exit_code
 
     async def _shutdown(self) -> None:
@@ -632,11 +644,54 @@ class Worker(bridge.BridgeEvents):
         log.info("stopped in %.2f s", time.monotonic() - t0)
 
     async def _graceful_stop(self) -> None:
+        self.notifier.notify("STOPPING=1")
+        fade_ms = 300
         if self.mixer is not None:
-            self.mixer.stop_bed(300)
-        await self._end_session()
+            self.mixer.stop_bed(fade_ms)
+        # The bed fades out while the session ends; then leave the room.
+        await asyncio.gather(self._end_session(),
+                             asyncio.sleep((fade_ms + self.cfg.output_queue_ms) / 1000))
         if self.room is not None and self.room.isconnected():
             await self.room.disconnect()
+
+    async def _startup_check(self) -> None:
+        """Prove the API key once at start (systemd then knows a bad key before any call)."""
+        if not self.cfg.startup_check:
+            self._api_verified.set()
+            return
+        attempt = 0
+        while True:
+            try:
+                sid = await bridge.verify_session(self.cfg.voice_agent_url, self.cfg.assemblyai_api_key,
+                                                  session_settings(self.cfg))
+                log.info("Voice Agent API key verified (session %s opened and ended)", sid)
+                self._api_verified.set()
+                return
+            except (OSError, asyncio.TimeoutError) as e:
+                attempt += 1
+                if attempt * 2 > self.cfg.reconnect_give_up_s:
+                    raise FatalError(bridge.EXIT_API_GAVE_UP,
+                                     f"cannot reach the Voice Agent API at {self.cfg.voice_agent_url}: {_one_line(e)}")
+                log.warning("cannot verify the Voice Agent API yet (%s); retrying", _one_line(e))
+                await asyncio.sleep(min(10, 0.5 * 2**attempt))
+
+    async def _notify_ready(self) -> None:
+        await self._in_room.wait()
+        await self._api_verified.wait()
+        log.info("ready: in room %s, waiting for a user", self.cfg.room_name)
+        self.notifier.notify("READY=1", f"STATUS=in room {self.cfg.room_name}, waiting for a user")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 while both loops are alive: this task proves the main loop, the
+        heartbeat proves the audio thread. A hung loop stops the pings; systemd restarts us."""
+        interval = self.notifier.watchdog_s / 2
+        while True:
+            await asyncio.sleep(interval)
+            stale = time.monotonic() - self.mixer.heartbeat
+            if self.mixer.alive and stale < max(1.0, interval):
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                log.error("audio loop stalled for %.1f s: not pinging the systemd watchdog", stale)
 
     async def _report_counters(self) -> None:
         """Mixer and bridge counters, periodically, at debug level (benchmarks read them too)."""
@@ -685,6 +740,7 @@ class Worker(bridge.BridgeEvents):
             pub = await room.local_participant.publish_track(
                 self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
             self.track_sid = pub.sid
+            self._in_room.set()
             self._state = ""
             await self._update_state()
             self._scan_participants()
@@ -985,8 +1041,12 @@ class Worker(bridge.BridgeEvents):
 
     def on_reply_audio(self, reply_id: str, pcm: bytes) -> None:
         if self._turn_ended_at is not None:
-            log.info("reply %s: first audio %.0f ms after the end of the user's turn",
-                     reply_id, (time.monotonic() - self._turn_ended_at) * 1000)
+            self._turns += 1
+            latency_ms = (time.monotonic() - self._turn_ended_at) * 1000
+            barge_ins = self.client.protocol.counters["barge_ins"] if self.client is not None else 0
+            log.info("turn %d: first reply audio %.0f ms after the user's end of turn; %d barge-ins so far",
+                     self._turns, latency_ms, barge_ins,
+                     extra={"fields": {"turn": self._turns, "latency_ms": round(latency_ms), "barge_ins": barge_ins}})
             self._turn_ended_at = None
         self.mixer.push_reply(reply_id, pcm)
 
@@ -1047,6 +1107,105 @@ def load_loop(value: str, variable: str) -> Any:
     return dataclasses.replace(sound, samples=loop)
 
 
+# --- systemd ----------------------------------------------------------------------------------------
+
+
+class SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET, without a dependency: READY=1 once we can take
+    calls, STATUS= lines, and WATCHDOG=1 pings while the audio loop is alive."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        addr = environ.get("NOTIFY_SOCKET", "")
+        self.address = ("\0" + addr[1:]) if addr.startswith("@") else addr
+        usec = environ.get("WATCHDOG_USEC", "")
+        pid = environ.get("WATCHDOG_PID", "")
+        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def notify(self, *lines: str) -> bool:
+        if not self.address:
+            return False
+        import socket
+
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(lines).encode(), self.address)
+            return True
+        except OSError as e:
+            log.debug("sd_notify failed: %s", e)
+            return False
+
+
+# --- preflight check ---------------------------------------------------------------------------
+
+
+async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) -> int:
+    """`python worker.py check`: every precondition, one line each, with the fix."""
+    failures = 0
+
+    def ok(what: str) -> None:
+        out(f"\u2713 {what}")
+
+    def bad(what: str, fix: str) -> None:
+        nonlocal failures
+        failures += 1
+        out(f"\u2717 {what}\n    fix: {fix}")
+
+    if sys.version_info >= (3, 10):
+        ok(f"Python {sys.version.split()[0]}")
+    else:
+        bad(f"Python {sys.version.split()[0]} is too old", "use Python 3.10 or newer")
+    try:
+        cfg = load_config(env)
+    except ConfigError as e:
+        bad(f"configuration: {e}", "set it in the environment or .env (see .env.example)")
+        out("1 check failed" if failures == 1 else f"{failures} checks failed")
+        return 1
+    ok("configuration: every variable present and valid")
+
+    from livekit import api
+
+    redact = LogContext(cfg.secrets).redact
+    http_url = cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    try:
+        async with api.LiveKitAPI(http_url, cfg.livekit_api_key, cfg.livekit_api_secret) as lk:
+            rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 10)
+        ok(f"LiveKit at {cfg.livekit_url}: reachable, key and secret accepted ({len(rooms.rooms)} rooms)")
+    except api.TwirpError as e:
+        if e.status in (401, 403) or "unauthenticated" in str(e.code).lower():
+            bad(f"LiveKit at {cfg.livekit_url} rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET",
+                "copy the key and secret of this server (livekit-server --dev: devkey / secret)")
+        else:
+            bad(f"LiveKit at {cfg.livekit_url}: {redact(str(e))[:160]}", "check LIVEKIT_URL and the server's logs")
+    except Exception as e:
+        bad(f"LiveKit at {cfg.livekit_url} is not reachable ({redact(_one_line(e))})",
+            "start the server (livekit-server --dev) or fix LIVEKIT_URL")
+
+    try:
+        sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key, session_settings(cfg))
+        ok(f"Voice Agent API at {cfg.voice_agent_url}: key accepted, session {sid} opened and ended")
+    except FatalError as e:
+        bad(f"Voice Agent API: {redact(str(e))}", "set ASSEMBLYAI_API_KEY to a key from your AssemblyAI dashboard"
+            if e.exit_code == bridge.EXIT_API_AUTH else "fix the session setting named above")
+    except Exception as e:
+        bad(f"Voice Agent API at {cfg.voice_agent_url} is not reachable ({redact(_one_line(e))})",
+            "check VOICE_AGENT_URL and this machine's access to it")
+
+    for value, variable in ((cfg.ambient_sound, "AMBIENT_SOUND"), (cfg.thinking_sound, "THINKING_SOUND")):
+        try:
+            sound = load_loop(value, variable)
+        except ConfigError as e:
+            bad(str(e), f"point {variable} at a playable file, a builtin:<name>, or none")
+            continue
+        ok(f"{variable}: " + ("none" if sound is None else f"{sound.name}, {sound.duration_s:.1f} s"))
+
+    out("all checks passed" if not failures else ("1 check failed" if failures == 1 else f"{failures} checks failed"))
+    return 0 if not failures else 1
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -1058,9 +1217,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "token"),
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "token", "check"),
                         help="run (default): run the worker; token: print a user token and what to paste into "
-                             "the Agents Playground or meet.livekit.io")
+                             "the Agents Playground or meet.livekit.io; check: verify the configuration, the "
+                             "LiveKit server, the Voice Agent API key and the sound files, one line each")
     parser.add_argument("--identity", default="user", help="token: the user's identity (default: user)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
@@ -1099,6 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="The HMAC key is")
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
+    if args.command == "check":
+        logging.basicConfig(level=logging.CRITICAL)
+        return asyncio.run(preflight(gather_env(cli)))
     try:
         cfg = load_config(gather_env(cli), optional=("ASSEMBLYAI_API_KEY",) if args.command == "token" else ())
     except ConfigError as e:
@@ -1156,11 +1319,20 @@ async def _run(cfg: Config, log_ctx: LogContext) -> int:
     try:
         return await worker.run()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_fatal(cfg, log_ctx, str(e), EXIT_CONFIG)
         return EXIT_CONFIG
     except FatalError as e:
-        print(f"error: {log_ctx.redact(str(e))}", file=sys.stderr)
+        report_fatal(cfg, log_ctx, str(e), e.exit_code)
         return e.exit_code
+
+
+def report_fatal(cfg: Config, log_ctx: LogContext, message: str, code: int) -> None:
+    """The one line that says why the process ends: plain on stderr, or a JSON log
+    object when LOG_FORMAT=json (log shippers parse every line)."""
+    if cfg.log_format == "json":
+        log.critical(message, extra={"fields": {"exit_code": code}})
+    else:
+        print(f"error: {log_ctx.redact(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
