@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -181,6 +181,16 @@ class ReplyBuffer:
         return dropped
 
 
+class StreamVoice:
+    """Programmatic audio fed by an async iterator (``Mixer.play_stream``)."""
+
+    def __init__(self, name: str, volume: float) -> None:
+        self.name = name
+        self.buffer = ReplyBuffer()
+        self.gain = Ramp(volume)
+        self.ended = False  # the iterator is exhausted: remove once drained
+
+
 class Limiter:
     """Peak limiter with instant attack and linear release, computed per sample
     without a Python loop: g[n] = min(r[n], g[n-1] + step) with r the gain that keeps
@@ -302,6 +312,7 @@ class MixerCore:
         self.bed_volume = self.s.ambient_volume
         self.cues: list[tuple[LoopVoice, Callable[[bool], None] | None]] = []
         self.thinking: LoopVoice | None = None
+        self.streams: list[StreamVoice] = []
         self.ducker = Ducker(self.s.duck_db, self.s.duck_attack_ms, self.s.duck_release_ms)
         self.limiter = Limiter(self.s.limiter_ceiling)
         self.stats: collections.OrderedDict[str, ReplyStats] = collections.OrderedDict()
@@ -509,6 +520,12 @@ class MixerCore:
                     still.append((voice, on_done))
             self.cues = still
 
+        if self.streams:
+            for voice in self.streams:
+                samples, _ = voice.buffer.read(n)
+                mix += samples * voice.gain.render(n)
+            self.streams = [v for v in self.streams if not (v.ended and v.buffer.queued == 0)]
+
         out = self.limiter.process(mix)
         self.counters.frames += 1
         self.counters.limiter_samples = self.limiter.active_samples
@@ -702,6 +719,45 @@ class Mixer:
             with self._lock:
                 self.core.stop_cue(voice)
             raise
+
+    async def play_stream(self, frames: "AsyncIterator[object]", volume: float = 1.0, name: str = "stream",
+                          max_buffer_s: float = 1.0) -> None:
+        """Mix programmatic audio: an async iterator of ``rtc.AudioFrame`` of any rate and
+        channel count (downmixed, resampled to 24 kHz). Returns once it has been played.
+        The iterator is read ahead by at most ``max_buffer_s``."""
+        from livekit import rtc
+
+        voice = StreamVoice(name, volume)
+        with self._lock:
+            self.core.streams.append(voice)
+        resampler = None
+        rate = None
+        try:
+            async for frame in frames:
+                pcm = np.frombuffer(frame.data, dtype=np.int16)
+                if frame.num_channels > 1:
+                    pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+                if frame.sample_rate != SAMPLE_RATE:
+                    if resampler is None or rate != frame.sample_rate:
+                        resampler = rtc.AudioResampler(frame.sample_rate, SAMPLE_RATE, num_channels=1,
+                                                       quality=rtc.AudioResamplerQuality.HIGH)
+                        rate = frame.sample_rate
+                    chunks = [f.data for f in resampler.push(rtc.AudioFrame(pcm.tobytes(), rate, 1, len(pcm)))]
+                else:
+                    chunks = [pcm]
+                with self._lock:
+                    for c in chunks:
+                        voice.buffer.push(name, np.frombuffer(c, dtype=np.int16).astype(np.float32) / INT16_SCALE)
+                while voice.buffer.queued > max_buffer_s * SAMPLE_RATE:
+                    await asyncio.sleep(0.02)
+            if resampler is not None:
+                with self._lock:
+                    for f in resampler.flush():
+                        voice.buffer.push(name, np.frombuffer(f.data, dtype=np.int16).astype(np.float32) / INT16_SCALE)
+        finally:
+            voice.ended = True
+        while voice.buffer.queued:
+            await asyncio.sleep(0.02)
 
     def reply_stats(self, reply_id: str) -> ReplyStats | None:
         with self._lock:

@@ -51,6 +51,8 @@ __all__ = [
     "pick_clip",
     "BUILTINS",
     "builtin",
+    "Choice",
+    "ClipBank",
 ]
 
 log = logging.getLogger(__name__)
@@ -1326,3 +1328,49 @@ _SYNTHS: Mapping[str, Callable[[int, np.random.Generator], np.ndarray]] = Mappin
         "thinking": _thinking,
     }
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Clip banks: a configured list of clips, decoded once, picked at random
+# --------------------------------------------------------------------------------------------
+
+NONE_VALUES = ("", "none", "off")
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    clip: Clip
+    sound: Sound
+
+
+class ClipBank:
+    """What AMBIENT_SOUND or THINKING_SOUND names: one source or a clip list, every clip
+    decoded (and, for loops, made seamless) once, up front, so a bad file fails at start
+    and a pick costs nothing. An empty bank ("none") always picks None."""
+
+    def __init__(self, text: str, variable: str, *, target_lufs: float | None, loop: bool = True,
+                 crossfade_s: float = 0.25) -> None:
+        self.variable = variable
+        self.clips: list[Clip] = [] if text.strip().lower() in NONE_VALUES else parse_clip_list(text, variable)
+        self._sounds: dict[str, Sound] = {}
+        for clip in self.clips:
+            if clip.source in self._sounds:
+                continue
+            try:
+                sound = load(clip.source, target_lufs=target_lufs)
+            except SoundError as e:
+                raise SoundError(f"{variable}: {e}") from None
+            if loop and not clip.source.startswith(BUILTIN_PREFIX):  # built-ins loop seamlessly as made
+                seamless = make_seamless_loop(sound.samples, int(crossfade_s * SAMPLE_RATE))
+                sound = Sound(sound.name, seamless, sound.source_rate, sound.loudness_lufs)
+            self._sounds[clip.source] = sound
+
+    def __bool__(self) -> bool:
+        return bool(self.clips)
+
+    def pick(self, rng: random.Random) -> Choice | None:
+        clip = pick_clip(self.clips, rng)
+        return None if clip is None else Choice(clip, self._sounds[clip.source])
+
+    def sounds(self) -> list[Sound]:
+        return list(self._sounds.values())

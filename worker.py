@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -176,14 +177,20 @@ class Config:
     input_backlog_ms: int = _setting(500, "microphone audio older than this is dropped after a stall, so the agent "
                                      "hears the present", _number(int, 100, 10000), group="Voice Agent API")
     # Audio
-    ambient_sound: str = _setting("builtin:office", "ambient bed: a WAV file, builtin:<name>, or 'none'",
-                                  group="Audio")
+    ambient_sound: str = _setting("builtin:office", "ambient bed: a sound file (WAV, MP3, FLAC, OGG, AAC...), "
+                                  "builtin:<name>, a clip list 'source[:volume[:probability]], ...' (one pick per "
+                                  "call), or none", group="Audio")
     ambient_volume: float = _setting(0.3, "ambient volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
+    ambient_target_lufs: float = _setting(-30.0, "beds are normalised to this loudness (LUFS) before AMBIENT_VOLUME "
+                                          "applies", _number(float, -70.0, -6.0), group="Audio")
     ambient_duck_db: float = _setting(-6.0, "how far the ambient dips under the agent's speech, in dB (0: off)",
                                       _number(float, -40.0, 0.0), group="Audio")
-    thinking_sound: str = _setting("none", "cue looped from the end of the user's turn until the reply starts: a WAV "
-                                   "file, builtin:<name>, or 'none'", group="Audio")
+    thinking_sound: str = _setting("none", "cue looped from the end of the user's turn until the reply starts: a "
+                                   "sound file, builtin:<name>, a clip list (a pick per thinking phase), or none",
+                                   group="Audio")
     thinking_volume: float = _setting(0.3, "thinking cue volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
+    cue_target_lufs: float = _setting(-24.0, "cues are normalised to this loudness (LUFS) before their volume applies",
+                                      _number(float, -70.0, -6.0), group="Audio")
     mix_frame_ms: int = _setting(10, "mixer frame, 10 or 20 ms", _number(int, 10, 20, multiple=10), group="Audio")
     output_queue_ms: int = _setting(40, "audio queued in the published track, in ms (multiple of 10; lower = less "
                                     "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
@@ -541,7 +548,10 @@ class Worker(bridge.BridgeEvents):
         self.client: bridge.VoiceAgentClient | None = None
         self.captions = Captions(self)
         self.track_sid: str | None = None
-        self.thinking: Any = None
+        self.ambient: Any = None  # sounds.ClipBank
+        self.thinking: Any = None  # sounds.ClipBank
+        self._rng = random.Random()
+        self._bed_source: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -600,8 +610,7 @@ class Worker(bridge.BridgeEvents):
         self._loop = asyncio.get_running_loop()
         self.log_ctx.fields["room"] = self.cfg.room_name
         # Sounds are decoded before we touch the network: a bad file fails fast.
-        bed = load_loop(self.cfg.ambient_sound, "AMBIENT_SOUND")
-        self.thinking = load_loop(self.cfg.thinking_sound, "THINKING_SOUND")
+        self.ambient, self.thinking = load_banks(self.cfg)
         self.mixer = mixer_mod.Mixer(
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
@@ -609,10 +618,9 @@ class Worker(bridge.BridgeEvents):
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
+        self._pick_bed()
         log.info("audio: %d ms frames, %d ms output queue, audio thread scheduling %s",
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
-        if bed is not None:
-            self.mixer.set_bed(bed.name, bed.samples, self.cfg.ambient_volume)
         self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
             self._spawn(self._room_loop(), "room")
@@ -775,6 +783,22 @@ class Worker(bridge.BridgeEvents):
         room.on("reconnecting", lambda: log.warning("LiveKit connection interrupted; resuming"))
         room.on("reconnected", lambda: log.info("LiveKit connection resumed"))
         room.register_text_stream_handler(TOPIC_CHAT, self._on_chat)
+
+    def _pick_bed(self) -> None:
+        choice = self.ambient.pick(self._rng)
+        source = None if choice is None else choice.clip.source
+        if choice is None:
+            if self._bed_source is not None:
+                self.mixer.stop_bed()
+        else:
+            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.ambient_volume
+            if source != self._bed_source:
+                self.mixer.set_bed(choice.sound.name, choice.sound.samples, volume)
+            else:
+                self.mixer.set_bed_volume(volume)
+        if self.ambient:
+            log.info("ambient: %s", source or "silence (no clip picked)")
+        self._bed_source = source
 
     # -- agent state --
 
@@ -948,6 +972,8 @@ class Worker(bridge.BridgeEvents):
                                  input_backlog_ms=self.cfg.input_backlog_ms),
         )
         log.info("starting a Voice Agent session (call %d)", self._calls)
+        if self._calls > 1:
+            self._pick_bed()  # one ambient pick per call
         self._session_task = self._spawn(self._run_session(self.client), "session")
 
     def _start_idle_timer(self) -> None:
@@ -1021,8 +1047,10 @@ class Worker(bridge.BridgeEvents):
 
     def on_speech_stopped(self) -> None:
         self._turn_ended_at = time.monotonic()
-        if self.thinking is not None:
-            self.mixer.start_thinking(self.thinking.name, self.thinking.samples)
+        choice = self.thinking.pick(self._rng)  # a new pick every thinking phase
+        if choice is not None:
+            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.thinking_volume
+            self.mixer.start_thinking(choice.sound.name, choice.sound.samples, volume)
         self._state_changed()
 
     def _user_caption_identity(self) -> tuple[str, str | None] | None:
@@ -1093,18 +1121,21 @@ def _one_line(e: BaseException) -> str:
     return (str(e) or type(e).__name__).splitlines()[0][:200]
 
 
-def load_loop(value: str, variable: str) -> Any:
-    """Decode a looping sound once, at start; a bad file is a configuration error."""
-    if value.strip().lower() in ("", "none", "off"):
-        return None
+def load_bank(cfg: Config, variable: str) -> Any:
+    """Decode every clip a sound variable names, once, at start; a bad file or entry is a
+    configuration error."""
     import sounds
 
+    target = cfg.ambient_target_lufs if variable == "AMBIENT_SOUND" else cfg.cue_target_lufs
     try:
-        sound = sounds.load(value.strip())
+        return sounds.ClipBank(getattr(cfg, variable.lower()), variable, target_lufs=target, loop=True)
     except sounds.SoundError as e:
-        raise ConfigError(f"{variable}: {e}") from None
-    loop = sounds.make_seamless_loop(sound.samples, int(0.25 * SAMPLE_RATE))
-    return dataclasses.replace(sound, samples=loop)
+        message = str(e)
+        raise ConfigError(message if message.startswith(variable) else f"{variable}: {message}") from None
+
+
+def load_banks(cfg: Config) -> tuple[Any, Any]:
+    return load_bank(cfg, "AMBIENT_SOUND"), load_bank(cfg, "THINKING_SOUND")
 
 
 # --- systemd ----------------------------------------------------------------------------------------
@@ -1194,13 +1225,13 @@ async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) 
         bad(f"Voice Agent API at {cfg.voice_agent_url} is not reachable ({redact(_one_line(e))})",
             "check VOICE_AGENT_URL and this machine's access to it")
 
-    for value, variable in ((cfg.ambient_sound, "AMBIENT_SOUND"), (cfg.thinking_sound, "THINKING_SOUND")):
+    for variable in ("AMBIENT_SOUND", "THINKING_SOUND"):
         try:
-            sound = load_loop(value, variable)
+            bank = load_bank(cfg, variable)
         except ConfigError as e:
             bad(str(e), f"point {variable} at a playable file, a builtin:<name>, or none")
             continue
-        ok(f"{variable}: " + ("none" if sound is None else f"{sound.name}, {sound.duration_s:.1f} s"))
+        ok(f"{variable}: " + (", ".join(f"{s.name} ({s.duration_s:.1f} s)" for s in bank.sounds()) or "none"))
 
     out("all checks passed" if not failures else ("1 check failed" if failures == 1 else f"{failures} checks failed"))
     return 0 if not failures else 1

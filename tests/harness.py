@@ -225,6 +225,9 @@ def worker_env(server: LiveKitServer, standin_url: str, room: str, **extra: str)
         # Tests count the stand-in's sessions from the first call; the start-up key check
         # (an extra, immediately ended session) has tests of its own.
         "STARTUP_CHECK": "0",
+        # Test beds are loud pure tones; keep them loud enough to measure after loudness
+        # normalisation (a 0.5-amplitude sine is about -10 LUFS).
+        "AMBIENT_TARGET_LUFS": "-12",
     }
     env.update(extra)
     return env

@@ -201,3 +201,39 @@ def test_ramp_render_reaches_target_exactly():
     r.to(1.0, 100, "power")
     g = r.render(150)
     assert g[99] == pytest.approx(1.0) and g[-1] == 1.0 and not r.moving
+
+
+async def test_async_iterator_source_is_downmixed_resampled_and_mixed():
+    import asyncio
+
+    from livekit import rtc
+
+    from mixer import Mixer
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0))  # its writer thread is not started: we pull frames here
+    rate, seconds = 48000, 0.5
+
+    async def frames():
+        t = np.arange(int(rate * seconds)) / rate
+        stereo = np.stack([np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 1000 * t)], axis=1) * 0.5
+        pcm = (stereo * 32767).astype(np.int16)
+        for i in range(0, len(pcm), 480):  # 10 ms stereo frames at 48 kHz
+            chunk = pcm[i:i + 480]
+            yield rtc.AudioFrame(chunk.tobytes(), rate, 2, len(chunk))
+            await asyncio.sleep(0)
+
+    out: list[np.ndarray] = []
+    player = asyncio.create_task(mixer.play_stream(frames(), volume=1.0))
+    while not player.done():
+        with mixer._lock:
+            out.append(mixer.core.next_frame())
+        await asyncio.sleep(0.001)
+    await player
+    y = np.concatenate(out).astype(np.float32) / 32767
+    active = np.flatnonzero(np.abs(y) > 0.05)
+    duration = (active[-1] - active[0]) / RATE
+    assert abs(duration - seconds) < 0.02, f"{duration:.3f} s of audio for {seconds} s in"
+    segment = y[active[0]:active[-1]]
+    peak_hz = np.argmax(np.abs(np.fft.rfft(segment))) * RATE / len(segment)
+    assert abs(peak_hz - 1000) < 5
+    assert mixer.core.streams == []
