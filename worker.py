@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import datetime
 import json
@@ -31,6 +32,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import bridge
+import control
 from bridge import (
     EXIT_CONFIG,
     EXIT_DUPLICATE_IDENTITY,
@@ -126,6 +128,13 @@ def _keyterms(v: str) -> tuple[str, ...]:
     return terms
 
 
+def _directory(v: str) -> str:
+    path = Path(v.strip()).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"must be an existing folder, got {v.strip()[:120]!r}")
+    return str(path)
+
+
 def _identity(v: str) -> str:
     s = v.strip()
     if not s or len(s) > 128 or any(c.isspace() for c in s):
@@ -200,6 +209,20 @@ class Config:
                                      _number(float, 0, 86400), group="LiveKit")
     mix_participants: bool = _setting(False, "1: mix every user's microphone into the one session (meetings); "
                                       "0: bridge one user", _bool, group="LiveKit")
+    # Control
+    control_identities: tuple[str, ...] = _setting((), "comma-separated identities allowed to call the control RPC "
+                                                   "methods (mix_audio, play, state); empty: nobody", _csv,
+                                                   group="Control")
+    ambient_dir: str = _setting("", "folder of sound files the control API may play by name (clip); empty: "
+                                "built-ins only", _optional(_directory), group="Control")
+    state_dir: str = _setting("state", "where the active bed is kept so a restarted worker resumes it; empty: "
+                              "not kept", group="Control")
+    control_max_upload_mb: float = _setting(20.0, "largest audio upload accepted by the control API, in MB",
+                                            _number(float, 0.01, 500), group="Control")
+    control_max_audio_s: float = _setting(600.0, "longest audio accepted by the control API, in seconds",
+                                          _number(float, 1, 3600), group="Control")
+    control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
+                                           _number(float, 1, 6000), group="Control")
     # Operations
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
                                    "billed) before reporting ready; 0: trust it until the first call",
@@ -551,6 +574,8 @@ class Worker(bridge.BridgeEvents):
         self.ambient: Any = None  # sounds.ClipBank
         self.thinking: Any = None  # sounds.ClipBank
         self._rng = random.Random()
+        self.controller: Any = None  # control.Controller
+        self._restored = False
         self._bed_source: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
@@ -563,7 +588,8 @@ class Worker(bridge.BridgeEvents):
         self._mix_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._state = ""
-        self._playing: str | None = None  # reply audible in the room right now
+        self._playing: str | None = None  # the reply being spoken (audible, or stalled mid-way)
+        self._audible = False  # reply audio is playing out right now
         self._disconnected = asyncio.Event()
         self._disconnect_reason: int | None = None
         self._turn_ended_at: float | None = None
@@ -618,7 +644,20 @@ class Worker(bridge.BridgeEvents):
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
-        self._pick_bed()
+        self.controller = control.Controller(control.ControlSettings(
+            identities=frozenset(self.cfg.control_identities),
+            ambient_dir=Path(self.cfg.ambient_dir) if self.cfg.ambient_dir else None,
+            state_dir=Path(self.cfg.state_dir) if self.cfg.state_dir else None,
+            max_upload_bytes=int(self.cfg.control_max_upload_mb * 1024 * 1024),
+            max_audio_s=self.cfg.control_max_audio_s,
+            calls_per_minute=self.cfg.control_rate_per_min,
+            default_volume=self.cfg.ambient_volume,
+            bed_target_lufs=self.cfg.ambient_target_lufs,
+            cue_target_lufs=self.cfg.cue_target_lufs,
+        ), self.mixer, self.cfg.room_name)
+        self._restored = await self.controller.restore()
+        if not self._restored:
+            self._pick_bed()
         log.info("audio: %d ms frames, %d ms output queue, audio thread scheduling %s",
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
         self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
@@ -748,6 +787,9 @@ class Worker(bridge.BridgeEvents):
             pub = await room.local_participant.publish_track(
                 self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
             self.track_sid = pub.sid
+            self.controller.register(room, self._spawn)
+            if self._restored and not self._in_room.is_set():
+                self._spawn(self._forget_restored_bed_if_nobody_comes(), "restored-bed")
             self._in_room.set()
             self._state = ""
             await self._update_state()
@@ -783,6 +825,21 @@ class Worker(bridge.BridgeEvents):
         room.on("reconnecting", lambda: log.warning("LiveKit connection interrupted; resuming"))
         room.on("reconnected", lambda: log.info("LiveKit connection resumed"))
         room.register_text_stream_handler(TOPIC_CHAT, self._on_chat)
+
+    async def _forget_restored_bed_if_nobody_comes(self) -> None:
+        """A restored bed belongs to a call; if no user shows up, that call is over."""
+        await asyncio.sleep(self.cfg.idle_timeout_s)
+        if self._calls == 0 and self.controller.active is not None:
+            log.info("no user came back within %.0f s: dropping the restored bed", self.cfg.idle_timeout_s)
+            self._call_ended()
+
+    def _call_ended(self) -> None:
+        """A call ended normally: its runtime bed goes with it."""
+        had_runtime_bed = self.controller.active is not None
+        self.controller.call_ended()
+        if had_runtime_bed:
+            self._bed_source = None
+            self._pick_bed()
 
     def _pick_bed(self) -> None:
         choice = self.ambient.pick(self._rng)
@@ -843,14 +900,14 @@ class Worker(bridge.BridgeEvents):
 
     def _playback_changed(self, name: str, reply_id: str | None) -> None:
         if name == "playing":
-            self._playing = reply_id
+            self._playing, self._audible = reply_id, True
             self._turn_ended_at = None
         elif name == "idle":
+            self._audible = False
             client = self.client
-            if client is not None and client.protocol.current_reply is not None \
-                    and client.protocol.current_reply == self._playing:
-                return  # a stall in the middle of a reply, not its end
-            self._playing = None
+            if client is None or client.protocol.current_reply is None \
+                    or client.protocol.current_reply != self._playing:
+                self._playing = None  # the reply is over; else a stall mid-reply: still speaking
         self._state_changed()
 
     # -- users and their microphones --
@@ -972,7 +1029,7 @@ class Worker(bridge.BridgeEvents):
                                  input_backlog_ms=self.cfg.input_backlog_ms),
         )
         log.info("starting a Voice Agent session (call %d)", self._calls)
-        if self._calls > 1:
+        if self._calls > 1 and self.controller.active is None:
             self._pick_bed()  # one ambient pick per call
         self._session_task = self._spawn(self._run_session(self.client), "session")
 
@@ -986,6 +1043,7 @@ class Worker(bridge.BridgeEvents):
         if not self._inputs:
             log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
             await self._end_session()
+            self._call_ended()
 
     async def _end_session(self) -> None:
         client, task = self.client, self._session_task
@@ -1100,6 +1158,8 @@ class Worker(bridge.BridgeEvents):
 
     def on_reply_done(self, reply_id: str, status: str) -> None:
         self.captions.agent_done(reply_id)
+        if not self._audible and self._playing == reply_id:
+            self._playing = None  # its audio had already finished playing
         if self.log_ctx.fields["reply_id"] == reply_id:
             self.log_ctx.fields["reply_id"] = None
         self._state_changed()
@@ -1248,11 +1308,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "token", "check"),
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "token", "check", "control"),
                         help="run (default): run the worker; token: print a user token and what to paste into "
                              "the Agents Playground or meet.livekit.io; check: verify the configuration, the "
-                             "LiveKit server, the Voice Agent API key and the sound files, one line each")
-    parser.add_argument("--identity", default="user", help="token: the user's identity (default: user)")
+                             "LiveKit server, the Voice Agent API key and the sound files, one line each; "
+                             "control METHOD [JSON]: call the running worker's control API (mix_audio, play, "
+                             "state) as --identity")
+    parser.add_argument("method", nargs="?", help="control: mix_audio, play or state")
+    parser.add_argument("payload", nargs="?", default="{}", help="control: the JSON payload (default {})")
+    parser.add_argument("--identity", default=None,
+                        help="token: the user's identity (default: user); control: the caller's identity, which "
+                             "must be in CONTROL_IDENTITIES (default: operator)")
+    parser.add_argument("--file", default=None,
+                        help="control mix_audio/play: send this sound file as the audio (large files go as a "
+                             "byte stream)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         g = f.metadata["group"]
@@ -1294,12 +1363,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.CRITICAL)
         return asyncio.run(preflight(gather_env(cli)))
     try:
-        cfg = load_config(gather_env(cli), optional=("ASSEMBLYAI_API_KEY",) if args.command == "token" else ())
+        cfg = load_config(gather_env(cli),
+                          optional=("ASSEMBLYAI_API_KEY",) if args.command in ("token", "control") else ())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "token":
-        return print_token(cfg, args.identity)
+        return print_token(cfg, args.identity or "user")
+    if args.command == "control":
+        return asyncio.run(control_client(cfg, args.method, args.payload, args.identity or "operator", args.file))
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
     raise_priority()
     return asyncio.run(_run(cfg, log_ctx))
@@ -1314,6 +1386,61 @@ def raise_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, -10)
     except OSError:
         log.debug("running at normal CPU priority (no CAP_SYS_NICE)")
+
+
+async def control_client(cfg: Config, method: str | None, payload: str, identity: str, file: str | None) -> int:
+    """`python worker.py control METHOD [JSON] [--file F]`: join as ``identity``, call the
+    worker's control method, print the JSON answer."""
+    from livekit import rtc
+
+    if method not in control.METHODS:
+        print(f"error: control needs a method: {', '.join(control.METHODS)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        args = json.loads(payload)
+        assert isinstance(args, dict)
+    except (ValueError, AssertionError):
+        print("error: the payload must be a JSON object, e.g. '{\"clip\": \"builtin:cafe\", \"volume\": 0.3}'",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    audio = Path(file).read_bytes() if file else None
+    room = rtc.Room()
+    await room.connect(cfg.livekit_url, mint_token(cfg, identity, name=identity), rtc.RoomOptions(auto_subscribe=False))
+    try:
+        if audio is not None and len(audio) > 10_000:
+            # Too big for an RPC payload: a byte stream, answered on mix_audio.result.
+            answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def on_result(reader: Any, sender: str) -> None:
+                async def read() -> None:
+                    text = await reader.read_all()
+                    if not answer.done():
+                        answer.set_result(text)
+                asyncio.ensure_future(read())
+
+            room.register_text_stream_handler(control.TOPIC_RESULT, on_result)
+            attrs = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in args.items()}
+            attrs["action"] = method
+            writer = await room.local_participant.stream_bytes(
+                name=Path(file).name, topic=control.TOPIC_UPLOAD, attributes=attrs,
+                destination_identities=[cfg.agent_identity], total_size=len(audio))
+            for i in range(0, len(audio), 15000):
+                await writer.write(audio[i:i + 15000])
+            await writer.aclose()
+            result = await asyncio.wait_for(answer, 60)
+            print(result)
+            return 0 if json.loads(result).get("ok") else 1
+        if audio is not None:
+            args["audio"] = base64.b64encode(audio).decode()
+        try:
+            print(await room.local_participant.perform_rpc(destination_identity=cfg.agent_identity, method=method,
+                                                           payload=json.dumps(args), response_timeout=60))
+            return 0
+        except rtc.RpcError as e:
+            print(f"error: {e.message} (code {e.code})", file=sys.stderr)
+            return 1
+    finally:
+        await room.disconnect()
 
 
 def print_token(cfg: Config, identity: str) -> int:

@@ -1,0 +1,451 @@
+"""Runtime control of the ambient bed and cues, with "mix_audio" semantics, over LiveKit RPC.
+
+Authorised room participants (``CONTROL_IDENTITIES``) call RPC methods on the agent:
+
+* ``mix_audio`` — ``{"audio": <base64 WAV>, "volume": 0.3}`` or ``{"clip": "cafe.wav"}`` (a file in
+  ``AMBIENT_DIR`` or a built-in) replaces the bed (crossfade) and loops it for the rest of the
+  call, under speech and in silences; ``{"volume": 0.1}`` alone re-levels it (a ramp);
+  ``{"stop": true}`` fades it out. Audio too large for an RPC payload (15 KiB) is uploaded as a
+  byte stream on topic ``mix_audio``, with the same fields as stream attributes; its outcome is
+  sent back to the uploader as a text message on topic ``mix_audio.result``.
+* ``play`` — a one-shot cue (``clip`` or ``audio``, ``volume``); answers when it has finished
+  or was stopped.
+* ``state`` — the active bed, volumes and counters.
+
+The active bed (its audio and volume) is persisted per room in ``STATE_DIR``, atomically, so a
+worker restarted mid-call resumes the same bed; the state is removed when the call ends
+normally. Uploads are bounded in size and duration, callers are rate-limited, and decoding
+runs in a worker thread one at a time, so a flood of calls cannot starve the audio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sounds
+
+log = logging.getLogger("control")
+
+TOPIC_UPLOAD = "mix_audio"
+TOPIC_RESULT = "mix_audio.result"
+METHODS = ("mix_audio", "play", "state")
+
+# RPC error codes (application range; 1500 is the SDK's generic one).
+ERR_INVALID = 2400
+ERR_FORBIDDEN = 2403
+ERR_RATE = 2429
+
+
+class ControlError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    identities: frozenset[str] = frozenset()
+    ambient_dir: Path | None = None
+    state_dir: Path | None = None
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_audio_s: float = 600.0
+    calls_per_minute: float = 30.0
+    burst: int = 10
+    default_volume: float = 0.3
+    bed_target_lufs: float | None = -30.0
+    cue_target_lufs: float | None = -24.0
+
+
+@dataclass
+class Bed:
+    """What is playing, as the state file records it."""
+
+    source: str  # "builtin:office", "clip:cafe.wav", "upload:<sha256>", or "stopped"
+    volume: float
+    name: str = ""
+    audio: bytes | None = field(default=None, repr=False)  # the uploaded file, for uploads
+
+
+class BedStore:
+    """One room's active bed on disk: a JSON file and, for uploads, the audio beside it.
+    Written to a temporary file, flushed, then renamed: a crash leaves the old or the new
+    state, never half of one."""
+
+    def __init__(self, state_dir: Path, room: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", room)[:80]
+        digest = hashlib.sha1(room.encode()).hexdigest()[:8]
+        self.dir = state_dir
+        self.json_path = state_dir / f"{safe}-{digest}.json"
+        self.audio_path = state_dir / f"{safe}-{digest}.audio"
+
+    def save(self, bed: Bed) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if bed.audio is not None:
+            _atomic_write(self.audio_path, bed.audio)
+        meta = {"source": bed.source, "volume": bed.volume, "name": bed.name, "saved_at": time.time()}
+        _atomic_write(self.json_path, json.dumps(meta).encode())
+        if bed.audio is None and self.audio_path.exists():
+            self.audio_path.unlink()
+
+    def load(self) -> Bed | None:
+        try:
+            meta = json.loads(self.json_path.read_text())
+            bed = Bed(str(meta["source"]), float(meta["volume"]), str(meta.get("name", "")))
+            if bed.source.startswith("upload:"):
+                bed.audio = self.audio_path.read_bytes()
+            return bed
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable control state %s: %s", self.json_path, e)
+            return None
+
+    def clear(self) -> None:
+        for p in (self.json_path, self.audio_path):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class RateLimiter:
+    """A token bucket per caller."""
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, who: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(who, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[who] = (tokens, now)
+            return False
+        self._buckets[who] = (tokens - 1.0, now)
+        if len(self._buckets) > 1000:  # forget the oldest callers
+            for key in sorted(self._buckets, key=lambda k: self._buckets[k][1])[:500]:
+                del self._buckets[key]
+        return True
+
+
+class Controller:
+    """Owns the runtime bed: validation, decoding off the audio loop, the mixer calls,
+    persistence. ``mixer`` is a ``mixer.Mixer``."""
+
+    def __init__(self, settings: ControlSettings, mixer: Any, room: str) -> None:
+        self.s = settings
+        self.mixer = mixer
+        self.room = room
+        self.store = BedStore(settings.state_dir, room) if settings.state_dir else None
+        self.active: Bed | None = None  # set while a runtime bed overrides the configured one
+        self.limiter = RateLimiter(settings.calls_per_minute, settings.burst)
+        self._decode = asyncio.Semaphore(1)
+        self.counters: dict[str, int] = {"calls": 0, "denied": 0, "rate_limited": 0, "invalid": 0, "uploads": 0}
+
+    # -- the RPC surface --
+
+    def register(self, room: Any, spawn: Any) -> None:
+        """Register the RPC methods and the upload topic on a joined room. ``spawn(coro,
+        name)`` runs a task owned by the caller (uploads are read in one)."""
+        from livekit import rtc
+
+        for method in METHODS:
+            room.local_participant.register_rpc_method(method, self._rpc_handler(method, rtc))
+        room.register_byte_stream_handler(
+            TOPIC_UPLOAD, lambda reader, who: spawn(self._on_upload(room, reader, who), "control-upload"))
+
+    def _rpc_handler(self, method: str, rtc: Any) -> Any:
+        async def handler(data: Any) -> str:
+            try:
+                return json.dumps(await self.handle(method, data.caller_identity, data.payload))
+            except ControlError as e:
+                raise rtc.RpcError(e.code, str(e)[:200]) from None
+        return handler
+
+    async def handle(self, method: str, caller: str, payload: str | dict[str, Any]) -> dict[str, Any]:
+        """Check the caller, parse, dispatch. Raises ControlError for the caller."""
+        self.counters["calls"] += 1
+        if caller not in self.s.identities:
+            self.counters["denied"] += 1
+            log.warning("control: %s denied for %s (not in CONTROL_IDENTITIES)", method, caller)
+            raise ControlError(ERR_FORBIDDEN, f"{caller} may not control this agent")
+        if not self.limiter.allow(caller):
+            self.counters["rate_limited"] += 1
+            raise ControlError(ERR_RATE, "too many control calls; slow down")
+        try:
+            args = payload if isinstance(payload, dict) else (json.loads(payload) if payload.strip() else {})
+        except ValueError:
+            self.counters["invalid"] += 1
+            raise ControlError(ERR_INVALID, "payload is not JSON") from None
+        if not isinstance(args, dict):
+            self.counters["invalid"] += 1
+            raise ControlError(ERR_INVALID, "payload must be a JSON object")
+        try:
+            if method == "mix_audio":
+                result = await self.mix_audio(args)
+            elif method == "play":
+                result = await self.play(args)
+            else:
+                result = self.state()
+        except ControlError as e:
+            if e.code == ERR_INVALID:
+                self.counters["invalid"] += 1
+            log.info("control: %s from %s refused: %s", method, caller, e)
+            raise
+        log.info("control: %s from %s: %s", method, caller, _summary(args))
+        return result
+
+    # -- methods --
+
+    async def mix_audio(self, args: dict[str, Any], audio: bytes | None = None) -> dict[str, Any]:
+        known = {"audio", "clip", "volume", "stop"}
+        unknown = set(args) - known
+        if unknown:
+            raise ControlError(ERR_INVALID, f"unknown field(s): {', '.join(sorted(unknown))}")
+        volume = _volume(args.get("volume"))
+        if args.get("stop") is not None:
+            if args["stop"] is not True or len(args) != 1:
+                raise ControlError(ERR_INVALID, '"stop" must be true and alone')
+            self.mixer.stop_bed()
+            self._set(Bed("stopped", 0.0, "none"))
+            return {"ok": True, "bed": None}
+        if audio is None and "audio" in args:
+            audio = _b64(args["audio"])
+        if audio is not None and "clip" in args:
+            raise ControlError(ERR_INVALID, 'give "audio" or "clip", not both')
+        if audio is None and "clip" not in args:
+            if volume is None:
+                raise ControlError(ERR_INVALID, 'give "audio", "clip", "volume" or "stop"')
+            playing = self.mixer.snapshot()["bed"]
+            if playing is None:
+                raise ControlError(ERR_INVALID, "no bed is playing: there is nothing to re-level")
+            self.mixer.set_bed_volume(volume)
+            if self.active is not None:
+                self._set(Bed(self.active.source, volume, self.active.name, self.active.audio))
+            else:
+                self._set(Bed("configured", volume, str(playing)))
+            return {"ok": True, "bed": playing, "volume": volume}
+        volume = self.s.default_volume if volume is None else volume
+        bed, sound = await self._resolve(args.get("clip"), audio, self.s.bed_target_lufs, loop=True)
+        bed.volume = volume
+        self.mixer.set_bed(sound.name, sound.samples, volume)
+        self._set(bed)
+        return {"ok": True, "bed": sound.name, "volume": volume, "duration_s": round(sound.duration_s, 2)}
+
+    async def play(self, args: dict[str, Any], audio: bytes | None = None) -> dict[str, Any]:
+        unknown = set(args) - {"audio", "clip", "volume"}
+        if unknown:
+            raise ControlError(ERR_INVALID, f"unknown field(s): {', '.join(sorted(unknown))}")
+        if audio is None and "audio" in args:
+            audio = _b64(args["audio"])
+        if (audio is None) == ("clip" not in args):
+            raise ControlError(ERR_INVALID, 'give exactly one of "audio" or "clip"')
+        volume = _volume(args.get("volume"))
+        _, sound = await self._resolve(args.get("clip"), audio, self.s.cue_target_lufs, loop=False)
+        completed = await self.mixer.play_cue(sound.name, sound.samples, 1.0 if volume is None else volume)
+        return {"ok": True, "completed": completed, "duration_s": round(sound.duration_s, 2)}
+
+    def state(self) -> dict[str, Any]:
+        snap = self.mixer.snapshot()
+        return {
+            "bed": snap["bed"],
+            "bed_volume": snap["bed_volume"],
+            "source": None if self.active is None else self.active.source,
+            "runtime": self.active is not None,
+            "counters": {**self.counters, **{k: snap[k] for k in ("underruns", "barge_ins", "frames")}},
+        }
+
+    # -- persistence and call lifecycle --
+
+    def _set(self, bed: Bed) -> None:
+        self.active = bed
+        if self.store is not None:
+            try:
+                self.store.save(bed)
+            except OSError as e:
+                log.warning("could not persist the bed in %s: %s", self.store.dir, e)
+
+    async def restore(self) -> bool:
+        """After a restart: bring back the bed the call had. True if there was one."""
+        if self.store is None:
+            return False
+        bed = self.store.load()
+        if bed is None:
+            return False
+        try:
+            if bed.source == "stopped":
+                self.mixer.stop_bed(0)
+            elif bed.source == "configured":
+                self.mixer.set_bed_volume(bed.volume, 0)
+            else:
+                _, sound = await self._resolve(bed.source[len("clip:"):] if bed.source.startswith("clip:")
+                                               else bed.source if bed.source.startswith("builtin:") else None,
+                                               bed.audio, self.s.bed_target_lufs, loop=True)
+                self.mixer.set_bed(sound.name, sound.samples, bed.volume, fade_ms=300)
+        except ControlError as e:
+            log.warning("could not restore the persisted bed (%s); keeping the configured one", e)
+            self.store.clear()
+            return False
+        self.active = bed
+        log.info("restored the call's bed after a restart: %s at %.2f", bed.name or bed.source, bed.volume)
+        return True
+
+    def call_ended(self) -> None:
+        """The call ended normally: the runtime bed is dropped with it."""
+        self.active = None
+        if self.store is not None:
+            self.store.clear()
+
+    # -- sources --
+
+    async def _resolve(self, clip: Any, audio: bytes | None, target: float | None,
+                       loop: bool) -> tuple[Bed, sounds.Sound]:
+        if audio is not None:
+            if len(audio) > self.s.max_upload_bytes:
+                raise ControlError(ERR_INVALID, f"audio is {len(audio)} bytes; the limit is {self.s.max_upload_bytes}")
+            digest = hashlib.sha256(audio).hexdigest()[:16]
+            sound = await self._decode_off_loop(lambda: sounds.decode_bytes(audio, name=f"upload-{digest}",
+                                                                          target_lufs=target))
+            bed = Bed(f"upload:{digest}", 0.0, sound.name, audio)
+        else:
+            source = self._clip_source(clip)
+            sound = await self._decode_off_loop(lambda: sounds.load(source, target_lufs=target))
+            bed = Bed(source if source.startswith("builtin:") else f"clip:{clip}", 0.0, sound.name)
+        if sound.duration_s > self.s.max_audio_s:
+            raise ControlError(ERR_INVALID, f"audio is {sound.duration_s:.0f} s long; the limit is "
+                                            f"{self.s.max_audio_s:.0f} s")
+        if loop and not sound.name.startswith("builtin:"):
+            seamless = sounds.make_seamless_loop(sound.samples, int(0.25 * sounds.SAMPLE_RATE))
+            sound = sounds.Sound(sound.name, seamless, sound.source_rate, sound.loudness_lufs)
+        return bed, sound
+
+    def _clip_source(self, clip: Any) -> str:
+        if not isinstance(clip, str) or not clip.strip() or len(clip) > 200:
+            raise ControlError(ERR_INVALID, '"clip" must be a file name or a built-in name')
+        clip = clip.strip()
+        name = clip[len("builtin:"):] if clip.lower().startswith("builtin:") else clip
+        if name.lower() in sounds.BUILTINS:
+            return "builtin:" + name.lower()
+        if clip.lower().startswith("builtin:"):
+            raise ControlError(ERR_INVALID, f"no built-in {name!r}; built-ins: {', '.join(sounds.BUILTINS)}")
+        if "/" in clip or "\\" in clip or clip.startswith("."):
+            raise ControlError(ERR_INVALID, '"clip" is a file name in AMBIENT_DIR, not a path')
+        if self.s.ambient_dir is None:
+            raise ControlError(ERR_INVALID, f"no file clips: AMBIENT_DIR is not set (built-ins: "
+                                            f"{', '.join(sounds.BUILTINS)})")
+        path = self.s.ambient_dir / clip
+        if not path.is_file():
+            raise ControlError(ERR_INVALID, f"no clip named {clip!r} in AMBIENT_DIR")
+        return str(path)
+
+    async def _decode_off_loop(self, fn: Any) -> sounds.Sound:
+        async with self._decode:  # one decode at a time: a flood queues here, not on the CPU
+            try:
+                return await asyncio.to_thread(fn)
+            except sounds.SoundError as e:
+                raise ControlError(ERR_INVALID, str(e)) from None
+            except ValueError as e:
+                raise ControlError(ERR_INVALID, f"cannot use this audio: {e}") from None
+
+    # -- byte-stream uploads --
+
+    async def _on_upload(self, room: Any, reader: Any, caller: str) -> None:
+        attrs = dict(reader.info.attributes or {})
+        action = attrs.pop("action", "mix_audio")
+        args: dict[str, Any] = {}
+        for key, value in attrs.items():
+            if key == "volume":
+                try:
+                    args["volume"] = float(value)
+                except ValueError:
+                    args["volume"] = value  # reported by validation below
+            elif key == "stop":
+                args["stop"] = value.lower() == "true"
+            else:
+                args[key] = value
+        result: dict[str, Any]
+        try:
+            if caller not in self.s.identities:
+                self.counters["denied"] += 1
+                log.warning("control: upload from %s denied (not in CONTROL_IDENTITIES)", caller)
+                raise ControlError(ERR_FORBIDDEN, f"{caller} may not control this agent")
+            if not self.limiter.allow(caller):
+                self.counters["rate_limited"] += 1
+                raise ControlError(ERR_RATE, "too many control calls; slow down")
+            if action not in ("mix_audio", "play"):
+                raise ControlError(ERR_INVALID, f"unknown action {action!r}")
+            data = bytearray()
+            async for chunk in reader:
+                data += chunk
+                if len(data) > self.s.max_upload_bytes:
+                    raise ControlError(ERR_INVALID, f"upload larger than {self.s.max_upload_bytes} bytes")
+            self.counters["uploads"] += 1
+            handler = self.mix_audio if action == "mix_audio" else self.play
+            result = await handler(args, audio=bytes(data))
+            log.info("control: %s upload from %s (%d bytes): %s", action, caller, len(data), _summary(args))
+        except ControlError as e:
+            result = {"ok": False, "code": e.code, "error": str(e)}
+            log.info("control: upload from %s refused: %s", caller, e)
+        finally:
+            if not getattr(reader, "_closed", True):
+                try:
+                    reader.close()
+                except Exception:
+                    pass
+        try:
+            await room.local_participant.send_text(json.dumps(result), topic=TOPIC_RESULT,
+                                                   destination_identities=[caller])
+        except Exception as e:
+            log.debug("could not send the upload result to %s: %s", caller, e)
+
+
+def _volume(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ControlError(ERR_INVALID, '"volume" must be a number from 0.0 to 1.0')
+    return float(value)
+
+
+def _b64(value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ControlError(ERR_INVALID, '"audio" must be a base64 string')
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ControlError(ERR_INVALID, '"audio" is not valid base64') from None
+
+
+def _summary(args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={'<%d chars>' % len(v) if k == 'audio' and isinstance(v, str) else v!r}"
+                     for k, v in args.items()) or "{}"
