@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 
@@ -17,6 +18,9 @@ def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKit
         # Never a skip: the README's test command builds it (scripts/test).
         pytest.fail("livekit-server not found: run ./scripts/test (it builds livekit-server v1.13.5 into "
                     ".tools/bin), or set LIVEKIT_SERVER_BIN")
+    if os.environ.get("CI") and not os.environ.get("VOICE_AGENT_TEST_IP"):
+        pytest.fail("under CI the tests run in their own network namespace: use ./scripts/test "
+                    "(it sets VOICE_AGENT_TEST_IP inside `unshare --net`)")
     server = LiveKitServer(binary, tmp_path_factory.mktemp("livekit"))
     server.start()
     yield server

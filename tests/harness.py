@@ -69,8 +69,17 @@ class LiveKitServer:
     def log_path(self) -> Path:
         return self.workdir / "livekit-server.log"
 
+    @property
+    def media_ip(self) -> str:
+        """Where WebRTC media flows. scripts/test runs the tests in a network namespace of
+        their own with a veth address (VOICE_AGENT_TEST_IP); libwebrtc ignores loopback, so
+        without it clients pair one of this host's addresses with the server's 127.0.0.1."""
+        return os.environ.get("VOICE_AGENT_TEST_IP", "127.0.0.1")
+
     def config(self) -> str:
-        # Everything on loopback: no external IP discovery, no public STUN servers.
+        # Signalling on loopback; media on the namespace's address; no external IP
+        # discovery and no public STUN servers.
+        ip = self.media_ip
         return f"""
 port: {self.port}
 bind_addresses: ["127.0.0.1"]
@@ -79,9 +88,9 @@ rtc:
   tcp_port: {self.rtc_tcp_port}
   udp_port: {self.rtc_udp_port}
   use_external_ip: false
-  node_ip: 127.0.0.1
-  enable_loopback_candidate: true
-  ips: {{includes: ["127.0.0.1/32"]}}
+  node_ip: {ip}
+  enable_loopback_candidate: {"true" if ip.startswith("127.") else "false"}
+  ips: {{includes: ["{ip}/32"]}}
   stun_servers: ["127.0.0.1:3478"]
 logging: {{level: info}}
 """
