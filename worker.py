@@ -178,6 +178,16 @@ class Config:
                                           _optional(_number(int, 50, 10000)), group="Voice Agent API")
     interrupt_response: bool | None = _setting(None, "override: let the user interrupt the agent (1/0)",
                                                _optional(_bool), group="Voice Agent API")
+    tools_module: str = _setting("", "your tools: a module name or a .py path (several: comma-separated); every "
+                                 "public async def with type hints and a docstring becomes a tool",
+                                 group="Voice Agent API")
+    tool_timeout_s: float = _setting(20.0, "a tool call taking longer is answered with an error",
+                                     _number(float, 0.1, 600), group="Voice Agent API")
+    end_call_tool: bool = _setting(True, "offer the agent the built-in end_call tool (hang up after its goodbye)",
+                                   _bool, group="Voice Agent API")
+    end_call_action: str = _setting("delete_room", "what end_call does after the goodbye has played: delete_room "
+                                    "(ends the call for everyone) or leave (the agent leaves)",
+                                    _choice("delete_room", "leave"), group="Voice Agent API")
     barge_in: str = _setting("interrupted", "when to drop the agent's queued audio: 'interrupted' (the service "
                              "interrupted the reply) or 'speech' (as soon as the user starts speaking)",
                              _choice(*bridge.BARGE_IN_POLICIES), group="Voice Agent API")
@@ -396,8 +406,9 @@ def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str
     return token.to_jwt()
 
 
-def session_settings(cfg: Config) -> bridge.SessionSettings:
+def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:
     return bridge.SessionSettings(
+        tools=list(tools or []),
         system_prompt=cfg.system_prompt or None,
         greeting=cfg.greeting or None,
         voice=cfg.voice or None,
@@ -575,6 +586,9 @@ class Worker(bridge.BridgeEvents):
         self.thinking: Any = None  # sounds.ClipBank
         self._rng = random.Random()
         self.controller: Any = None  # control.Controller
+        self.tools: Any = None  # tools.ToolRegistry
+        self._hangup: asyncio.Task[None] | None = None
+        self._hung_up = False  # we ended the call ourselves: the disconnect that follows is expected
         self._restored = False
         self._bed_source: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -635,8 +649,9 @@ class Worker(bridge.BridgeEvents):
 
         self._loop = asyncio.get_running_loop()
         self.log_ctx.fields["room"] = self.cfg.room_name
-        # Sounds are decoded before we touch the network: a bad file fails fast.
+        # Sounds and tools are loaded before we touch the network: a bad file fails fast.
         self.ambient, self.thinking = load_banks(self.cfg)
+        self.tools = load_tool_registry(self.cfg, self._end_call_tool)
         self.mixer = mixer_mod.Mixer(
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
@@ -710,7 +725,7 @@ class Worker(bridge.BridgeEvents):
         while True:
             try:
                 sid = await bridge.verify_session(self.cfg.voice_agent_url, self.cfg.assemblyai_api_key,
-                                                  session_settings(self.cfg))
+                                                  session_settings(self.cfg, self.tools.definitions()))
                 log.info("Voice Agent API key verified (session %s opened and ended)", sid)
                 self._api_verified.set()
                 return
@@ -799,6 +814,10 @@ class Worker(bridge.BridgeEvents):
             if self._stop.is_set():
                 break
             reason = self._disconnect_reason
+            if self._hung_up:
+                self._hung_up = False
+                await self._wait_for_empty_room()
+                continue
             if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
                 raise FatalError(EXIT_DUPLICATE_IDENTITY,
                                  f"another participant joined room {self.cfg.room_name} as "
@@ -810,6 +829,25 @@ class Worker(bridge.BridgeEvents):
             log.warning("disconnected from the room (%s); rejoining",
                         rtc.DisconnectReason.Name(reason) if reason is not None else "unknown")
             await asyncio.sleep(0.5)
+
+    async def _wait_for_empty_room(self) -> None:
+        """After hanging up, be back for the next call: rejoin once nobody from this call
+        is left in the room (at once after delete_room: the room is gone)."""
+        from livekit import api
+
+        http_url = self.cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        while not self._stop.is_set():
+            try:
+                async with api.LiveKitAPI(http_url, self.cfg.livekit_api_key, self.cfg.livekit_api_secret) as lk:
+                    res = await lk.room.list_participants(api.ListParticipantsRequest(room=self.cfg.room_name))
+                if not any(p.identity != self.cfg.agent_identity for p in res.participants):
+                    break
+            except Exception as e:
+                if "not_found" in str(e).lower() or "404" in str(e):
+                    break
+                log.debug("cannot list the room's participants yet: %s", _one_line(e))
+            await asyncio.sleep(2.0)
+        log.info("call ended; rejoining %s for the next one", self.cfg.room_name)
 
     def _wire_room(self, room: Any) -> None:
         self._disconnect_reason = None
@@ -1023,10 +1061,10 @@ class Worker(bridge.BridgeEvents):
         self.client = bridge.VoiceAgentClient(
             self.cfg.voice_agent_url,
             self.cfg.assemblyai_api_key,
-            session_settings(self.cfg),
+            session_settings(self.cfg, self.tools.definitions()),
             self,
             bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
-                                 input_backlog_ms=self.cfg.input_backlog_ms),
+                                 input_backlog_ms=self.cfg.input_backlog_ms, tool_timeout_s=self.cfg.tool_timeout_s),
         )
         log.info("starting a Voice Agent session (call %d)", self._calls)
         if self._calls > 1 and self.controller.active is None:
@@ -1167,6 +1205,85 @@ class Worker(bridge.BridgeEvents):
     def on_session_lost(self) -> None:
         self._state_changed()
 
+    # -- tools --
+
+    async def on_tool_call(self, name: str, arguments: dict[str, Any], call_id: str) -> Any:
+        """Runs concurrently with the audio path (the bridge owns the task and its timeout).
+        While it runs the agent is 'thinking' and the thinking cue plays."""
+        import tools as tools_mod
+
+        log.info("tool %s called (%s)", name, call_id)
+        choice = self.thinking.pick(self._rng) if name != "end_call" else None
+        if choice is not None:
+            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.thinking_volume
+            self.mixer.start_thinking(choice.sound.name, choice.sound.samples, volume)
+        self._state_changed_soon()
+        user = next(iter(self._inputs), None)
+        ctx = tools_mod.ToolContext(self.cfg.room_name, user, call_id, self._play_cue_for_tool, self._end_call_from_tool)
+        try:
+            return await self.tools.call(name, arguments, ctx)
+        finally:
+            self._state_changed_soon()
+
+    def _state_changed_soon(self) -> None:
+        # The bridge counts a tool as running until its task ends: look again next tick.
+        asyncio.get_running_loop().call_soon(self._state_changed)
+
+    async def _play_cue_for_tool(self, clip: str, volume: float | None) -> bool:
+        import sounds
+
+        try:
+            sound = await asyncio.to_thread(sounds.load, clip, target_lufs=self.cfg.cue_target_lufs)
+        except sounds.SoundError as e:
+            log.warning("tool cue %s cannot be played: %s", clip, e)
+            return False
+        return await self.mixer.play_cue(sound.name, sound.samples,
+                                         self.cfg.thinking_volume if volume is None else volume)
+
+    async def _end_call_tool(self) -> dict[str, Any]:
+        """The built-in end_call tool: answer at once, hang up after the goodbye."""
+        await self._end_call_from_tool("the agent ended the call")
+        return {"ok": True, "note": "The call will end once your current reply has been heard. Say goodbye now if "
+                                    "you have not."}
+
+    async def _end_call_from_tool(self, reason: str | None) -> None:
+        if self._hangup is None or self._hangup.done():
+            self._hangup = self._spawn(self._hang_up(reason or "end_call"), "hang-up")
+
+    async def _hang_up(self, reason: str) -> None:
+        """Let the agent finish: the reply that called the tool, and a goodbye it may speak
+        after the tool's result, must be fully heard in the room. Then fade the bed, end the
+        session and end the call for everyone (or only leave)."""
+        await asyncio.sleep(0.2)  # the tool.result goes out first
+        grace_s = 2.0
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < grace_s:
+            client = self.client
+            busy = client is not None and client.protocol.current_reply is not None
+            if busy or self.mixer.snapshot()["reply_queued_ms"] or self._playing is not None:
+                quiet_since = time.monotonic()
+            await asyncio.sleep(0.05)
+        await self.mixer.wait_reply_played()
+        log.info("hanging up (%s): %s", reason, "deleting the room" if self.cfg.end_call_action == "delete_room"
+                 else "leaving the room")
+        self.mixer.stop_bed(500)
+        await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.cfg.output_queue_ms / 1000))
+        self._call_ended()
+        self._hung_up = True
+        room = self.room
+        if self.cfg.end_call_action == "delete_room":
+            from livekit import api
+
+            http_url = self.cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+            try:
+                async with api.LiveKitAPI(http_url, self.cfg.livekit_api_key, self.cfg.livekit_api_secret) as lk:
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=self.cfg.room_name))
+                return
+            except Exception as e:
+                log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, _one_line(e))
+        if room is not None and room.isconnected():
+            await room.disconnect()
+
     def on_session_ended(self) -> None:
         log.info("Voice Agent session ended")
 
@@ -1192,6 +1309,26 @@ def load_bank(cfg: Config, variable: str) -> Any:
     except sounds.SoundError as e:
         message = str(e)
         raise ConfigError(message if message.startswith(variable) else f"{variable}: {message}") from None
+
+
+def load_tool_registry(cfg: Config, end_call_cb: Callable[[], Any]) -> Any:
+    """The tools the agent is offered: the built-in end_call, and TOOLS_MODULE's."""
+    import tools as tools_mod
+
+    loaded: list[Any] = []
+    if cfg.tools_module.strip():
+        try:
+            loaded = tools_mod.load_tools(cfg.tools_module)
+        except tools_mod.ToolError as e:
+            raise ConfigError(f"TOOLS_MODULE: {e}") from None
+    if cfg.end_call_tool:
+        async def end_call() -> dict[str, Any]:
+            """End the call when the conversation is over. Say goodbye first, then call this: the line is closed
+            once your goodbye has been heard."""
+            return await end_call_cb()
+
+        loaded.append(tools_mod.make_tool(end_call, "end_call"))
+    return tools_mod.ToolRegistry(loaded)
 
 
 def load_banks(cfg: Config) -> tuple[Any, Any]:
