@@ -828,6 +828,7 @@ class VoiceAgentClient:
                     ) as ws:
                         self._ws = ws
                         self.connects += 1
+                        log.debug("connected to the Voice Agent API (connection %d)", self.connects)
                         got_ready = await self._serve(ws)
                         code, reason = _close_info(ws)
                 except InvalidStatus as e:

@@ -629,7 +629,11 @@ class Mixer:
             now = time.monotonic()
             if self._handed_until and now > self._handed_until + 0.002:
                 counters.underruns += 1
-                counters.underrun_ms += (now - self._handed_until) * 1000
+                gap_ms = (now - self._handed_until) * 1000
+                counters.underrun_ms += gap_ms
+                if counters.underruns <= 5 or counters.underruns % 100 == 0:
+                    log.warning("audio underrun: the published track was starved for %.0f ms (queue %d ms; "
+                                "%d underruns so far)", gap_ms, self.queue_ms, counters.underruns)
             self._handed_until = max(self._handed_until, now) + frame_s
             counters.queue_ms = max(0.0, (self._handed_until - now) * 1000)
             frame = rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, len(samples))

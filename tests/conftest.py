@@ -31,3 +31,18 @@ def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKit
 def room_name(request: pytest.FixtureRequest) -> str:
     """A room of the test's own, so tests never hear each other."""
     return re.sub(r"[^a-zA-Z0-9-]", "-", request.node.name)[:60]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """On a failure, attach the log of every worker the test started (the flaky ones are
+    the ones whose logs we need)."""
+    from harness import WorkerProcess
+
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for i, worker in enumerate(WorkerProcess.started):
+            report.sections.append((f"worker {i} log", worker.output()[-6000:]))
+    if report.when == "teardown":
+        WorkerProcess.started.clear()

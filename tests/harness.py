@@ -18,7 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -171,7 +171,11 @@ class WorkerProcess:
     def output_path(self) -> Path:
         return self.workdir / "worker.log"
 
+    # Every worker started by the current test, so a failure report can show their logs.
+    started: ClassVar[list["WorkerProcess"]] = []
+
     def start(self, *args: str) -> "WorkerProcess":
+        WorkerProcess.started.append(self)
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
         out = open(self.output_path, "ab")
