@@ -233,6 +233,8 @@ class Config:
                                           _number(float, 1, 3600), group="Control")
     control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
                                            _number(float, 1, 6000), group="Control")
+    barge_in_clear_queue: bool = _setting(False, "for benchmarks only: also flush the track's queue on barge-in, like "
+                                          "naive bridges do (it throws away queued ambient too)", _bool, group="Audio")
     # Operations
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
                                    "billed) before reporting ready; 0: trust it until the first call",
@@ -656,6 +658,7 @@ class Worker(bridge.BridgeEvents):
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
             queue_ms=self.cfg.output_queue_ms,
+            clear_queue_on_barge_in=self.cfg.barge_in_clear_queue,
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
