@@ -251,6 +251,9 @@ class Protocol:
         """The socket is gone. Raises FatalError when retrying cannot help; otherwise
         the caller reconnects (with backoff) and calls connection_opened()."""
         phase, self.phase = self.phase, "idle"
+        # A reply in flight when the socket went is over for us: whatever the service does on
+        # resume, its later audio (if any) is announced anew.
+        self.current_reply = None
         if phase == "ended":
             self.phase = "ended"
             return []

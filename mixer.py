@@ -559,7 +559,7 @@ class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
 
-    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 40,
+    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 100,
                  clear_queue_on_barge_in: bool = False) -> None:
         self.core = MixerCore(settings)
         self.queue_ms = queue_ms

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import dataclasses
 import datetime
 import json
@@ -24,6 +25,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -211,7 +213,7 @@ class Config:
     cue_target_lufs: float = _setting(-24.0, "cues are normalised to this loudness (LUFS) before their volume applies",
                                       _number(float, -70.0, -6.0), group="Audio")
     mix_frame_ms: int = _setting(10, "mixer frame, 10 or 20 ms", _number(int, 10, 20, multiple=10), group="Audio")
-    output_queue_ms: int = _setting(40, "audio queued in the published track, in ms (multiple of 10; lower = less "
+    output_queue_ms: int = _setting(100, "audio queued in the published track, in ms (multiple of 10; lower = less "
                                     "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
                                     group="Audio")
     idle_timeout_s: float = _setting(30.0, "end the Voice Agent session (billed while open) when no user has been in "
@@ -451,10 +453,14 @@ class Captions:
     """
 
     TICK_S = 0.05
+    MAX_CHARS = 4000  # a caption longer than this shows its end
 
     def __init__(self, worker: "Worker") -> None:
         self.w = worker
-        self._ops: asyncio.Queue[tuple[str, tuple[Any, ...]]] = asyncio.Queue()
+        # User captions waiting to go out, oldest segment first. A newer text of the same
+        # segment replaces a waiting one: a flood of interim updates costs one stream.
+        self._pending: collections.OrderedDict[str, tuple[Any, ...]] = collections.OrderedDict()
+        self._wake = asyncio.Event()
         self._agent: dict[str, _AgentSegment] = {}
         self._user_segment: dict[str, str] = {}  # item_id -> segment id
         self._turn = 0
@@ -468,7 +474,10 @@ class Captions:
         if final:
             self._user_segment.pop(key, None)
             self._turn += 1
-        self._ops.put_nowait(("user", (identity, track_sid, segment, text, final)))
+        if len(text) > self.MAX_CHARS:
+            text = "\u2026" + text[-self.MAX_CHARS:]
+        self._pending[segment] = (identity, track_sid, segment, text, final)
+        self._wake.set()
 
     def agent_word(self, reply_id: str, text: str, position: int) -> None:
         seg = self._segment(reply_id)
@@ -493,6 +502,10 @@ class Captions:
         if cut_at is not None and seg.cut is None:
             seg.cut = cut_at
 
+    def all_done(self) -> None:
+        for seg in self._agent.values():
+            seg.done = True
+
     def _segment(self, reply_id: str) -> _AgentSegment:
         seg = self._agent.get(reply_id)
         if seg is None:
@@ -504,11 +517,13 @@ class Captions:
     async def run(self) -> None:
         while True:
             try:
-                kind, args = await asyncio.wait_for(self._ops.get(), self.TICK_S)
+                await asyncio.wait_for(self._wake.wait(), self.TICK_S)
             except asyncio.TimeoutError:
-                kind, args = "tick", ()
+                pass
+            self._wake.clear()
             try:
-                if kind == "user":
+                while self._pending:
+                    _, args = self._pending.popitem(last=False)
                     await self._publish_user(*args)
                 await self._tick()
             except asyncio.CancelledError:
@@ -762,11 +777,26 @@ class Worker(bridge.BridgeEvents):
         """Mixer and bridge counters, periodically, at debug level (benchmarks read them too)."""
         while True:
             await asyncio.sleep(10)
-            client = self.client
-            log.debug("counters", extra={"fields": {
-                "mixer": self.mixer.snapshot(),
-                "bridge": dict(client.counters) if client is not None else None,
-            }})
+            log.debug("counters", extra={"fields": self.counters()})
+
+    def counters(self) -> dict[str, Any]:
+        """Everything worth watching for leaks and health, in one place (also on SIGUSR1)."""
+        client = self.client
+        return {
+            "mixer": self.mixer.snapshot(),
+            "bridge": dict(client.counters) if client is not None else None,
+            "control": dict(self.controller.counters) if self.controller is not None else None,
+            "tasks": len(asyncio.all_tasks()),
+            "owned_tasks": len(self._tasks),
+            "threads": threading.active_count(),
+            "inputs": len(self._inputs),
+            "caption_segments": len(self.captions._agent),
+            "calls": self._calls,
+            "rss_kb": _rss_kb(),
+        }
+
+    def dump_counters(self) -> None:
+        log.info("counters", extra={"fields": self.counters()})
 
     # -- the room --
 
@@ -1206,6 +1236,11 @@ class Worker(bridge.BridgeEvents):
         self._state_changed()
 
     def on_session_lost(self) -> None:
+        # The reply in flight is abandoned: close its caption once its audio has played,
+        # and let the state follow the audio, not a reply that will never be "done".
+        self.captions.all_done()
+        if not self._audible:
+            self._playing = None
         self._state_changed()
 
     # -- tools --
@@ -1295,6 +1330,17 @@ async def _frames(stream: Any) -> Any:
     """AudioStream events -> frames, for rtc.AudioMixer."""
     async for event in stream:
         yield event.frame
+
+
+def _rss_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -1614,6 +1660,7 @@ async def _run(cfg: Config, log_ctx: LogContext) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGUSR1, worker.dump_counters)
     try:
         return await worker.run()
     except ConfigError as e:
