@@ -410,6 +410,14 @@ def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str
     return token.to_jwt()
 
 
+def server_api(cfg: Config) -> Any:
+    """LiveKit's server API (rooms, participants) for the configured server."""
+    from livekit import api
+
+    http_url = cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    return api.LiveKitAPI(http_url, cfg.livekit_api_key, cfg.livekit_api_secret)
+
+
 def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:
     return bridge.SessionSettings(
         tools=list(tools or []),
@@ -797,6 +805,11 @@ class Worker(bridge.BridgeEvents):
 
     def dump_counters(self) -> None:
         log.info("counters", extra={"fields": self.counters()})
+        if log.isEnabledFor(logging.DEBUG):
+            for task in asyncio.all_tasks():
+                frames = task.get_stack(limit=4)
+                where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+                log.debug("task %s at %s", task.get_name(), where or "(not started)")
 
     # -- the room --
 
@@ -868,10 +881,9 @@ class Worker(bridge.BridgeEvents):
         is left in the room (at once after delete_room: the room is gone)."""
         from livekit import api
 
-        http_url = self.cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         while not self._stop.is_set():
             try:
-                async with api.LiveKitAPI(http_url, self.cfg.livekit_api_key, self.cfg.livekit_api_secret) as lk:
+                async with server_api(self.cfg) as lk:
                     res = await lk.room.list_participants(api.ListParticipantsRequest(room=self.cfg.room_name))
                 if not any(p.identity != self.cfg.agent_identity for p in res.participants):
                     break
@@ -1312,9 +1324,8 @@ class Worker(bridge.BridgeEvents):
         if self.cfg.end_call_action == "delete_room":
             from livekit import api
 
-            http_url = self.cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
             try:
-                async with api.LiveKitAPI(http_url, self.cfg.livekit_api_key, self.cfg.livekit_api_secret) as lk:
+                async with server_api(self.cfg) as lk:
                     await lk.room.delete_room(api.DeleteRoomRequest(room=self.cfg.room_name))
                 return
             except Exception as e:
@@ -1446,9 +1457,8 @@ async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) 
     from livekit import api
 
     redact = LogContext(cfg.secrets).redact
-    http_url = cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
     try:
-        async with api.LiveKitAPI(http_url, cfg.livekit_api_key, cfg.livekit_api_secret) as lk:
+        async with server_api(cfg) as lk:
             rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 10)
         ok(f"LiveKit at {cfg.livekit_url}: reachable, key and secret accepted ({len(rooms.rooms)} rooms)")
     except api.TwirpError as e:

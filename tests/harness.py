@@ -208,7 +208,10 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"worker still running after {timeout:.1f} s; output:\n{self.output()[-3000:]}")
+                # Ask it where it is stuck (SIGUSR1: counters, and task stacks at debug level).
+                self.signal(signal.SIGUSR1)
+                await asyncio.sleep(1.0)
+                raise AssertionError(f"worker still running after {timeout:.1f} s; output:\n{self.output()[-5000:]}")
             await asyncio.sleep(0.02)
         return self.proc.returncode
 

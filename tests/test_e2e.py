@@ -21,7 +21,6 @@ from harness import (
     RoomUser,
     WorkerProcess,
     tone,
-    tone_amplitude,
     wait_until,
     worker_env,
     write_wav,

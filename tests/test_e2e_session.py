@@ -30,7 +30,7 @@ async def standin():
 async def test_bad_api_key_exits_3_with_one_clear_line(livekit_server, standin, room_name, tmp_path, form):
     standin.options.auth_failure = form
     env = worker_env(livekit_server, standin.url, room_name, ASSEMBLYAI_API_KEY="not-the-right-key",
-                     AMBIENT_SOUND="none", LOG_LEVEL="info")
+                     AMBIENT_SOUND="none")
     worker = WorkerProcess(env, tmp_path / "w").start()
     user = RoomUser(livekit_server, room_name)
     try:

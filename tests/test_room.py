@@ -5,7 +5,6 @@ ways the worker can be thrown out of the room."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
