@@ -377,7 +377,7 @@ async def test_the_browser_hears_the_agent(call: Call) -> None:
     assert onset is not None, "the reply tone was never heard in the page"
     assert onset - sent < 1500, f"the reply was heard {onset - sent:.0f} ms after the stand-in sent it"
     heard = amps(r, REPLY_HZ, onset + 200, onset + 1500)
-    assert len(heard) >= 10, f"only {len(heard)} analysis windows during the reply (page timers throttled?)"
+    assert len(heard) >= 6, f"only {len(heard)} analysis windows during the reply (page timers throttled?)"
     assert fraction_above(heard, 0.05) > 0.9, \
         f"the reply tone was heard in only {fraction_above(heard, 0.05):.0%} of windows while it played"
     under = amps(r, AMBIENT_HZ, onset + 200, onset + 1500)
