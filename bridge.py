@@ -796,7 +796,7 @@ class VoiceAgentClient:
         if ws is not None and self.protocol.ready:
             try:
                 await self._send_all(self.protocol.end_session())
-                await asyncio.wait_for(self._ended.wait(), timeout)
+                await wait_event(self._ended, timeout)
             except (asyncio.TimeoutError, ConnectionClosed, OSError):
                 pass
         else:
@@ -895,10 +895,9 @@ class VoiceAgentClient:
             pass
         finally:
             sender.cancel()
-            try:
-                await sender
-            except (asyncio.CancelledError, ConnectionClosed):
-                pass
+            await asyncio.wait({sender}, timeout=1.0)  # never hang on a sender that ignores it
+            if sender.done() and not sender.cancelled():
+                sender.exception()  # a send on the closing socket: the reader saw the close too
         if self.protocol.ended:
             self._ended.set()
         return got_ready
@@ -906,9 +905,7 @@ class VoiceAgentClient:
     async def _send_loop(self, ws: websockets.ClientConnection) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                await asyncio.wait_for(self._audio_ready.wait(), 0.05)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._audio_ready, 0.05):
                 if self.protocol.ready and not self._ending:
                     self.pacer.fill_silence(time.monotonic())
             self._audio_ready.clear()
@@ -948,11 +945,9 @@ class VoiceAgentClient:
     async def _run_tool(self, call: RunTool) -> None:
         is_error = False
         try:
-            result = await asyncio.wait_for(
-                self.events.on_tool_call(call.name, call.arguments, call.call_id),
-                self.options.tool_timeout_s,
-            )
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.options.tool_timeout_s):
+                result = await self.events.on_tool_call(call.name, call.arguments, call.call_id)
+        except TimeoutError:
             result, is_error = f"tool {call.name!r} timed out after {self.options.tool_timeout_s:g} s", True
         except asyncio.CancelledError:
             raise
@@ -964,6 +959,18 @@ class VoiceAgentClient:
             await self._send_all(self.protocol.tool_result(call.call_id, result, is_error))
         except ConnectionClosed:
             log.warning("tool %s result lost: the connection closed", call.name)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """True if ``event`` is set within ``timeout``. Unlike ``asyncio.wait_for`` on Python
+    3.11, a cancellation arriving as the event fires is never swallowed (that race left a
+    sender task running after its socket was gone, and hung the worker)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
 
 
 def _close_info(ws: websockets.ClientConnection) -> tuple[int | None, str]:

@@ -524,10 +524,7 @@ class Captions:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.TICK_S)
-            except asyncio.TimeoutError:
-                pass
+            await bridge.wait_event(self._wake, self.TICK_S)
             self._wake.clear()
             try:
                 while self._pending:
@@ -807,7 +804,7 @@ class Worker(bridge.BridgeEvents):
         log.info("counters", extra={"fields": self.counters()})
         if log.isEnabledFor(logging.DEBUG):
             for task in asyncio.all_tasks():
-                frames = task.get_stack(limit=4)
+                frames = task.get_stack()[-4:]  # the innermost frames: where it waits
                 where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
                 log.debug("task %s at %s", task.get_name(), where or "(not started)")
 
