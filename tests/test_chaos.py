@@ -59,7 +59,7 @@ async def a_turn_gets_a_reply(standin: StandIn, user: RoomUser) -> None:
     user.say(tone(USER_HZ, 0.8, amplitude=0.6))
     await standin.wait_for(lambda: len([r for r in standin.sessions[-1].replies if r.kind == "turn" and r.done_at])
                            > (before if standin.sessions[-1] is session else 0), 20, "a reply to the user's turn")
-    reply = [r for r in standin.sessions[-1].replies if r.kind == "turn"][-1]
+    reply = [r for r in standin.sessions[-1].replies if r.kind == "turn" and r.done_at and r.first_audio_at][-1]
     await asyncio.sleep(0.5)
     heard = [a for t, a in user.agent().timeline(REPLY_HZ) if reply.first_audio_at + 0.2 <= t <= reply.done_at]
     assert heard and max(heard) > 0.1, "the reply was not heard"
