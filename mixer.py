@@ -298,7 +298,8 @@ class MixerCore:
     depends on nothing but the calls made.
     """
 
-    def __init__(self, settings: MixerSettings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: MixerSettings | None = None, clock: Callable[[], float] = time.monotonic,
+                 history_frames: int = 128) -> None:
         self.s = settings or MixerSettings()
         if self.s.frame_ms not in (10, 20):
             raise ValueError("frame_ms must be 10 or 20")
@@ -322,6 +323,9 @@ class MixerCore:
         # first sample is mixed, ("idle", None) when reply audio stops. Drained by Mixer.
         self.events: list[tuple[str, str | None]] = []
         self._speaking = False
+        # The last frames mixed, as (everything but the reply, the reply, reply owners).
+        self.history: collections.deque[tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]] = \
+            collections.deque(maxlen=history_frames)
 
     def _ms(self, ms: float) -> int:
         return int(round(ms * SAMPLE_RATE / 1000))
@@ -382,6 +386,43 @@ class MixerCore:
             self.counters.last_barge_in_to_silence_ms = ms
             self.counters.barge_in_to_silence_ms.append(ms)
             del self.counters.barge_in_to_silence_ms[:-100]
+
+    def rerender_without_reply(self, frames: int) -> list[np.ndarray]:
+        """Barge-in, part two: the last ``frames`` frames were handed to the output but not
+        yet played (they sit in its queue, about to be flushed). Return them again without
+        the reply (a few-ms fade at the start, silence after), everything else identical:
+        the bed continues sample for sample. Their reply samples no longer count as played."""
+        frames = min(frames, len(self.history))
+        if frames <= 0:
+            return []
+        self._tail = None  # the fade is in the first re-rendered frame now
+        fade_n = max(1, self._ms(self.s.barge_in_fade_ms))
+        fade = np.cos(np.linspace(0.0, math.pi / 2, fade_n + 1, dtype=np.float64)[1:]).astype(np.float32)
+        out = []
+        start = len(self.history) - frames
+        kept_reply = 0
+        for i in range(start, len(self.history)):
+            rest, reply_part, owners = self.history[i]
+            if i == start:
+                faded = np.zeros_like(reply_part)
+                k = min(fade_n, len(reply_part))
+                faded[:k] = reply_part[:k] * fade[:k]
+                kept_reply = k if reply_part.any() else 0
+            else:
+                faded = np.zeros_like(reply_part)
+            for rid, count in owners:
+                st = self.stats.get(rid)
+                if st is not None:
+                    st.played -= count
+            self.history[i] = (rest, faded, owners if i == start and kept_reply else [])
+            limited = self.limiter.process(rest + faded)
+            out.append(np.clip(np.round(limited * INT16_SCALE), -32768, 32767).astype(np.int16))
+        first_owner = self.history[start][2]
+        if kept_reply and first_owner:
+            st = self.stats.get(first_owner[0][0])
+            if st is not None:
+                st.played += kept_reply
+        return out
 
     def reply_queued_ms(self) -> float:
         return self.reply.queued * 1000 / SAMPLE_RATE
@@ -455,13 +496,14 @@ class MixerCore:
         """Exactly one frame of int16 samples."""
         n = self.frame
         now = self.clock()
-        mix = np.zeros(n, dtype=np.float32)
+        reply_part = np.zeros(n, dtype=np.float32)
+        owners_in_frame: list[tuple[str, int]] = []
 
         # Reply: the faded tail of an interrupted reply first, then the buffer.
         speech = False
         if self._tail is not None:
             t = self._tail[:n]
-            mix[: len(t)] += t * self.reply_gain
+            reply_part[: len(t)] += t * self.reply_gain
             owner = self._stats(self._tail_owner or "")
             owner.played += len(t)
             self._tail = self._tail[n:] if len(self._tail) > n else None
@@ -471,8 +513,9 @@ class MixerCore:
                 self._record_silence(owner)
         if self.reply.queued:
             r, owners = self.reply.read(n)
-            mix += r * self.reply_gain
+            reply_part += r * self.reply_gain
             speech = True
+            owners_in_frame = owners
             for rid, count in owners:
                 st = self._stats(rid)
                 if st.first_played_at is None:
@@ -491,6 +534,10 @@ class MixerCore:
             self._speaking = speech
             if not speech:
                 self.events.append(("idle", None))
+
+        # Everything but the reply: kept apart so a barge-in can re-render queued frames
+        # without the reply (see rerender_without_reply).
+        mix = np.zeros(n, dtype=np.float32)
 
         # Bed(s), ducked under the agent's speech.
         if self.beds:
@@ -526,7 +573,8 @@ class MixerCore:
                 mix += samples * voice.gain.render(n)
             self.streams = [v for v in self.streams if not (v.ended and v.buffer.queued == 0)]
 
-        out = self.limiter.process(mix)
+        self.history.append((mix, reply_part, owners_in_frame))
+        out = self.limiter.process(mix + reply_part)
         self.counters.frames += 1
         self.counters.limiter_samples = self.limiter.active_samples
         self.samples_out += n
@@ -536,18 +584,24 @@ class MixerCore:
 # --- the writer ---------------------------------------------------------------------------
 
 
-def _raise_thread_priority() -> str:
+def _raise_thread_priority(mode: str = "realtime") -> str:
     """Give the calling (audio) thread real-time scheduling if we may, else a higher
     priority, else leave it: on a busy host this is what keeps the queue from running
-    dry. Needs CAP_SYS_NICE (root, or AmbientCapabilities=CAP_SYS_NICE under systemd)."""
+    dry. Needs CAP_SYS_NICE (root, or AmbientCapabilities=CAP_SYS_NICE under systemd).
+    LiveKit's own media threads start from this thread (its first call is made here), so
+    they inherit the same scheduling: measured, that is what keeps several workers on one
+    host from starving each other's output (bench/README.md)."""
     import os
 
     tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(10))
-        return "SCHED_RR"
-    except (OSError, AttributeError):
-        pass
+    if mode == "normal":
+        return "normal"
+    if mode == "realtime":
+        try:
+            os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(10))
+            return "SCHED_RR"
+        except (OSError, AttributeError):
+            pass
     try:
         os.setpriority(os.PRIO_PROCESS, tid, -10)
         return "nice -10"
@@ -560,9 +614,17 @@ class Mixer:
     with its own event loop) feeding one ``rtc.AudioSource``."""
 
     def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 100,
-                 clear_queue_on_barge_in: bool = False) -> None:
+                 clear_queue_on_barge_in: bool = False, flush_on_barge_in: bool = True,
+                 priority: str = "realtime") -> None:
         self.core = MixerCore(settings)
+        self.priority_mode = priority
         self.queue_ms = queue_ms
+        # Barge-in without waiting for the queue: flush the output's queue and hand it the
+        # same frames again without the reply, so the reply stops within a frame and the
+        # bed goes on sample for sample.
+        self.flush_on_barge_in = flush_on_barge_in
+        self._flush_requested = False
+        self.flushes = 0
         # The naive design (benchmark baseline only): also flush the source's queue on
         # barge-in, which throws away the bed audio queued with it.
         self.clear_queue_on_barge_in = clear_queue_on_barge_in
@@ -597,7 +659,7 @@ class Mixer:
     def _thread_main(self) -> None:
         from livekit import rtc
 
-        self.priority = _raise_thread_priority()
+        self.priority = _raise_thread_priority(self.priority_mode)
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -623,6 +685,9 @@ class Mixer:
         frame_s = self.core.frame / SAMPLE_RATE
         counters = self.core.counters
         while not self._stop.is_set():
+            if self._flush_requested:
+                self._flush_requested = False
+                await self._flush_without_reply(rtc, frame_s)
             with self._lock:
                 samples = self.core.next_frame()
                 events, self.core.events = self.core.events, []
@@ -654,6 +719,21 @@ class Mixer:
                     except Exception:
                         log.exception("playback event handler failed")
 
+    async def _flush_without_reply(self, rtc, frame_s: float) -> None:
+        """Replace what the output still has queued by the same frames without the reply.
+        Runs right after a capture returned, i.e. just after the output took a frame: the
+        whole queue is ours to replace before it takes the next one."""
+        queued = max(0, round((self._handed_until - time.monotonic()) / frame_s))
+        with self._lock:
+            recent = list(self.core.history)[-queued:] if queued else []
+            if not any(reply.any() for _, reply, _ in recent):
+                return  # the reply had not reached the queue: dropping the buffer was enough
+            frames = self.core.rerender_without_reply(queued)
+        self.source.clear_queue()
+        for samples in frames:
+            await self.source.capture_frame(rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, len(samples)))
+        self.flushes += 1
+
     async def aclose(self, fade_ms: int = 0) -> None:
         """Stop the writer (after an optional bed fade-out) and join the thread."""
         if fade_ms:
@@ -679,6 +759,8 @@ class Mixer:
             st = self.core.interrupt(reply_id)
         if self.clear_queue_on_barge_in and self._loop is not None:
             self._loop.call_soon_threadsafe(self._clear_source_queue)
+        elif self.flush_on_barge_in:
+            self._flush_requested = True  # the writer does it between two captures
         return st
 
     def _clear_source_queue(self) -> None:
@@ -787,6 +869,7 @@ class Mixer:
                 "underrun_ms": round(c.underrun_ms, 1),
                 "queue_ms": round(c.queue_ms, 1),
                 "barge_ins": c.barge_ins,
+                "flushes": self.flushes,
                 "reply_queued_ms": round(self.core.reply_queued_ms(), 1),
                 "reply_latency_ms": c.last_reply_latency_ms,
                 "barge_in_to_silence_ms": c.last_barge_in_to_silence_ms,

@@ -235,6 +235,10 @@ class Config:
                                           _number(float, 1, 3600), group="Control")
     control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
                                            _number(float, 1, 6000), group="Control")
+    audio_priority: str = _setting("realtime", "CPU scheduling for the audio: realtime (real-time scheduling for the "
+                                   "audio and media threads, nice -10 for the rest), nice (nice -10 only) or normal; "
+                                   "needs CAP_SYS_NICE, else it falls back quietly",
+                                   _choice("realtime", "nice", "normal"), group="Audio")
     barge_in_clear_queue: bool = _setting(False, "for benchmarks only: also flush the track's queue on barge-in, like "
                                           "naive bridges do (it throws away queued ambient too)", _bool, group="Audio")
     # Operations
@@ -679,6 +683,7 @@ class Worker(bridge.BridgeEvents):
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
             queue_ms=self.cfg.output_queue_ms,
             clear_queue_on_barge_in=self.cfg.barge_in_clear_queue,
+            priority=self.cfg.audio_priority,
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()
@@ -1566,7 +1571,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "control":
         return asyncio.run(control_client(cfg, args.method, args.payload, args.identity or "operator", args.file))
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
-    raise_priority()
+    if cfg.audio_priority != "normal":
+        raise_priority()
     return asyncio.run(_run(cfg, log_ctx))
 
 
