@@ -430,18 +430,21 @@ class RoomUser:
         raise AssertionError(f"{self.identity} never received audio from {identity}")
 
     async def leave(self) -> None:
+        """Leave, bounded: teardown must never hang a test run (an SDK call that waits for
+        a peer that was killed is abandoned after a few seconds)."""
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=3)
         self._tasks.clear()
-        if self.room is not None:
-            with contextlib.suppress(Exception):
-                await self.room.disconnect()
-        if self.source is not None:
-            with contextlib.suppress(Exception):
-                await self.source.aclose()
+        for closing in ((self.room.disconnect() if self.room is not None else None),
+                        (self.source.aclose() if self.source is not None else None)):
+            if closing is not None:
+                task = asyncio.ensure_future(closing)
+                done, _ = await asyncio.wait({task}, timeout=5)
+                if task in done and not task.cancelled():
+                    task.exception()
+        self.room = self.source = None
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition", interval: float = 0.05) -> None:
