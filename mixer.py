@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -591,7 +592,6 @@ def _raise_thread_priority(mode: str = "realtime") -> str:
     LiveKit's own media threads start from this thread (its first call is made here), so
     they inherit the same scheduling: measured, that is what keeps several workers on one
     host from starving each other's output (bench/README.md)."""
-    import os
 
     tid = threading.get_native_id()
     if mode == "normal":
@@ -663,11 +663,21 @@ class Mixer:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
+            # LiveKit starts its media threads on its first call: make it here, so they
+            # inherit this thread's scheduling whatever ran before (Mixer.start is called
+            # before anything else touches LiveKit).
             self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=self.queue_ms, loop=loop)
         except BaseException as e:  # reported to start()
             self._error = e
             self._source_ready.set()
             return
+        if self.priority == "SCHED_RR":
+            # Then stand above them: with equal real-time priorities, a busy media thread
+            # could hold a core for a whole round-robin slice (100 ms) before we run.
+            try:
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR, os.sched_param(12))
+            except OSError:
+                pass
         self._source_ready.set()
         try:
             loop.run_until_complete(self._write_loop(rtc))

@@ -675,9 +675,6 @@ class Worker(bridge.BridgeEvents):
 
         self._loop = asyncio.get_running_loop()
         self.log_ctx.fields["room"] = self.cfg.room_name
-        # Sounds and tools are loaded before we touch the network: a bad file fails fast.
-        self.ambient, self.thinking = load_banks(self.cfg)
-        self.tools = load_tool_registry(self.cfg, self._end_call_tool)
         self.mixer = mixer_mod.Mixer(
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
@@ -686,7 +683,10 @@ class Worker(bridge.BridgeEvents):
             priority=self.cfg.audio_priority,
         )
         self.mixer.on_event = self._on_playback_event
-        source = self.mixer.start()
+        source = self.mixer.start()  # first LiveKit call: its media threads start on the audio thread
+        # Sounds and tools are loaded before we touch the network: a bad file fails fast.
+        self.ambient, self.thinking = load_banks(self.cfg)
+        self.tools = load_tool_registry(self.cfg, self._end_call_tool)
         self.controller = control.Controller(control.ControlSettings(
             identities=frozenset(self.cfg.control_identities),
             ambient_dir=Path(self.cfg.ambient_dir) if self.cfg.ambient_dir else None,
@@ -721,16 +721,22 @@ class Worker(bridge.BridgeEvents):
 
     async def _shutdown(self) -> None:
         t0 = time.monotonic()
-        try:
-            await asyncio.wait_for(self._graceful_stop(), self.cfg.shutdown_timeout_s)
-        except asyncio.TimeoutError:
+        # asyncio.wait, not wait_for: a step that ignores cancellation (an SDK call waiting
+        # for a dead peer) must not hold the exit past the bound.
+        graceful = asyncio.ensure_future(self._graceful_stop())
+        done, _ = await asyncio.wait({graceful}, timeout=self.cfg.shutdown_timeout_s)
+        if graceful in done:
+            if not graceful.cancelled() and graceful.exception() is not None:
+                log.warning("clean shutdown failed: %s", _one_line(graceful.exception()))
+        else:
+            graceful.cancel()
             log.warning("clean shutdown took longer than %.1f s; exiting anyway", self.cfg.shutdown_timeout_s)
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=1.0)
         if self.mixer is not None:
-            await self.mixer.aclose()
+            await asyncio.wait({asyncio.ensure_future(self.mixer.aclose())}, timeout=2.5)
         log.info("stopped in %.2f s", time.monotonic() - t0)
 
     async def _graceful_stop(self) -> None:

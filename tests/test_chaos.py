@@ -120,6 +120,7 @@ async def test_standin_restarted_gives_a_fresh_session_without_a_second_greeting
                              and first.sessions[0].replies[0].done_at, 15, "the greeting")
         user.say(tone(USER_HZ, 0.8, amplitude=0.6))
         await first.wait_for(lambda: first.sessions[0].events("transcript.user"), 15, "a turn")
+        await asyncio.sleep(0.5)  # the transcript reaches the worker
         await first.stop()  # the service restarts: every session it knew is gone
         await asyncio.sleep(1.0)
         second = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, reply_seconds=1.0, reply_freq_hz=REPLY_HZ,
