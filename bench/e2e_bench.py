@@ -65,7 +65,7 @@ Figures
    agent seen joining by a participant already in the room, -> ``READY=1`` received (joined
    AND key proven), -> first audio heard by that participant.
 
-Priority: the worker raises its audio thread to SCHED_RR 10 when it may (root here). By
+Priority: the worker raises its audio thread to SCHED_RR 12 (its LiveKit media threads, 10) when it may. By
 default (``--bench-priority rt``) this process and the livekit-server it starts run at
 SCHED_RR 1, so on a saturated machine the listeners, the stand-ins and the SFU, which would
 not share a worker's host in production, are not what starves first, while the worker's
@@ -202,7 +202,7 @@ class BenchPriority:
     """Optionally run this process's threads (and the livekit-server it starts) at SCHED_RR
     1, the lowest real-time priority: above every normal thread, so the listeners, the
     stand-ins and the SFU are not the first things a busy machine starves, and below the
-    worker's audio thread (SCHED_RR 10), which they never delay. Applied before the LiveKit
+    worker's audio and media threads (SCHED_RR 12 and 10), which they never delay. Applied before the LiveKit
     FFI starts (its threads inherit it); workers are always started at normal policy."""
 
     RT_PRIORITY = 1
@@ -220,7 +220,7 @@ class BenchPriority:
             self.active = True
             self.note = (f"SCHED_RR {self.RT_PRIORITY}, and so does the livekit-server it starts (infrastructure that "
                          "shares the machine with the workers only here): above normal threads, below the worker's "
-                         "audio thread (SCHED_RR 10); workers start at normal policy")
+                         "audio and media threads (SCHED_RR 12 and 10); workers start at normal policy")
         except (OSError, AttributeError) as e:
             self.note = f"normal (SCHED_RR refused: {e})"
             print(f"warning: cannot run the bench at real-time priority ({e}); its listeners may be "

@@ -9,8 +9,9 @@ without a room, so what leaves the source can be observed sample by sample.
 
 Two designs run side by side in the same process, same seed, same turns:
 
-* **ours**  = ``Mixer()`` defaults: 10 ms frames into a 40 ms native queue; barge-in
-  drops only the unmixed reply (5 ms fade), the bed keeps playing.
+* **ours**  = ``Mixer()`` defaults: 10 ms frames into a 100 ms native queue; barge-in
+  drops the unmixed reply and flushes the queue, handing it the same frames again
+  without the reply (5 ms fade): the bed keeps playing sample for sample.
 * **naive** = ``Mixer(queue_ms=1000, clear_queue_on_barge_in=True)``: LiveKit's
   default 1000 ms queue, and ``clear_queue()`` on barge-in (what pipecat does).
 
@@ -755,7 +756,7 @@ def report(res: dict[str, Any]) -> str:
     o, n = tr["ours"]["obs_silence_ms"], tr["naive"]["obs_silence_ms"]
     rows.append(["hard silence over the turns run, OBSERVED, ms", fmt_num(o), fmt_num(n), fmt_ratio(int_stats(n), int_stats(o))])
     out.append("")
-    out.append(f"2-4. Ours = Mixer() (10 ms frames, 40 ms queue) vs naive = Mixer(queue_ms=1000, clear_queue_on_barge_in=True)"
+    out.append(f"2-4. Ours = Mixer() (10 ms frames, {Mixer().queue_ms} ms queue, flush + re-render on barge-in) vs naive = Mixer(queue_ms=1000, clear_queue_on_barge_in=True)"
                f"\n     CPU: {len(cpu['ours']['windows'])} x 1 s windows each; turns: {len(tr['ours']['turns'])} ours, "
                f"{len(tr['naive']['turns'])} naive; median (min-max)")
     out.append(table(["metric", "ours", "naive", "naive/ours"], rows))
