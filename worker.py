@@ -628,6 +628,7 @@ class Worker(bridge.BridgeEvents):
         self._mix_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._state = ""
+        self._state_lock = asyncio.Lock()
         self._playing: str | None = None  # the reply being spoken (audible, or stalled mid-way)
         self._audible = False  # reply audio is playing out right now
         self._disconnected = asyncio.Event()
@@ -966,17 +967,22 @@ class Worker(bridge.BridgeEvents):
         return client is not None and bool(client.tools_running)
 
     async def _update_state(self) -> None:
-        state = self._desired_state()
-        room = self.room
-        if state == self._state or room is None or not room.isconnected():
-            return
-        self._state = state
-        try:
-            await room.local_participant.set_attributes({AGENT_STATE: state})
-            log.debug("%s -> %s", AGENT_STATE, state)
-        except Exception as e:  # state is cosmetic; never fatal
-            self._state = ""
-            log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
+        # One update at a time, re-reading the desired state once in: two set_attributes in
+        # flight can complete out of order and leave the older state published.
+        async with self._state_lock:
+            while True:
+                state = self._desired_state()
+                room = self.room
+                if state == self._state or room is None or not room.isconnected():
+                    return
+                try:
+                    await room.local_participant.set_attributes({AGENT_STATE: state})
+                    self._state = state
+                    log.debug("%s -> %s", AGENT_STATE, state)
+                except Exception as e:  # state is cosmetic; never fatal
+                    self._state = ""
+                    log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
+                    return
 
     def _state_changed(self) -> None:
         if self.room is not None and self._desired_state() != self._state:
