@@ -423,6 +423,11 @@ class MixerCore:
             st = self.stats.get(first_owner[0][0])
             if st is not None:
                 st.played += kept_reply
+        now = self.clock()
+        for st in self.stats.values():  # the interrupted reply is silent from these frames on
+            if st.interrupted_at is not None and (st.silent_at is None or st.silent_at > now):
+                st.silent_at = now
+                self._record_silence(st)
         return out
 
     def reply_queued_ms(self) -> float:

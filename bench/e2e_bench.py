@@ -200,12 +200,13 @@ def realtime_share(before: dict, after: dict) -> dict[str, Any]:
 
 class BenchPriority:
     """Optionally run this process's threads (and the livekit-server it starts) at SCHED_RR
-    1, the lowest real-time priority: above every normal thread, so the listeners, the
-    stand-ins and the SFU are not the first things a busy machine starves, and below the
-    worker's audio and media threads (SCHED_RR 12 and 10), which they never delay. Applied before the LiveKit
-    FFI starts (its threads inherit it); workers are always started at normal policy."""
+    6: above every normal thread and above a worker's event-loop thread (SCHED_RR 5 in its
+    default AUDIO_PRIORITY=realtime), so the listeners, the stand-ins and the SFU are not
+    the first things a busy machine starves, and below the worker's audio and media threads
+    (SCHED_RR 12 and 10), which they never delay. Applied before the LiveKit FFI starts (its
+    threads inherit it); workers are always started at normal policy."""
 
-    RT_PRIORITY = 1
+    RT_PRIORITY = 6
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -219,8 +220,8 @@ class BenchPriority:
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(self.RT_PRIORITY))
             self.active = True
             self.note = (f"SCHED_RR {self.RT_PRIORITY}, and so does the livekit-server it starts (infrastructure that "
-                         "shares the machine with the workers only here): above normal threads, below the worker's "
-                         "audio and media threads (SCHED_RR 12 and 10); workers start at normal policy")
+                         "shares the machine with the workers only here): above normal threads and the workers' event "
+                         "loops (SCHED_RR 5), below their audio and media threads (SCHED_RR 12 and 10)")
         except (OSError, AttributeError) as e:
             self.note = f"normal (SCHED_RR refused: {e})"
             print(f"warning: cannot run the bench at real-time priority ({e}); its listeners may be "
