@@ -6,7 +6,6 @@ analysis the assertions need."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -454,3 +453,47 @@ async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "conditi
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class HostStallProbe:
+    """Notices when the whole machine stops running us (a shared VM's vCPU descheduled by
+    its host, "steal"): a thread at the highest real-time priority that only sleeps 2 ms at
+    a time. If even it could not run for a while, every process was frozen, and a gap heard
+    then says nothing about the worker. Tests use it to tell the two apart, and say so."""
+
+    def __init__(self, threshold_s: float = 0.03) -> None:
+        import threading
+
+        self.threshold_s = threshold_s
+        self.stalls: list[tuple[float, float]] = []
+        self.realtime = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-probe", daemon=True)
+
+    def __enter__(self) -> "HostStallProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        import threading
+
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(50))
+            self.realtime = True
+        except (OSError, AttributeError):
+            pass
+        last = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(0.002)
+            now = time.monotonic()
+            if now - last > self.threshold_s:
+                self.stalls.append((last, now))
+            last = now
+
+    def frozen_near(self, t: float, margin_s: float = 0.15) -> bool:
+        """Was the host frozen within ``margin_s`` of ``t``? Only a real-time probe can say."""
+        return self.realtime and any(a - margin_s <= t <= b + margin_s for a, b in self.stalls)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from harness import (
+    HostStallProbe,
     SAMPLE_RATE,
     API_SECRET,
     ASSEMBLYAI_KEY,
@@ -163,6 +164,7 @@ async def test_bed_never_drops_out_across_three_barge_ins(livekit_server, standi
     worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND=str(ambient_wav),
                                       AMBIENT_VOLUME="0.5", GREETING=""), tmp_path / "worker").start()
     user = RoomUser(livekit_server, room_name)
+    probe = HostStallProbe().__enter__()
     try:
         await user.join()
         heard = await user.wait_heard("voice-agent", timeout=20)
@@ -183,8 +185,13 @@ async def test_bed_never_drops_out_across_three_barge_ins(livekit_server, standi
         end = time.monotonic() - 0.3
         amb_tl = heard.timeline(AMBIENT_HZ)
         amb_start = next(t for t, a in amb_tl if a > 0.05)
-        gap = longest_gap_ms(amb_tl, amb_start + 0.1, end, 0.01)
-        quiet = [round(t - amb_start, 2) for t, a in amb_tl if amb_start + 0.1 <= t <= end and a <= 0.01]
+        # Windows where the whole machine was frozen (a shared VM's host took the CPU away:
+        # HostStallProbe) say nothing about the worker; every other window must carry the bed.
+        judged = [(t, a) for t, a in amb_tl if not probe.frozen_near(t)]
+        gap = longest_gap_ms(judged, amb_start + 0.1, end, 0.01)
+        quiet = [round(t - amb_start, 2) for t, a in judged if amb_start + 0.1 <= t <= end and a <= 0.01]
+        excused = len(amb_tl) - len(judged)
+        assert excused < len(amb_tl) / 4, f"the host was frozen too often to judge ({probe.stalls})"
         assert gap <= 0, (f"ambient silent for {gap:.0f} ms during the call: silent 20 ms windows at {quiet} s, "
                           f"barge-ins at {[round(c - amb_start, 2) for c in cuts]} s")
         reply_tl = heard.timeline(REPLY_HZ)
@@ -192,6 +199,7 @@ async def test_bed_never_drops_out_across_three_barge_ins(livekit_server, standi
             assert present(reply_tl, cut + 0.3, cut + 0.6, 0.05) == 0, "a reply kept playing after barge-in"
         assert worker.alive
     finally:
+        probe.__exit__()
         worker.kill()
         await user.leave()
 
