@@ -116,6 +116,7 @@ async def test_input_pacing_stays_within_5_percent_of_real_time(standin):
     arrivals = standin.sessions[0].audio_arrivals
     audio_s = sum(n for _, n in arrivals) / RATE
     wall_s = arrivals[-1][0] - arrivals[0][0] + 0.05
+    print(f"pacing: {audio_s:.3f} s of audio over {wall_s:.3f} s ({(audio_s / wall_s - 1) * 100:+.2f} %)")
     assert audio_s > 9.5
     assert abs(audio_s / wall_s - 1) < 0.05, f"{audio_s:.2f} s of audio sent over {wall_s:.2f} s"
     assert "audio_rate_violation" not in standin.sessions[0].errors_sent
