@@ -738,15 +738,23 @@ class Mixer:
         """Replace what the output still has queued by the same frames without the reply.
         Runs right after a capture returned, i.e. just after the output took a frame: the
         whole queue is ours to replace before it takes the next one."""
-        queued = max(0, round((self._handed_until - time.monotonic()) / frame_s))
+        t0 = time.monotonic()
+        queued = max(0, round((self._handed_until - t0) / frame_s))
         with self._lock:
             recent = list(self.core.history)[-queued:] if queued else []
             if not any(reply.any() for _, reply, _ in recent):
                 return  # the reply had not reached the queue: dropping the buffer was enough
             frames = self.core.rerender_without_reply(queued)
+        # If this thread lost the GIL while rendering, the output took frames meanwhile:
+        # those have played, so they are not pushed again (the bed would repeat).
+        late = int((time.monotonic() - t0) / frame_s)
+        data = np.concatenate(frames[late:]) if len(frames) > late else None
         self.source.clear_queue()
-        for samples in frames:
-            await self.source.capture_frame(rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, len(samples)))
+        if data is not None:
+            # One hand-off: the native queue is whole again after a single call (the SDK
+            # splits it into queue-sized pieces natively), not after one Python round
+            # trip per frame, each of which could wait for the GIL while the queue ran dry.
+            await self.source.capture_frame(rtc.AudioFrame(data.tobytes(), SAMPLE_RATE, 1, len(data)))
         self.flushes += 1
 
     async def aclose(self, fade_ms: int = 0) -> None:
