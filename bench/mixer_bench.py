@@ -759,7 +759,7 @@ def report(res: dict[str, Any]) -> str:
     o, n = tr["ours"]["obs_silence_ms"], tr["naive"]["obs_silence_ms"]
     rows.append(["hard silence over the turns run, OBSERVED, ms", fmt_num(o), fmt_num(n), fmt_ratio(int_stats(n), int_stats(o))])
     out.append("")
-    out.append(f"2-4. Ours = Mixer() (10 ms frames, {Mixer().queue_ms} ms queue, flush + re-render on barge-in) vs naive = Mixer(queue_ms=1000, clear_queue_on_barge_in=True)"
+    out.append(f"2-4. Ours = Mixer() (10 ms frames, {DEFAULT_QUEUE_MS} ms queue, flush + re-render on barge-in) vs naive = Mixer(queue_ms=1000, clear_queue_on_barge_in=True)"
                f"\n     CPU: {len(cpu['ours']['windows'])} x 1 s windows each; turns: {len(tr['ours']['turns'])} ours, "
                f"{len(tr['naive']['turns'])} naive; median (min-max)")
     out.append(table(["metric", "ours", "naive", "naive/ours"], rows))
@@ -806,8 +806,8 @@ def report(res: dict[str, Any]) -> str:
     smallest = next((q for q in clean if all(c in clean for c in ten if q < c <= DEFAULT_QUEUE_MS)), None)
     if smallest is None or smallest > DEFAULT_QUEUE_MS:
         out.append(f"The default ({DEFAULT_QUEUE_MS} ms) did not run clean under load in this run: underruns mean the writer "
-                   "was starved (see 'other/steal cores'); observed silence without underruns is a barge-in flush that "
-                   "missed the output's queue by a frame (its depth is estimated from the writer's clock).")
+                   "was starved (see 'other/steal cores'); observed silence without underruns is most likely a barge-in "
+                   "flush that missed the output's queue by a frame (its depth is estimated from the writer's clock).")
     else:
         out.append(f"Smallest 10 ms-frame queue that ran clean under load, as did every larger size up to the default "
                    f"({DEFAULT_QUEUE_MS} ms): {smallest} ms.")
