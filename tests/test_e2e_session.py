@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import ASSEMBLYAI_KEY, RoomUser, WorkerProcess, tone, worker_env, write_wav
+from harness import ASSEMBLYAI_KEY, RoomUser, WorkerProcess, tone, wait_until, worker_env, write_wav
 from standin import StandIn, StandInOptions
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +76,11 @@ async def test_api_outage_keeps_room_and_ambient_then_resumes(livekit_server, st
         heard = await user.wait_heard()
         await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 15, "the session")
         session = standin.sessions[0]
+
+        def bed_at_level() -> bool:  # faded in: the window checked below starts 0.5 s before the drop
+            window = [a for _, a in heard.timeline(AMBIENT_HZ, since=time.monotonic() - 0.6)]
+            return len(window) >= 20 and min(window) > 0.02
+        await wait_until(bed_at_level, 10, "the ambient at its level")
         reply = await standin.trigger_reply(seconds=2.0)
         await standin.wait_for(lambda: reply.first_audio_at is not None, 5, "reply audio")
         t_drop = time.monotonic()
