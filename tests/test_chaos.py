@@ -75,9 +75,19 @@ async def a_turn_gets_a_reply(standin: StandIn, user: RoomUser) -> None:
     await standin.wait_for(lambda: len([r for r in standin.sessions[-1].replies if r.kind == "turn" and r.done_at])
                            > (before if standin.sessions[-1] is session else 0), 20, "a reply to the user's turn")
     reply = [r for r in standin.sessions[-1].replies if r.kind == "turn" and r.done_at and r.first_audio_at][-1]
-    await asyncio.sleep(0.5)
-    heard = [a for t, a in user.agent().timeline(REPLY_HZ) if reply.first_audio_at + 0.2 <= t <= reply.done_at]
-    assert heard and max(heard) > 0.1, "the reply was not heard"
+    # Heard from just after its first audio was sent until a while after its last: the ears'
+    # own jitter buffer can hold it back. After test_ten_thousand_hostile_frames' flood, which
+    # this (test) process generates, this user heard replies 0.3-0.8 s after they were sent for
+    # tens of seconds, while a listener that joined after the flood heard the same replies at
+    # the usual ~0.18 s: the delay is in these ears, not in the worker.
+    def loud() -> list[float]:
+        return [t for t, a in user.agent().timeline(REPLY_HZ, since=reply.first_audio_at)
+                if t >= reply.first_audio_at + 0.2 and a > 0.1]
+    try:
+        await wait_until(lambda: loud(), reply.done_at + 3.0 - time.monotonic(), "the reply to be heard")
+    except AssertionError:
+        raise AssertionError(f"the reply was not heard within 3 s of its end (sent over "
+                             f"{reply.done_at - reply.first_audio_at:.2f} s)") from None
 
 
 def no_leaks(base: dict, now: dict, slack: int = 3) -> None:
