@@ -620,8 +620,13 @@ class Mixer:
 
     def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 100,
                  clear_queue_on_barge_in: bool = False, flush_on_barge_in: bool = True,
-                 priority: str = "realtime") -> None:
+                 priority: str = "realtime", on_air: bool = True) -> None:
         self.core = MixerCore(settings)
+        # Underruns are counted (and warned about) only while the track is on air. A caller
+        # that starts the writer before it publishes (the worker: LiveKit's threads must
+        # start on the audio thread) passes False and sets it once the track is published,
+        # so a busy start-up, or a config error right after it, says nothing about starving.
+        self.on_air = on_air
         self.priority_mode = priority
         self.queue_ms = queue_ms
         # Barge-in without waiting for the queue: flush the output's queue and hand it the
@@ -707,7 +712,7 @@ class Mixer:
                 samples = self.core.next_frame()
                 events, self.core.events = self.core.events, []
             now = time.monotonic()
-            if self._handed_until and now > self._handed_until + 0.002:
+            if self.on_air and self._handed_until and now > self._handed_until + 0.002:
                 counters.underruns += 1
                 gap_ms = (now - self._handed_until) * 1000
                 counters.underrun_ms += gap_ms

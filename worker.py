@@ -682,6 +682,7 @@ class Worker(bridge.BridgeEvents):
             queue_ms=self.cfg.output_queue_ms,
             clear_queue_on_barge_in=self.cfg.barge_in_clear_queue,
             priority=self.cfg.audio_priority,
+            on_air=False,  # until the track is published
         )
         self.mixer.on_event = self._on_playback_event
         source = self.mixer.start()  # first LiveKit call: its media threads start on the audio thread
@@ -857,6 +858,7 @@ class Worker(bridge.BridgeEvents):
             pub = await room.local_participant.publish_track(
                 self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
             self.track_sid = pub.sid
+            self.mixer.on_air = True
             self.controller.register(room, self._spawn)
             if self._restored and not self._in_room.is_set():
                 self._spawn(self._forget_restored_bed_if_nobody_comes(), "restored-bed")

@@ -95,3 +95,26 @@ async def test_barge_in_at_the_output_with_a_continuous_bed(flush):
     steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
     assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
 
+
+
+async def test_underruns_count_only_once_the_track_is_on_air():
+    """The worker starts the writer before it publishes its track (LiveKit's threads must
+    start on the audio thread): a starved start-up is not an underrun, nor warned about."""
+    mixer = Mixer(MixerSettings(), on_air=False)
+    mixer.start()
+
+    def starve() -> None:  # the writer waits for the mixer's lock for 300 ms: 3 queues
+        with mixer._lock:
+            time.sleep(0.3)
+
+    try:
+        await asyncio.sleep(0.3)
+        starve()
+        await asyncio.sleep(0.3)
+        assert mixer.core.counters.underruns == 0
+        mixer.on_air = True
+        starve()
+        await asyncio.sleep(0.3)
+        assert mixer.core.counters.underruns >= 1
+    finally:
+        await mixer.aclose()
