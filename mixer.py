@@ -32,6 +32,7 @@ import numpy as np
 log = logging.getLogger("mixer")
 
 SAMPLE_RATE = 24000
+DEFAULT_QUEUE_MS = 100  # audio handed ahead to the output; README says why 100
 INT16_SCALE = 32767.0
 
 
@@ -618,7 +619,7 @@ class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
 
-    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = 100,
+    def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = DEFAULT_QUEUE_MS,
                  clear_queue_on_barge_in: bool = False, flush_on_barge_in: bool = True,
                  priority: str = "realtime", on_air: bool = True) -> None:
         self.core = MixerCore(settings)

@@ -101,7 +101,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import inspect
 import json
 import math
 import os
@@ -120,9 +119,7 @@ if ROOT not in sys.path:
 
 import numpy as np
 
-from mixer import SAMPLE_RATE, Mixer, MixerCore, MixerSettings
-
-DEFAULT_QUEUE_MS = inspect.signature(Mixer).parameters["queue_ms"].default
+from mixer import DEFAULT_QUEUE_MS, SAMPLE_RATE, Mixer, MixerCore, MixerSettings
 
 RATE = SAMPLE_RATE
 BED_LOOP_S = 6.0

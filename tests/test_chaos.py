@@ -84,7 +84,7 @@ async def a_turn_gets_a_reply(standin: StandIn, user: RoomUser) -> None:
         return [t for t, a in user.agent().timeline(REPLY_HZ, since=reply.first_audio_at)
                 if t >= reply.first_audio_at + 0.2 and a > 0.1]
     try:
-        await wait_until(lambda: loud(), reply.done_at + 3.0 - time.monotonic(), "the reply to be heard")
+        await wait_until(loud, reply.done_at + 3.0 - time.monotonic(), "the reply to be heard")
     except AssertionError:
         raise AssertionError(f"the reply was not heard within 3 s of its end (sent over "
                              f"{reply.done_at - reply.first_audio_at:.2f} s)") from None

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import mixer
 import worker
 from harness import REPO
 
@@ -54,6 +55,8 @@ def test_defaults():
     assert cfg.voice_agent_url == "wss://agents.assemblyai.com/v1/ws"
     assert cfg.agent_identity == "voice-agent"
     assert cfg.turn_detection() == {}  # the default profile sends nothing
+    # The mixer bench's "ours" is Mixer()'s default queue: it must be the worker's.
+    assert cfg.output_queue_ms == mixer.DEFAULT_QUEUE_MS
 
 
 def test_turn_profile_and_overrides():

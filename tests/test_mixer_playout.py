@@ -96,7 +96,6 @@ async def test_barge_in_at_the_output_with_a_continuous_bed(flush):
     assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
 
 
-
 async def test_underruns_count_only_once_the_track_is_on_air():
     """The worker starts the writer before it publishes its track (LiveKit's threads must
     start on the audio thread): a starved start-up is not an underrun, nor warned about."""
