@@ -1288,6 +1288,8 @@ class Worker(bridge.BridgeEvents):
         ctx = tools_mod.ToolContext(self.cfg.room_name, user, call_id, self._play_cue_for_tool, self._end_call_from_tool)
         try:
             return await self.tools.call(name, arguments, ctx)
+        except (tools_mod.ToolCallError, tools_mod.ToolFailed) as e:
+            raise bridge.ToolError(str(e)) from None  # meant for the agent; anything else is not
         finally:
             self._state_changed_soon()
 
