@@ -64,6 +64,8 @@ PEAK_CEILING = 0.99
 BUILTIN_PREFIX = "builtin:"
 _MIN_RATE, _MAX_RATE = 4000, 768000
 _MAX_CHANNELS = 64
+_MAX_WAV_CHUNKS = 10_000
+_FLOAT_LIMIT = 1e4  # float samples beyond +-80 dBFS are damage: clipped, so no sum overflows
 
 
 class SoundError(ValueError):
@@ -225,11 +227,13 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     Integer PCM 8/16/24/32-bit and IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE, RIFF
     (little-endian), RIFX (big-endian) and RF64. Unknown chunks are skipped, odd chunk sizes are
     padded, and a data size that is 0xFFFFFFFF (streaming writers) or larger than the file
-    (truncated copy) means "everything until the end of the file".
+    (truncated copy) means "everything until the end of the file". Any malformed header is a
+    SoundError.
     """
     if not _looks_like_wav(data):
         raise SoundError(
-            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {data[:4]!r}); convert it: {_ffmpeg_hint(name)}"
+            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {bytes(data[:4])!r}); "
+            f"convert it: {_ffmpeg_hint(name)}"
         )
     endian = ">" if data[:4] == b"RIFX" else "<"
     fmt, body = _wav_chunks(data, name, endian)
@@ -242,19 +246,30 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return samples.reshape(frames_count, fmt.channels), fmt.rate
 
 
+def _damaged(name: str, what: str) -> SoundError:
+    return SoundError(
+        f"{name}: damaged or truncated WAV header ({what}); re-export it or convert it: {_ffmpeg_hint(name)}"
+    )
+
+
 def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memoryview]:
     """Walk the chunk list; return the format and a view of the (possibly truncated) data."""
     view = memoryview(data)
     fmt: _WavFormat | None = None
     body: memoryview | None = None
     ds64_data_size: int | None = None
+    rf64 = bytes(data[:4]) in (b"RF64", b"BW64")
     pos = 12
-    while pos + 8 <= len(data):
+    for _ in range(_MAX_WAV_CHUNKS):
+        if pos + 8 > len(data):
+            break
         chunk_id = bytes(view[pos : pos + 4])
         (size,) = struct.unpack_from(endian + "I", data, pos + 4)
         start = pos + 8
         available = len(data) - start
-        if chunk_id == b"ds64" and size >= 16:
+        if chunk_id == b"ds64" and rf64:
+            if size < 16 or available < 16:
+                raise _damaged(name, "RF64 'ds64' chunk too short")
             (ds64_data_size,) = struct.unpack_from("<Q", data, start + 8)
         elif chunk_id == b"fmt ":
             fmt = _parse_fmt(view[start : start + min(size, available)], name, endian)
@@ -270,11 +285,10 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
             if fmt is not None:
                 break
         pos = start + size + (size & 1)
+    else:
+        raise _damaged(name, f"more than {_MAX_WAV_CHUNKS} chunks")
     if fmt is None:
-        raise SoundError(
-            f"{name}: damaged or truncated WAV header (no 'fmt ' chunk); "
-            f"re-export it or convert it: {_ffmpeg_hint(name)}"
-        )
+        raise _damaged(name, "no 'fmt ' chunk")
     if body is None:
         raise SoundError(f"{name}: the WAV file has no 'data' chunk (no audio); re-export it with audio")
     return fmt, body
@@ -282,10 +296,7 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
 
 def _parse_fmt(chunk: memoryview, name: str, endian: str) -> _WavFormat:
     if len(chunk) < 16:
-        raise SoundError(
-            f"{name}: damaged or truncated WAV header ('fmt ' chunk too short); "
-            f"re-export it or convert it: {_ffmpeg_hint(name)}"
-        )
+        raise _damaged(name, "'fmt ' chunk too short")
     tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from(endian + "HHIIHH", chunk, 0)
     if tag == _WAVE_EXTENSIBLE:
         if len(chunk) < 40:
@@ -328,8 +339,9 @@ def _pcm_to_float(raw: memoryview, fmt: _WavFormat, endian: str) -> np.ndarray:
     """Interleaved samples -> float32 in [-1, 1] (integer PCM) or as stored (float)."""
     size = fmt.bytes_per_sample
     if fmt.tag == _WAVE_FLOAT:
-        values = np.frombuffer(raw, dtype=f"{endian}f{size}").astype(np.float32)
-        return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+        values = np.frombuffer(raw, dtype=f"{endian}f{size}")
+        values = np.clip(values, -_FLOAT_LIMIT, _FLOAT_LIMIT).astype(np.float32)  # +-inf clip too
+        return np.nan_to_num(values, nan=0.0, copy=False)
     if size == 1:
         return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     if size == 3:
