@@ -1,7 +1,8 @@
 """Sound assets: turn a file, bytes or a built-in name into one clean 24 kHz mono buffer.
 
-Everything here is synchronous and CPU-bound; the mixer calls it off the audio loop (in a
-thread) once per asset, then loops the result from memory.
+Everything here is synchronous and CPU-bound: decode once per asset, then loop the result from
+memory. From an event loop, decode in `decode_executor()`'s one thread, which runs at ordinary
+priority even when the process is real-time (control.py does).
 
     sound = load("sounds/cafe.mp3", target_lufs=-30.0)   # or load("builtin:office", ...)
     sound.samples     # float32, mono, 24 kHz, nominal range [-1, 1], read-only
@@ -25,20 +26,23 @@ Every failure a user can cause raises `SoundError`, whose message is one line na
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import logging
 import math
+import os
 import random
 import re
 import shlex
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +56,9 @@ __all__ = [
     "decode_bytes",
     "decode_wav",
     "sniff_format",
+    "decode_executor",
+    "run_in_background",
+    "lower_thread_priority",
     "to_mono_24k",
     "integrated_loudness",
     "k_weighting_coefficients",
@@ -81,6 +88,9 @@ _MAX_CHANNELS = 64
 _MAX_SAMPLES_PER_S = 768_000
 _MAX_WAV_CHUNKS = 10_000
 _FLOAT_LIMIT = 1e4  # float samples beyond +-80 dBFS are damage: clipped, so no sum overflows
+
+_T = TypeVar("_T")
+
 
 class SoundError(ValueError):
     """A sound asset cannot be used; str(e) is one user-facing line naming the asset and the fix."""
@@ -308,6 +318,63 @@ def sniff_format(data: bytes) -> str | None:
             return "aac" if after[1] & 0xF6 == 0xF0 else None
         return "mp3"
     return "mp3" if pos else None  # an ID3 tag, then padding or junk: the MP3 demuxer resyncs
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding off the event loop, at ordinary priority
+# --------------------------------------------------------------------------------------------
+
+_DECODE_NICE = 10
+_DECODE_THREAD_NAME = "sound-decode"
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def lower_thread_priority() -> None:
+    """Make the calling thread ordinary background work: SCHED_OTHER, nice >= 10.
+
+    The worker runs real-time (SCHED_RR) when it may, and threads inherit their creator's
+    policy, so a decoding thread started from the event loop would compete with the audio.
+    Lowering is always allowed; errors (no such call on this OS) are ignored."""
+    tid = threading.get_native_id()
+    try:
+        if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < _DECODE_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, _DECODE_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+def run_in_background(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Call `fn` after lower_thread_priority(): for work handed to a thread, e.g.
+    ``loop.run_in_executor(decode_executor(), run_in_background, sounds.load, path)``."""
+    lower_thread_priority()
+    return fn(*args, **kwargs)
+
+
+def _init_decode_thread() -> None:
+    lower_thread_priority()
+    try:  # named in top/ps and in /proc/<pid>/task/*/comm
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(_DECODE_THREAD_NAME)
+    except OSError:
+        pass
+
+
+def decode_executor() -> concurrent.futures.Executor:
+    """The process's one decoding thread (created on first use, at ordinary priority): decodes
+    queue there one at a time instead of competing for the CPU with the audio."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=_DECODE_THREAD_NAME, initializer=_init_decode_thread
+            )
+        return _executor
 
 
 # --------------------------------------------------------------------------------------------

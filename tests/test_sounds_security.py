@@ -1,6 +1,7 @@
 """sounds.py against hostile files (issue 20): only the allowed demuxers ever see the bytes, no
 protocol, socket or local file is ever opened, limits hold before and during decoding, memory
-follows the allowed duration at 24 kHz mono. Nothing touches the network."""
+follows the allowed duration at 24 kHz mono, and decoding threads run at ordinary priority.
+Nothing touches the network."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from sound_samples import (
     reset_peak_rss,
     sdp,
     socket_inodes,
+    thread_sched,
     udp_ports_of,
     wav_bytes,
     wav_seeds,
@@ -268,6 +270,64 @@ def test_a_multichannel_wav_is_downmixed_without_a_float_copy_of_every_channel()
     assert sound.duration_s == pytest.approx(60.0)
     # The file is 46 MB; all channels as float32 would be 92 MB on top. Mono at 48 kHz is 11.5 MB.
     assert grew < 60, f"peak RSS grew {grew:.0f} MB decoding a {len(data) / 1e6:.0f} MB WAV"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding threads run at ordinary priority
+# --------------------------------------------------------------------------------------------
+
+
+def run_in_realtime_thread(fn):
+    """Run fn in a new SCHED_RR thread (skip if this process may not)."""
+    box: dict = {}
+
+    def body() -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR, os.sched_param(5))
+        except (OSError, AttributeError) as e:
+            box["skip"] = str(e)
+            return
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "skip" in box:
+        pytest.skip(f"cannot make a real-time thread here: {box['skip']}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def my_scheduling() -> tuple[int, int, tuple[str, int, int]]:
+    tid = threading.get_native_id()
+    return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid), thread_sched(os.getpid(), tid)
+
+
+def test_run_in_background_takes_a_realtime_thread_down_to_ordinary_priority() -> None:
+    def check():
+        before = os.sched_getscheduler(threading.get_native_id())
+        return before, sounds.run_in_background(my_scheduling)
+
+    before, (policy, nice, (_, proc_policy, proc_nice)) = run_in_realtime_thread(check)
+    assert before == os.SCHED_RR
+    assert policy == os.SCHED_OTHER and proc_policy == 0
+    assert nice >= 10 and proc_nice >= 10
+
+
+def test_the_decode_thread_is_ordinary_even_when_created_by_a_realtime_thread(monkeypatch) -> None:
+    monkeypatch.setattr(sounds, "_executor", None)  # a fresh one, created below by a real-time thread
+
+    def check():
+        return sounds.decode_executor().submit(my_scheduling).result(5)
+
+    policy, nice, (comm, proc_policy, proc_nice) = run_in_realtime_thread(check)
+    assert comm == "sound-decode"
+    assert policy == os.SCHED_OTHER and proc_policy == 0 and nice >= 10 and proc_nice >= 10
+    sounds.decode_executor().shutdown()
 
 
 def test_decoding_in_a_subprocess_opens_no_socket_at_all() -> None:
