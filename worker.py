@@ -1354,7 +1354,8 @@ class Worker(bridge.BridgeEvents):
         import sounds
 
         try:
-            sound = await asyncio.to_thread(sounds.load, clip, target_lufs=self.cfg.cue_target_lufs)
+            sound = await asyncio.get_running_loop().run_in_executor(  # ordinary priority, not real-time
+                sounds.decode_executor(), lambda: sounds.load(clip, target_lufs=self.cfg.cue_target_lufs))
         except sounds.SoundError as e:
             log.warning("tool cue %s cannot be played: %s", clip, e)
             return False
