@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import textwrap
@@ -638,3 +639,60 @@ async def test_a_child_never_outlives_its_parent(tmp_path):
                 return True
         await wait_for(gone, 10)
         print(f"{mode}: child gone {time.monotonic() - t0:.2f} s after its parent was killed")
+
+
+# --- the async layer against a fake /agent endpoint ---------------------------------------------------
+
+
+async def test_a_silent_server_is_dropped_after_the_ping_timeout_and_the_worker_registers_again():
+    """A half-open connection (the server answers the registration, then nothing): the
+    worker gives up on it after the ping timeout, reconnects and registers again."""
+    import dataclasses
+
+    import websockets
+    from livekit import api
+
+    secret = "fake-secret-" + "p" * 24
+    conns: list = []
+    requests: list = []
+
+    async def handler(ws) -> None:
+        conns.append(ws)
+        requests.append((ws.request.path, ws.request.headers.get("Authorization", "")))
+        msg = agent.WorkerMessage()
+        msg.ParseFromString(await ws.recv())
+        assert msg.WhichOneof("message") == "register"
+        reply = agent.ServerMessage(register=agent.RegisterWorkerResponse(worker_id=f"AW_{len(conns)}"))
+        await ws.send(reply.SerializeToString())
+        if len(conns) == 1:
+            await asyncio.sleep(3600)  # silent from now on: no pong, nothing
+        async for frame in ws:
+            m = agent.WorkerMessage()
+            m.ParseFromString(frame)
+            if m.WhichOneof("message") == "ping":
+                pong = agent.WorkerPong(last_timestamp=m.ping.timestamp, timestamp=int(time.time() * 1000))
+                await ws.send(agent.ServerMessage(pong=pong).SerializeToString())
+
+    server = await websockets.serve(handler, "127.0.0.1", 0, ping_interval=None)
+    port = server.sockets[0].getsockname()[1]
+    settings = dispatch.ServeSettings(livekit_url=f"ws://127.0.0.1:{port}", api_key="fake-key", api_secret=secret,
+                                      max_calls=1, load_threshold=1.0, job_command=("true",))
+    d = dispatch.Dispatcher(settings)
+    d.core.s = dataclasses.replace(d.core.s, ping_interval_s=0.2, ping_timeout_s=1.0)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(d.run())
+    try:
+        await wait_for(lambda: len(conns) >= 2 and d.core.registered and d.core.worker_id == "AW_2", 15)
+        assert d.core.registrations == 2
+        path, auth = requests[0]
+        assert path == "/agent?protocol=1" and auth.startswith("Bearer ")
+        claims = api.TokenVerifier("fake-key", secret).verify(auth[len("Bearer "):])
+        assert claims.video.agent and not claims.video.room_join
+        await wait_for(lambda: d.core.rtt_ms is not None, 5)  # the second server answers pings
+        d._on_signal("SIGTERM")  # no call in progress: exits at once
+        assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        task.cancel()
+        server.close()
