@@ -653,7 +653,13 @@ class WorkerCore:
         self._last_ping = now
         self._last_full_reason = None
         # Our real load and job count at once: until then the server thinks we are idle.
-        return self._status(now)
+        out = self._status(now)
+        running = [j.id for j in self.jobs.values() if j.phase is not Phase.RESERVED]
+        if running:
+            # As livekit-agents does after a reconnect: name the calls we still run (a no-op
+            # in livekit-server v1.13.5, which forgot them with the old connection).
+            out.append(Send(self._msg(migrate_job=self._pb.MigrateJobRequest(job_ids=running))))
+        return out
 
     def _on_availability(self, req: Any, now: float) -> list[Effect]:
         job = req.job
@@ -784,14 +790,19 @@ class WorkerCore:
         status = self._pb.JS_SUCCESS if ok else self._pb.JS_FAILED
         return [self._job_update(job_id, status, "" if ok else error[:200]), *self._status_if_changed(now)]
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
+    def snapshot(self, rooms: bool = False) -> dict[str, Any]:
+        """Counters; with ``rooms``, every job's room too (for our log only: room names can
+        carry personal data, e.g. a caller's number)."""
+        out = {
             "worker_id": self.worker_id, "registered": self.registered, "draining": self.draining,
             "calls": self.job_count, "reserved": self._count(Phase.RESERVED), "max_calls": self.s.max_calls,
             "cpu": round(self.cpu_load, 3), "load": self.load(), "accepted": self.accepted,
             "refused": dict(self.refused), "ended": dict(self.ended), "rtt_ms": self.rtt_ms,
-            "jobs": {j.id: {"room": j.room, "phase": j.phase.value} for j in self.jobs.values()},
+            "registrations": self.registrations,
         }
+        if rooms:
+            out["jobs"] = {j.id: {"room": j.room, "phase": j.phase.value} for j in self.jobs.values()}
+        return out
 
 
 # --- CPU load -------------------------------------------------------------------------------------
@@ -1129,7 +1140,7 @@ class HealthServer:
     """``GET /healthz``: 200 while the event loop and the supervision tick run (liveness:
     never fails because LiveKit is unreachable, a restart would only end the calls in
     progress). ``GET /readyz``: 200 while registered and taking calls, else 503.
-    ``GET /status``: the worker's counters as JSON (no secrets)."""
+    ``GET /status``: the worker's counters as JSON (no secrets, no room names)."""
 
     def __init__(self, dispatcher: "Dispatcher", host: str, port: int) -> None:
         self.d, self.host, self.port = dispatcher, host, port
@@ -1267,7 +1278,7 @@ class Dispatcher:
                 self._finished.set()
 
     def dump_status(self) -> None:
-        log.info("status: %s", json.dumps(self.core.snapshot()))
+        log.info("status: %s", json.dumps(self.core.snapshot(rooms=True)))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -413,6 +414,55 @@ async def test_livekit_server_restart_the_worker_registers_again_and_serves(own_
     finally:
         await u2.leave()
     assert w.alive
+
+
+def drop_agent_connection(pid: int, server_port: int) -> int:
+    """Kill the serve process's /agent TCP connection (only that one: the calls' own
+    signalling connections are other processes') with ``ss -K``. Returns its local port."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        local_port, remote_port, inode = int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16), f[9]
+        if remote_port == server_port and inode in inodes:
+            subprocess.run(["ss", "-K", "src", "127.0.0.1", "sport", "=", f":{local_port}", "dst", "127.0.0.1",
+                            "dport", "=", f":{server_port}"], check=True, capture_output=True, timeout=10)
+            return local_port
+    raise AssertionError("the serve process has no connection to the server")
+
+
+async def test_a_dropped_agent_connection_calls_go_on_it_registers_again_and_serves(livekit_server, serves, room_name):
+    if not shutil.which("ss"):
+        pytest.skip("ss (iproute2) is needed to cut one TCP connection")
+    w = serves("blip")
+    await w.registered()
+    u1 = await join(livekit_server, f"{room_name}-1", publish=True)
+    users = [u1]
+    try:
+        assert await served_by(u1) == "blip"
+        heard = await u1.wait_heard(AGENT)
+        child = children_of("blip")
+        t_drop = time.monotonic()
+        drop_agent_connection(w.proc.pid, livekit_server.port)
+        await w.wait_for_output(r"lost the connection to LiveKit; 1 calls go on", 10)
+        await w.registered(times=2, timeout=20)
+        assert "registered again with LiveKit as worker" in w.output() and "(1 calls in progress)" in w.output()
+        # The call never noticed: same process, still in the room, still playing.
+        await asyncio.sleep(1.0)
+        assert children_of("blip") == child and AGENT in u1.room.remote_participants
+        assert max(a for t, a in heard.timeline(440) if t > t_drop + 0.5) > 0.2
+        u2 = await join(livekit_server, f"{room_name}-2")
+        users.append(u2)
+        assert await served_by(u2) == "blip"
+        assert w.alive
+    finally:
+        await leave_all(users)
 
 
 # --- operations ----------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def test_register_request_then_status_at_once():
     p = reg.allowed_permissions
     assert p.can_publish and p.can_subscribe and p.can_publish_data and p.can_update_metadata and p.agent
     # Until told, the server thinks a new worker is idle: the real status goes at once.
-    st = status(c.receive(agent.ServerMessage(register=agent.RegisterWorkerResponse(worker_id="AW_9")), 0.1))
+    effects = c.receive(agent.ServerMessage(register=agent.RegisterWorkerResponse(worker_id="AW_9")), 0.1)
+    assert sent(effects, "migrate_job") == []  # no call to name
+    st = status(effects)
     assert st is not None and st.HasField("status") and st.status == agent.WS_AVAILABLE and st.job_count == 0
     assert c.registered and c.worker_id == "AW_9"
 
@@ -291,8 +293,10 @@ def test_connection_lost_drops_promises_keeps_calls_and_reregistration_reports_t
     c.connection_lost(3.0)
     assert set(c.jobs) == {"AJ_1"} and not c.registered
     # Job updates while disconnected are produced; the I/O layer drops them.
-    st = status(registered(c, 4.0))
-    assert st.job_count == 1 and c.registrations == 2
+    effects = registered(c, 4.0)
+    assert status(effects).job_count == 1 and c.registrations == 2
+    (m,) = sent(effects, "migrate_job")
+    assert list(m.migrate_job.job_ids) == ["AJ_1"]
 
 
 # --- termination, draining, stopping -----------------------------------------------------------------
