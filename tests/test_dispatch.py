@@ -309,6 +309,8 @@ async def test_sigterm_drains_the_call_goes_on_new_rooms_go_elsewhere_exit_0(liv
         users.append(u2)
         assert await served_by(u2) == "other"
         await asyncio.sleep(3.0)
+        # The server answers our pings (WorkerPing -> WorkerPong), also while we drain.
+        await wait_until(lambda: json.loads(http_get(port, "/status")[1])["rtt_ms"] is not None, 8, "a pong")
         # The call in progress went on: still there, still playing.
         assert drained.alive and AGENT in u1.room.remote_participants
         assert max(a for t, a in heard.timeline(440) if t > t_term + 2.5) > 0.2
