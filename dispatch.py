@@ -24,7 +24,9 @@ Layers, like bridge.py:
   or failure.
 * ``Dispatcher`` -- the thin async layer: the ``/agent`` WebSocket, reconnect with backoff
   and re-register (calls in progress keep running), signals and draining, the CPU meter,
-  sd_notify to systemd, an optional health endpoint.
+  sd_notify to systemd, an optional health endpoint. A call process that exits with an
+  error every call would share (``HOPELESS_EXITS``: configuration, rejected API key)
+  takes the host out of the fleet: no new calls, exit with that code once the others end.
 * For children: ``read_job()`` and ``bind_to_parent()`` (a child never outlives us).
 
 Protocol flow (``livekit.protocol.agent``)::
@@ -149,6 +151,15 @@ CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
 
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_LIVEKIT_AUTH = 0, 1, 2, 6
+
+# A call process that exits with one of these (worker.py's exit codes) failed in a way every
+# other call on this host would too: the host stops taking calls and, once the calls in
+# progress have ended, exits with the same code (not restarted by systemd).
+HOPELESS_EXITS = {
+    2: "a configuration error",
+    3: "the Voice Agent API rejected ASSEMBLYAI_API_KEY",
+    4: "the Voice Agent API rejected the session configuration",
+}
 
 AGENT_NAME_ATTRIBUTE = "lk.agent_name"  # set by the server on the agent's token
 
@@ -889,7 +900,7 @@ class Supervisor:
     their own session, so a terminal's Ctrl-C reaches only us and we decide how calls end."""
 
     def __init__(self, command: Sequence[str], *, stop_timeout_s: float, start_timeout_s: float,
-                 on_ready: Callable[[str], None], on_exit: Callable[[str, bool, str], None],
+                 on_ready: Callable[[str], None], on_exit: Callable[[str, bool, str, int | None], None],
                  watchdog_s: float = CHILD_WATCHDOG_S, env: Mapping[str, str] | None = None) -> None:
         self.command = tuple(command)
         self.stop_timeout_s = stop_timeout_s
@@ -927,7 +938,7 @@ class Supervisor:
 
     async def _run(self, child: Child, command: tuple[str, ...]) -> None:
         spec = child.spec
-        ok, error = False, ""
+        ok, error, rc = False, "", None
         try:
             env = dict(self.base_env, NOTIFY_SOCKET=self._notify_socket(child),
                        WATCHDOG_USEC=str(int(self.watchdog_s * 1e6)))
@@ -957,7 +968,7 @@ class Supervisor:
             if child.proc is not None and child.proc.returncode is None:
                 self._signal(child, signal.SIGKILL, group=True)
             self.children.pop(spec.job_id, None)
-            self.on_exit(spec.job_id, ok, error)
+            self.on_exit(spec.job_id, ok, error, rc)
 
     def _outcome(self, child: Child, rc: int) -> tuple[bool, str]:
         if child.kill_reason:
@@ -1243,8 +1254,17 @@ class Dispatcher:
     def _child_ready(self, job_id: str) -> None:
         self._apply(self.core.job_ready(job_id, time.monotonic()))
 
-    def _child_exited(self, job_id: str, ok: bool, error: str) -> None:
-        self._apply(self.core.job_exited(job_id, time.monotonic(), ok=ok, error=error))
+    def _child_exited(self, job_id: str, ok: bool, error: str, returncode: int | None) -> None:
+        now = time.monotonic()
+        self._apply(self.core.job_exited(job_id, now, ok=ok, error=error))
+        why = HOPELESS_EXITS.get(returncode) if returncode is not None else None
+        if why and self._fatal is None:
+            self._fatal = Fatal(returncode, f"a call process exited with {returncode} ({why}): every call on this "
+                                            "host would fail the same way; fix it and restart")
+            log.error("%s; not taking calls any more, exiting once the %d calls in progress end",
+                      self._fatal, self.core.job_count)
+            self.notifier.notify(f"STATUS=not taking calls: {why}")
+            self._apply(self.core.drain(now))
         self._check_finished()
 
     # -- lifecycle --

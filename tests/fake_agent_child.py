@@ -16,8 +16,8 @@ conversation:
   timeout). Never prints the token.
 
 Test knobs, from ``FAKE_<NAME>`` variables or the job metadata ``{"fake": {...}}``
-(metadata wins): ``idle_s`` (2), ``exit_after_s``, ``crash_after_s`` (exit 3 without
-leaving), ``ignore_sigterm``, ``no_ready``, ``hang_after_s`` (the event loop stops: no more
+(metadata wins): ``idle_s`` (2), ``exit_after_s``, ``crash_after_s`` (exit ``crash_code``,
+default 1, without leaving), ``ignore_sigterm``, ``no_ready``, ``hang_after_s`` (the event loop stops: no more
 watchdog pings). Attributes it sets for the tests: ``fake.tag`` (``--tag``), ``fake.job_id``,
 ``fake.metadata``, ``fake.pid``.
 """
@@ -45,7 +45,7 @@ RATE = 24000
 
 def knobs(job: dispatch.JobSpec) -> dict:
     out: dict = {"idle_s": 2.0}
-    for name in ("idle_s", "exit_after_s", "crash_after_s", "hang_after_s"):
+    for name in ("idle_s", "exit_after_s", "crash_after_s", "hang_after_s", "crash_code"):
         v = os.environ.get(f"FAKE_{name.upper()}")
         if v:
             out[name] = float(v)
@@ -134,7 +134,7 @@ async def run(job: dispatch.JobSpec, k: dict, tag: str, tone_hz: float) -> int:
                 end(0, "exit_after_s")
             if "crash_after_s" in k and now - started > float(k["crash_after_s"]):
                 say("crashing (test knob)")
-                os._exit(3)
+                os._exit(int(k.get("crash_code", 1)))
             if "hang_after_s" in k and now - started > float(k["hang_after_s"]):
                 say("hanging (test knob)")
                 while True:

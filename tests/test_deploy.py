@@ -192,7 +192,9 @@ def test_serve_unit_drains_within_its_stop_timeout_and_keeps_the_templates_harde
                                                   "LIVEKIT_API_SECRET": "s"})
     assert float(settings["TimeoutStopSec"]) > default_drain.drain_timeout_s + default_drain.job_stop_timeout_s
     assert "DRAIN_TIMEOUT_S" not in settings.get("Environment", "")  # the default, which the timeout covers
-    assert settings["Restart"] == "on-failure" and settings["RestartPreventExitStatus"].split() == ["2", "6"]
+    hopeless = sorted(str(c) for c in {*dispatch.HOPELESS_EXITS, dispatch.EXIT_CONFIG, dispatch.EXIT_LIVEKIT_AUTH})
+    assert settings["RestartPreventExitStatus"].split() == hopeless
+    assert settings["Restart"] == "on-failure" and settings["RestartPreventExitStatus"].split() == ["2", "3", "4", "6"]
     # Every hardening and capability line of the per-room template, unchanged.
     template = unit_lines("voice-agent@.service")
     start = template.index("Nice=-10")

@@ -237,13 +237,42 @@ async def test_a_crashed_call_is_reported_failed_and_the_worker_carries_on(livek
         await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name="crashy", room=room_name, metadata=json.dumps({"fake": {"crash_after_s": 0.5}})))
         await agent_of(user)
-        await alpha.wait_for_output(r"job AJ_\w+ for room \S+ failed: call process exited with code 3", 15)
+        await alpha.wait_for_output(r"job AJ_\w+ for room \S+ failed: call process exited with code 1", 15)
         await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name="crashy", room=room_name))
-        await alpha.wait_for_output(r"(?s)failed: call process exited with code 3.*the call is in room", 20)
+        await alpha.wait_for_output(r"(?s)failed: call process exited with code 1.*the call is in room", 20)
         assert alpha.alive
     finally:
         await lk.aclose()
         await user.leave()
+
+
+async def test_a_call_failing_as_every_call_would_takes_the_host_out_of_the_fleet(livekit_server, serves, room_name):
+    """Exit 2 (configuration), 3 or 4 (key or session configuration rejected) would repeat
+    for every call: the worker stops taking calls, lets the others finish, exits with it."""
+    from livekit import api
+
+    w = serves("hopeless", AGENT_NAME="hopeless")
+    await w.registered()
+    users = [await join(livekit_server, f"{room_name}-{i}") for i in range(3)]
+    lk = api.LiveKitAPI(livekit_server.http_url, API_KEY, API_SECRET)
+    try:
+        await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name="hopeless", room=users[0].room_name))
+        assert await served_by(users[0]) == "hopeless"
+        await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name="hopeless", room=users[1].room_name,
+            metadata=json.dumps({"fake": {"crash_after_s": 0.2, "crash_code": 2}})))
+        await w.wait_for_output(r"a call process exited with 2 \(a configuration error\)", 15)
+        await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
+            agent_name="hopeless", room=users[2].room_name))
+        await asyncio.sleep(3.0)
+        assert AGENT not in users[2].room.remote_participants
+        assert w.alive and AGENT in users[0].room.remote_participants  # the healthy call goes on
+        await users[0].leave()
+        assert await w.wait_exit(15) == 2
+    finally:
+        await lk.aclose()
+        await leave_all(users)
 
 
 # --- a fleet -------------------------------------------------------------------------------------

@@ -475,12 +475,14 @@ class Recorder:
     def __init__(self) -> None:
         self.ready: list[str] = []
         self.exits: dict[str, tuple[bool, str]] = {}
+        self.codes: dict[str, int | None] = {}
 
     def on_ready(self, job_id: str) -> None:
         self.ready.append(job_id)
 
-    def on_exit(self, job_id: str, ok: bool, error: str) -> None:
+    def on_exit(self, job_id: str, ok: bool, error: str, returncode: int | None) -> None:
         self.exits[job_id] = (ok, error)
+        self.codes[job_id] = returncode
 
 
 def spec(jid: str) -> dispatch.JobSpec:
@@ -535,7 +537,7 @@ async def test_exit_code_means_failure_and_a_hung_child_is_killed(child_script):
         sup.check(time.monotonic())
         assert time.monotonic() - t0 < 10
         await asyncio.sleep(0.05)
-    assert rec.exits["AJ_1"] == (False, "call process exited with code 3")
+    assert rec.exits["AJ_1"] == (False, "call process exited with code 3") and rec.codes["AJ_1"] == 3
     ok, error = rec.exits["AJ_2"]
     assert not ok and "watchdog" in error
 
