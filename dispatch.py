@@ -137,8 +137,9 @@ TICK_S = 0.5
 # from other test runs): 9.4-11.2 CPU s per minute of conversation, i.e. 0.16-0.19 cores,
 # 84 MB RSS. 0.25 is that rounded up by a third (turns with more speech, tool calls, a busier
 # host). TARGET_CPU_SHARE: calls may use 70 % of the cores, the rest is headroom for the
-# real-time audio threads, start-up bursts (a child joining costs about a core-second) and
-# the rest of the host; livekit-agents' production load threshold is 0.7 as well. So a
+# real-time audio threads, start-up bursts (every call process starts with a burst of CPU:
+# 0.25 s for the stand-in child of bench/dispatch_bench.py, more for the worker) and the
+# rest of the host; livekit-agents' production load threshold is 0.7 as well. So a
 # 2-core host holds 5 calls by default, 4 cores 11, 8 cores 22.
 PER_CALL_CORES = 0.25
 TARGET_CPU_SHARE = 0.7
