@@ -47,7 +47,8 @@ Protocol flow (``livekit.protocol.agent``)::
     WorkerPing(ts) -> / <- WorkerPong(last_timestamp=ts, timestamp)          (every 5 s)
 
 What livekit-server v1.13.5 does (read in its source, pkg/agent/{worker,client}.go,
-pkg/service/agentservice.go, pkg/rtc/room.go, and checked by tests/test_dispatch.py):
+pkg/service/agentservice.go, pkg/rtc/room.go and psrpc's client, then tried against the
+binary; tests/test_dispatch.py checks the parts this module relies on):
 
 * Registration: the ``/agent`` upgrade needs a token whose video grant has ``agent``
   (else HTTP 401); the ``protocol`` query parameter sets the worker protocol (1). The
