@@ -141,7 +141,7 @@ logging: {{level: info}}
         self.start()
 
     def token(self, identity: str, room: str, *, kind: str | None = None, name: str | None = None,
-              admin: bool = False) -> str:
+              admin: bool = False, room_config: Any = None) -> str:
         from livekit import api
 
         grants = api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True,
@@ -151,6 +151,8 @@ logging: {{level: info}}
         t = api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_name(name or identity).with_grants(grants)
         if kind:
             t = t.with_kind(kind)
+        if room_config is not None:  # api.RoomConfiguration: e.g. agents to dispatch when the room is created
+            t = t.with_room_config(room_config)
         return t.to_jwt()
 
 
@@ -312,8 +314,10 @@ class RoomUser:
     """A human stand-in in the room: a microphone we can speak tones into (a real-time
     publisher, silence in between) and ears on every remote audio track."""
 
-    def __init__(self, server: LiveKitServer, room: str, identity: str = "user", kind: str | None = None) -> None:
+    def __init__(self, server: LiveKitServer, room: str, identity: str = "user", kind: str | None = None,
+                 room_config: Any = None) -> None:
         self.server, self.room_name, self.identity, self.kind = server, room, identity, kind
+        self.room_config = room_config
         self.room: Any = None
         self.source: Any = None
         self.heard: dict[str, Heard] = {}
@@ -352,7 +356,8 @@ class RoomUser:
             self._tasks.append(asyncio.create_task(self._read_caption(reader, sender)))
 
         self.room.register_text_stream_handler("lk.transcription", on_caption)
-        await self.room.connect(self.server.url, self.server.token(self.identity, self.room_name, kind=self.kind))
+        await self.room.connect(self.server.url, self.server.token(self.identity, self.room_name, kind=self.kind,
+                                                                   room_config=self.room_config))
         for p in self.room.remote_participants.values():
             state = p.attributes.get("lk.agent.state")
             if state:
