@@ -92,6 +92,7 @@ class StandInOptions:
     #    refusal, and a bare close 1008 whose reason says UNAUTHORIZED.
     auth_failure: Literal["http", "close1008", "error_frame"] = "error_frame"
     auth_http_status: int = 401  # for auth_failure="http" (the contract allows 401 or 403)
+    auth_close_reason: str = "UNAUTHORIZED"  # for the close 1008 of "close1008" and "error_frame"
     # -- refused handshakes: the next sockets get this session.error, then a close. At capacity
     #    the service sends server_error ("at capacity, try again later") and closes 1008;
     #    also seen: at_capacity, concurrency_exceeded; agent_init_failed / agent_timeout come
@@ -1537,7 +1538,7 @@ class StandIn:
         if self.options.auth_failure == "error_frame":
             error = self.shape({"type": "session.error", "code": "unauthorized", "message": "invalid API key"})
             await ws.send(json.dumps(error))
-        await ws.close(1008, "UNAUTHORIZED")
+        await ws.close(1008, self.options.auth_close_reason)
 
     async def _resume(self, ws: ServerConnection, session_id: str) -> None:
         session = self._sessions.get(session_id)

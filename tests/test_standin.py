@@ -182,15 +182,16 @@ async def test_a_bad_key_can_be_refused_by_close_1008(agent: StandIn) -> None:
     assert agent.http_rejections == 0 and agent.auth_failures == 1
 
 
-@pytest.mark.parametrize("uppercase", [False, True])
+@pytest.mark.parametrize("uppercase, reason", [(False, "UNAUTHORIZED"), (True, "")])
 async def test_a_bad_key_is_refused_by_an_error_frame_then_1008_as_observed_live(agent: StandIn,
-                                                                                uppercase: bool) -> None:
+                                                                                uppercase: bool, reason: str) -> None:
     assert agent.options.auth_failure == "error_frame", "the default is what the live service does"
     agent.options.uppercase_codes = uppercase
+    agent.options.auth_close_reason = reason
     async with client(agent, key=None) as c:
         error = await c.expect("session.error")
         assert error["code"] == ("UNAUTHORIZED" if uppercase else "unauthorized")
-        assert (await c.closing())[0] == 1008
+        assert await c.closing() == (1008, reason)
 
 
 # -- session setup and validation -------------------------------------------------------------
