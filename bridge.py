@@ -1180,7 +1180,10 @@ class VoiceAgentClient:
 
     async def _serve(self, ws: websockets.ClientConnection) -> bool:
         """Run one socket until it closes. Returns True if the session got ready on it."""
-        await self._send_all(self.protocol.connection_opened(time.monotonic()))
+        try:
+            await self._send_all(self.protocol.connection_opened(time.monotonic()))
+        except ConnectionClosed:
+            pass  # refused before our first message went out: what it said first is still read below
         sender = asyncio.create_task(self._send_loop(ws), name="bridge-send")
         got_ready = False
         try:

@@ -197,6 +197,23 @@ async def test_bad_key_is_fatal_in_every_form_within_2s(standin, form):
     assert len(standin.sessions) == 0 or not standin.sessions[0].ready_at
 
 
+async def test_a_refusal_that_arrives_before_our_first_message_is_still_read(standin, monkeypatch):
+    """The service may refuse (error frame, then close) before the session.update leaves: the
+    failed send must not hide the frame that says why (here: a bad key, exit 3)."""
+    original = VoiceAgentClient._send_all
+
+    async def late_send(self, actions):
+        await asyncio.sleep(0.3)
+        await original(self, actions)
+
+    monkeypatch.setattr(VoiceAgentClient, "_send_all", late_send)
+    standin.options.auth_failure = "error_frame"
+    standin.options.auth_close_reason = ""  # only the frame says it is the key
+    with pytest.raises(FatalError) as e:
+        await asyncio.wait_for(make_client(standin, key="wrong-key").run(), 5)
+    assert e.value.exit_code == bridge.EXIT_API_AUTH
+
+
 async def test_uppercase_error_codes_are_understood(standin):
     standin.options.auth_failure = "error_frame"
     standin.options.uppercase_codes = True
