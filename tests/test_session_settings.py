@@ -1,14 +1,18 @@
 """The Voice Agent session settings: each variable reaches the first session.update (and the
 stand-in, faithful to the service, accepts it), bad values are one line and exit 2, AGENT_ID
-sends its id alone, SESSION_EXTRA is merged and never logged."""
+sends its id alone, SESSION_EXTRA is merged and never logged, and the promised Python versions
+are the same everywhere."""
 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
+import bridge
 import worker
+from harness import REPO
 from standin import VOICES, validate_update
 from test_config import REQUIRED, run_worker
 
@@ -111,3 +115,16 @@ def test_a_session_extra_error_never_echoes_the_value():
     r = run_worker({**REQUIRED, "SESSION_EXTRA": '{"token": "%s"' % secret})
     assert r.returncode == 2 and "SESSION_EXTRA" in r.stderr and secret not in r.stderr
 
+
+def test_every_promised_python_is_said_and_checked_the_same_everywhere():
+    """README, scripts/setup, scripts/test-pythons and `check` (worker.MIN_PYTHON) agree."""
+    minimum = ".".join(map(str, worker.MIN_PYTHON))
+    readme = (REPO / "README.md").read_text()
+    setup = (REPO / "scripts" / "setup").read_text()
+    pythons = (REPO / "scripts" / "test-pythons").read_text()
+    promised = re.search(r"^PROMISED=\(([^)]*)\)", pythons, re.M).group(1).split()
+    assert promised[0] == minimum and promised == sorted(promised, key=lambda v: tuple(map(int, v.split("."))))
+    assert f"Python ≥ {minimum} (tested with {', '.join(promised[:-1])} and {promised[-1]})" in readme
+    assert "3.10" not in readme
+    assert f"sys.version_info >= ({minimum.replace('.', ', ')})" in setup and f"Python >= {minimum}" in setup
+    assert bridge.wait_event is not None  # bridge imports under every promised version (asyncio.timeout)
