@@ -341,7 +341,8 @@ async def test_chat_typed_during_the_greeting_waits_for_it_and_the_greeting_is_h
     await finish(client, task)
 
 
-@pytest.mark.parametrize("code", ["server_error", "agent_init_failed"])
+@pytest.mark.parametrize("code", ["server_error", "at_capacity", "concurrency_exceeded", "agent_init_failed",
+                                  "agent_timeout"])
 async def test_a_full_service_is_retried_with_backoff_until_capacity_returns(standin, code):
     standin.options.refuse_sessions_with = code
     events = Recorder()
@@ -456,3 +457,21 @@ async def test_a_service_that_drops_every_session_after_ready_is_retried_ever_mo
     assert client.connects <= 9, f"{client.connects} connections in 6 s: the backoff did not grow"
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stored_agent_session_sends_its_id_alone_and_chat_waits_for_its_greeting(standin):
+    """AGENT_ID: the first update is {agent_id} alone; the stored agent greets (we cannot know
+    whether it will), so typed chat waits for its first reply to end."""
+    standin.options.greeting_seconds = 1.0
+    events = Recorder()
+    client = VoiceAgentClient(standin.url, KEY, SessionSettings(agent_id="agent_standin", system_prompt="ignored"),
+                              events, ClientOptions(backoff_initial_s=0.05))
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].replies
+                           and standin.sessions[0].replies[0].first_audio_at, 5, "the stored agent's greeting")
+    s = standin.sessions[0]
+    assert s.updates == [{"agent_id": "agent_standin"}]
+    await client.send_text("hello?")
+    await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 5, "the answer")
+    assert s.replies[0].status == "completed" and s.replies[0].text == "Hello from the stored agent."
+    await finish(client, task)
