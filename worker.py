@@ -33,9 +33,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-import bridge
-import control
-from bridge import (
+MIN_PYTHON = (3, 11)  # asyncio.timeout, datetime.UTC; scripts/setup, `check` and the README say the same
+if sys.version_info < MIN_PYTHON:
+    print(f"error: Python >= {'.'.join(map(str, MIN_PYTHON))} is required; this is {sys.version.split()[0]}",
+          file=sys.stderr)
+    raise SystemExit(2)
+
+import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
+import bridge  # noqa: E402
+import control  # noqa: E402
+from bridge import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_DUPLICATE_IDENTITY,
     EXIT_INTERNAL,
@@ -144,6 +151,93 @@ def _identity(v: str) -> str:
     return s
 
 
+TRANSCRIPTION_PROMPT_CHARS = 1750
+LANGUAGE_CODE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+
+
+def _transcription_prompt(v: str) -> str:
+    s = v.strip()
+    if len(s) > TRANSCRIPTION_PROMPT_CHARS:
+        raise ValueError(f"must be at most {TRANSCRIPTION_PROMPT_CHARS} characters, got {len(s)}")
+    return s
+
+
+def _language_codes(v: str) -> tuple[str, ...]:
+    codes = _csv(v)
+    for code in codes:
+        base, _, region = code.partition("-")
+        if not (2 <= len(base) <= 3 and base.isalpha() and base.islower() and set(code) <= LANGUAGE_CODE_CHARS
+                and (not region or 2 <= len(region) <= 4)):
+            raise ValueError(f"must be comma-separated language codes like en,es,pt-BR, got {code[:20]!r}")
+    return tuple(dict.fromkeys(codes))
+
+
+# Fields with a variable of their own, which SESSION_EXTRA must not set (or change the type of):
+# the bridge builds them, and two places for one value would leave one silently ignored.
+SESSION_EXTRA_OWNED = {
+    "system_prompt": "SYSTEM_PROMPT", "greeting": "GREETING", "tools": "TOOLS_MODULE / END_CALL_TOOL",
+    "agent_id": "AGENT_ID", "input.format": "nothing: the bridge streams 24 kHz PCM",
+    "output.format": "nothing: the bridge plays 24 kHz PCM", "output.voice": "VOICE", "output.volume": "VOICE_VOLUME",
+    "input.keyterms": "KEYTERMS", "input.transcription_mode": "TRANSCRIPTION_MODE",
+    "input.transcription_prompt": "TRANSCRIPTION_PROMPT", "input.language_codes": "LANGUAGE_CODES",
+    "input.turn_detection.vad_threshold": "VAD_THRESHOLD", "input.turn_detection.min_silence": "MIN_SILENCE_MS",
+    "input.turn_detection.max_silence": "MAX_SILENCE_MS",
+    "input.turn_detection.interrupt_response": "INTERRUPT_RESPONSE",
+    "input.turn_detection.interruption_delay": "INTERRUPTION_DELAY_MS",
+}
+SESSION_EXTRA_OBJECTS = ("input", "output", "input.turn_detection")
+SESSION_EXTRA_BYTES = 16 * 1024
+
+
+def _session_extra(v: str) -> dict[str, Any] | None:
+    """A JSON object merged into each session's first session.update. Its values are never
+    echoed in an error or a log line (they may hold something secret)."""
+    if not v.strip():
+        return None
+    if len(v.encode()) > SESSION_EXTRA_BYTES:
+        raise ValueError(f"must be at most {SESSION_EXTRA_BYTES} bytes of JSON")
+    try:
+        extra = json.loads(v)
+    except ValueError as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"must be a JSON object, e.g. {{\"input\": {{\"voice_focus\": \"far-field\"}}}}: "
+                         f"not valid JSON{where}") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"must be a JSON object ({{...}}), got a JSON {type(extra).__name__}")
+    for path, variable in SESSION_EXTRA_OWNED.items():
+        if _has_path(extra, path):
+            raise ValueError(f"sets {path}, which has a setting of its own: use {variable}")
+    for path in SESSION_EXTRA_OBJECTS:
+        if _has_path(extra, path) and not isinstance(_get_path(extra, path), dict):
+            raise ValueError(f"{path} must be a JSON object")
+    return extra
+
+
+def _has_path(obj: dict[str, Any], path: str) -> bool:
+    node: Any = obj
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _get_path(obj: dict[str, Any], path: str) -> Any:
+    node: Any = obj
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def extra_paths(extra: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The leaf paths of SESSION_EXTRA, for the log (its values are not logged)."""
+    out: list[str] = []
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        out += extra_paths(value, path + ".") if isinstance(value, dict) and value else [path]
+    return out
+
+
 @dataclass(frozen=True)
 class Config:
     # LiveKit
@@ -168,6 +262,9 @@ class Config:
     greeting: str = _setting("Hi! How can I help you today?",
                              "spoken when a call starts (empty: the agent waits for the user)", group="Voice Agent API")
     voice: str = _setting("", "voice id (empty: the service default)", group="Voice Agent API")
+    voice_volume: float | None = _setting(None, "the agent's voice level at the service, 0-100 (empty: its native "
+                                          "level); the ambient has AMBIENT_VOLUME", _optional(_number(float, 0, 100)),
+                                          group="Voice Agent API")
     keyterms: tuple[str, ...] = _setting((), "comma-separated words to recognise reliably (names, products; max 100)",
                                          _keyterms, group="Voice Agent API")
     turn_profile: str = _setting("default", "turn detection: default (the service's adaptive pacing), fast, standard "
@@ -180,11 +277,38 @@ class Config:
                                           _optional(_number(int, 50, 10000)), group="Voice Agent API")
     interrupt_response: bool | None = _setting(None, "override: let the user interrupt the agent (1/0)",
                                                _optional(_bool), group="Voice Agent API")
+    interruption_delay_ms: int | None = _setting(None, "override: how long the user must speak before the agent "
+                                                 "stops, 0-1000 ms (empty: the service's default)",
+                                                 _optional(_number(int, 0, 1000)), group="Voice Agent API")
+    transcription_mode: str | None = _setting(None, "speech recognition: min_latency (answers sooner), balanced or "
+                                              "max_accuracy (empty: the service's default)",
+                                              _optional(_choice("min_latency", "balanced", "max_accuracy")),
+                                              group="Voice Agent API")
+    transcription_prompt: str = _setting("", "context for speech recognition (what callers talk about, how names "
+                                         "and numbers look), at most 1750 characters", _transcription_prompt,
+                                         group="Voice Agent API")
+    language_codes: tuple[str, ...] = _setting((), "comma-separated languages the caller speaks, e.g. en,es "
+                                               "(empty: detected)", _language_codes, group="Voice Agent API")
+    agent_id: str | None = _setting(None, "a stored agent (AssemblyAI's agents API): the session uses its prompt, "
+                                    "greeting, voice, tools and settings, and the session settings here are "
+                                    "ignored (a warning at start lists those set)", _optional(_identity),
+                                    group="Voice Agent API")
+    session_extra: dict[str, Any] | None = _setting(None, "a JSON object deep-merged into each session's first "
+                                                    "session.update, for fields this version does not know yet, "
+                                                    "e.g. {\"input\": {\"voice_focus\": \"far-field\"}}; fields "
+                                                    "with a setting of their own are refused; values never logged",
+                                                    _session_extra, secret=True, group="Voice Agent API")
     tools_module: str = _setting("", "your tools: a module name or a .py path (several: comma-separated); every "
                                  "public async def with type hints and a docstring becomes a tool",
                                  group="Voice Agent API")
-    tool_timeout_s: float = _setting(20.0, "a tool call taking longer is answered with an error",
-                                     _number(float, 0.1, 600), group="Voice Agent API")
+    tool_timeout_s: float = _setting(20.0, "a tool call taking longer is answered with an error (the service is "
+                                     "told to wait 5 s more: timeout_seconds, at most 300)",
+                                     _number(float, 0.1, 295), group="Voice Agent API")
+    tool_execution_mode: str | None = _setting(None, "how the agent waits for a tool: interactive (a short phrase "
+                                               "while it runs) or hold (silent; for slow tools) (empty: the "
+                                               "service's default, interactive)",
+                                               _optional(_choice(*bridge.TOOL_EXECUTION_MODES)),
+                                               group="Voice Agent API")
     end_call_tool: bool = _setting(True, "offer the agent the built-in end_call tool (hang up after its goodbye)",
                                    _bool, group="Voice Agent API")
     end_call_action: str = _setting("delete_room", "what end_call does after the goodbye has played: delete_room "
@@ -255,15 +379,33 @@ class Config:
     def turn_detection(self) -> dict[str, Any]:
         td = dict(bridge.TURN_PROFILES[self.turn_profile])
         for key, value in (("vad_threshold", self.vad_threshold), ("min_silence", self.min_silence_ms),
-                           ("max_silence", self.max_silence_ms), ("interrupt_response", self.interrupt_response)):
+                           ("max_silence", self.max_silence_ms), ("interrupt_response", self.interrupt_response),
+                           ("interruption_delay", self.interruption_delay_ms)):
             if value is not None:
                 td[key] = value
         return td
 
     @property
     def secrets(self) -> list[str]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata["secret"] and getattr(self, f.name)]
+        """Strings no log line may contain: the secret settings (for SESSION_EXTRA, every
+        string in it: it may carry a token for a field this version does not know)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.metadata["secret"] or not value:
+                continue
+            out += _strings_in(value) if isinstance(value, dict) else [value]
+        return out
+
+
+def _strings_in(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings_in(v)]
+    return []
 
 
 def env_name(f: dataclasses.Field) -> str:
@@ -426,14 +568,53 @@ def server_api(cfg: Config) -> Any:
 
 
 def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:
+    if cfg.agent_id:
+        # A stored agent: its first update is {agent_id} alone; see log_session_config.
+        return bridge.SessionSettings(agent_id=cfg.agent_id)
     return bridge.SessionSettings(
         tools=list(tools or []),
         system_prompt=cfg.system_prompt or None,
         greeting=cfg.greeting or None,
         voice=cfg.voice or None,
+        volume=cfg.voice_volume,
         keyterms=list(cfg.keyterms),
         turn_detection=cfg.turn_detection(),
+        transcription_mode=cfg.transcription_mode,
+        transcription_prompt=cfg.transcription_prompt or None,
+        language_codes=list(cfg.language_codes),
+        tool_timeout_seconds=bridge.service_tool_timeout(cfg.tool_timeout_s),
+        tool_execution_mode=cfg.tool_execution_mode,
+        extra=dict(cfg.session_extra or {}),
     )
+
+
+# What a stored agent (AGENT_ID) defines instead of these variables.
+AGENT_DEFINES = ("SYSTEM_PROMPT", "GREETING", "VOICE", "VOICE_VOLUME", "KEYTERMS", "TURN_PROFILE", "VAD_THRESHOLD",
+                 "MIN_SILENCE_MS", "MAX_SILENCE_MS", "INTERRUPT_RESPONSE", "INTERRUPTION_DELAY_MS",
+                 "TRANSCRIPTION_MODE", "TRANSCRIPTION_PROMPT", "LANGUAGE_CODES", "TOOL_EXECUTION_MODE",
+                 "SESSION_EXTRA")
+
+
+def ignored_by_agent(cfg: Config) -> list[str]:
+    """The session settings set (to other than their defaults) that AGENT_ID makes moot."""
+    if not cfg.agent_id:
+        return []
+    return [env_name(f) for f in dataclasses.fields(Config)
+            if env_name(f) in AGENT_DEFINES and getattr(cfg, f.name) != f.default]
+
+
+def log_session_config(cfg: Config) -> None:
+    """One line each at start for what the first session.update will not say plainly."""
+    if cfg.agent_id:
+        ignored = ignored_by_agent(cfg)
+        log.info("stored agent %s: each session's first update is {agent_id} alone; the agent's own prompt, "
+                 "greeting, voice, tools and settings apply (TOOLS_MODULE and end_call still answer its tool calls "
+                 "by name)", cfg.agent_id)
+        if ignored:
+            log.warning("AGENT_ID is set, so these are ignored: %s", ", ".join(ignored))
+    elif cfg.session_extra:
+        log.info("SESSION_EXTRA adds %s to each session's first update (values not logged)",
+                 ", ".join(extra_paths(cfg.session_extra)))
 
 
 TOPIC_TRANSCRIPTION = "lk.transcription"
@@ -778,25 +959,32 @@ class Worker(bridge.BridgeEvents):
             await self.room.disconnect()
 
     async def _startup_check(self) -> None:
-        """Prove the API key once at start (systemd then knows a bad key before any call)."""
+        """Prove the API key once at start (systemd then knows a bad key before any call).
+        An unreachable or busy service is retried (backoff.Backoff) for RECONNECT_GIVE_UP_S
+        seconds, then exit 5; a rejected key or configuration ends the process at once."""
+        log_session_config(self.cfg)
         if not self.cfg.startup_check:
             self._api_verified.set()
             return
-        attempt = 0
+        give_up = self.cfg.reconnect_give_up_s
+        retry = backoff.Backoff(0.5, 10.0, give_up)
         while True:
             try:
+                # No attempt outlasts the give-up time by more than a second.
+                timeout = max(1.0, min(10.0, give_up - retry.failing_for()))
                 sid = await bridge.verify_session(self.cfg.voice_agent_url, self.cfg.assemblyai_api_key,
-                                                  session_settings(self.cfg, self.tools.definitions()))
+                                                  session_settings(self.cfg, self.tools.definitions()), timeout)
                 log.info("Voice Agent API key verified (session %s opened and ended)", sid)
                 self._api_verified.set()
                 return
             except (OSError, asyncio.TimeoutError) as e:
-                attempt += 1
-                if attempt * 2 > self.cfg.reconnect_give_up_s:
+                delay = retry.failed()
+                if delay is None:
                     raise FatalError(bridge.EXIT_API_GAVE_UP,
-                                     f"cannot reach the Voice Agent API at {self.cfg.voice_agent_url}: {_one_line(e)}")
-                log.warning("cannot verify the Voice Agent API yet (%s); retrying", _one_line(e))
-                await asyncio.sleep(min(10, 0.5 * 2**attempt))
+                                     f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
+                                     f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({_one_line(e)})")
+                log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", _one_line(e), delay)
+                await asyncio.sleep(delay)
 
     async def _notify_ready(self) -> None:
         await self._in_room.wait()
@@ -852,8 +1040,7 @@ class Worker(bridge.BridgeEvents):
         """Join, then rejoin after a full disconnect, until stopped."""
         from livekit import rtc
 
-        attempt = 0
-        failing_since: float | None = None
+        retry = backoff.Backoff(0.5, 10.0, self.cfg.reconnect_give_up_s)
         while not self._stop.is_set():
             room = rtc.Room()
             self._wire_room(room)
@@ -866,17 +1053,14 @@ class Worker(bridge.BridgeEvents):
                 if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature", "invalid api key")):
                     raise FatalError(EXIT_LIVEKIT_AUTH,
                                      f"LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET ({msg})") from None
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > self.cfg.reconnect_give_up_s:
+                delay = retry.failed()
+                if delay is None:
                     raise FatalError(EXIT_LIVEKIT_UNREACHABLE,
                                      f"cannot join LiveKit at {self.cfg.livekit_url}: {msg}") from None
-                delay = min(10.0, 0.5 * 2**attempt)
-                attempt += 1
                 log.warning("cannot join LiveKit at %s (%s); retrying in %.1f s", self.cfg.livekit_url, msg, delay)
                 await asyncio.sleep(delay)
                 continue
-            attempt, failing_since = 0, None
+            retry.succeeded()
             self.room = room
             self._disconnected.clear()
             log.info("joined room %s as %s", self.cfg.room_name, self.cfg.agent_identity)
@@ -1236,9 +1420,11 @@ class Worker(bridge.BridgeEvents):
             log.warning("chat message from %s truncated to %d characters", sender[:64], MAX_CHAT_CHARS)
             text = text[:MAX_CHAT_CHARS]
         client = self.client
-        if client is None or not client.protocol.ready:
-            log.warning("chat message from %s dropped: no Voice Agent session yet", sender)
+        if client is None:
+            log.warning("chat message from %s dropped: no Voice Agent session", sender)
             return
+        # The bridge holds it (bounded) until the session is ready and the greeting has been
+        # spoken, then asks for a reply whose instructions quote it.
         log.info("chat from %s (%d characters)", sender, len(text))
         await client.send_text(text)
 
@@ -1534,10 +1720,11 @@ async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) 
         failures += 1
         out(f"\u2717 {what}\n    fix: {fix}")
 
-    if sys.version_info >= (3, 10):
-        ok(f"Python {sys.version.split()[0]}")
-    else:
-        bad(f"Python {sys.version.split()[0]} is too old", "use Python 3.10 or newer")
+    minimum = ".".join(map(str, MIN_PYTHON))
+    if sys.version_info >= MIN_PYTHON:
+        ok(f"Python {sys.version.split()[0]} (>= {minimum})")
+    else:  # unreachable when run as worker.py (it stops at import), kept for library use
+        bad(f"Python {sys.version.split()[0]} is too old", f"use Python {minimum} or newer")
     try:
         cfg = load_config(env)
     except ConfigError as e:

@@ -8,7 +8,11 @@ back-channel events, optional SDK-only fields ...) it lets a test pick the varia
 
 There is no speech recognition and no LLM. A user's "transcript" describes the audio it heard
 ("tone 440 Hz 1.5 s": dominant frequency and duration), and replies are sine tones (or, in echo
-mode, the user's last turn played back) with a made-up sentence spread over the audio.
+mode, the user's last turn played back) with a made-up sentence spread over the audio. Its
+"model" knows only what the real model is reported to see: the system prompt, `reply.create`
+instructions and the audio, never `conversation.message` content ([sdk]: "not reliably visible
+to the model", [3p]: "never reaches the model"). With `model_echo` its replies say what it was
+told, so a test can check that something reached the model, not merely the socket.
 
 By hand (reply mode echo, so you hear yourself back):
 
@@ -40,7 +44,7 @@ import signal
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Literal, NamedTuple
+from typing import Any, Callable, Coroutine, Literal, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -55,6 +59,22 @@ SAMPLE_RATE = 24_000
 ENCODING_RATES = {"audio/pcm": 24_000, "audio/pcmu": 8_000, "audio/pcma": 8_000}
 FRAME_MS = 20
 
+# Voices the real service is documented to have, from two sources (no list is hard-coded in
+# the bridge: the catalogue changes):
+# - AssemblyAI's docs, "Supported languages" (assemblyai.com/docs/voice-agents/voice-agent-api/
+#   supported-languages), recommended voices: ivy james tyler winter bella david kyle helen
+#   martha river emma victor eleanor, pierre, giulia luca, lucia mateo diego, arjun, dmitri;
+# - AssemblyAI's skill notes (github.com/AssemblyAI/assemblyai-skill, skills/assemblyai/
+#   references/voice-agents.md), 18 English voices: ivy james tyler autumn sam mia bella david
+#   jack kyle helen martha river emma victor eleanor sophie oliver, and multilingual arjun ethan
+#   mei dmitri lukas lena pierre mina joon ren hana giulia luca lucia mateo diego.
+# Left out: ivy, claire and dawn, found invalid on the live service on 2026-09-24 [3p]
+# (voice-agent-api.md), although the docs still use ivy and claire in examples.
+VOICES = ("james", "tyler", "winter", "autumn", "sam", "mia", "bella", "david", "jack", "kyle", "helen",
+          "martha", "river", "emma", "victor", "eleanor", "sophie", "oliver", "arjun", "ethan", "mei",
+          "dmitri", "lukas", "lena", "pierre", "mina", "joon", "ren", "hana", "giulia", "luca", "lucia",
+          "mateo", "diego")
+
 # --------------------------------------------------------------------------------------------
 # Options and records: the part of the stand-in that tests read and steer.
 # --------------------------------------------------------------------------------------------
@@ -67,9 +87,18 @@ class StandInOptions:
 
     api_key: str = "standin"
     seed: int = 1  # seeds the server's random.Random (chunk sizes)
-    # -- auth: how a missing/malformed/wrong key is refused
-    auth_failure: Literal["http", "close1008", "error_frame"] = "http"
+    # -- auth: how a missing/malformed/wrong key is refused. Observed live: a session.error
+    #    frame (UNAUTHORIZED) then close 1008; the docs also allow an HTTP 401/403 upgrade
+    #    refusal, and a bare close 1008 whose reason says UNAUTHORIZED.
+    auth_failure: Literal["http", "close1008", "error_frame"] = "error_frame"
     auth_http_status: int = 401  # for auth_failure="http" (the contract allows 401 or 403)
+    auth_close_reason: str = "UNAUTHORIZED"  # for the close 1008 of "close1008" and "error_frame"
+    # -- refused handshakes: the next sockets get this session.error, then a close. At capacity
+    #    the service sends server_error ("at capacity, try again later") and closes 1008;
+    #    also seen: at_capacity, concurrency_exceeded; agent_init_failed / agent_timeout come
+    #    before session.ready when the agent worker fails to start. None: accept.
+    refuse_sessions_with: str | None = None
+    refuse_close_code: int = 1008
     # -- limits
     max_message_bytes: int = 1 << 20  # larger client messages: close 1009
     rate_limit_s: float | None = 1.1  # audio seconds allowed in any 1 s of wall clock; None = off
@@ -97,6 +126,8 @@ class StandInOptions:
     omit_done_status: bool = False  # completed reply.done without `status` (allowed by the contract)
     sdk_fields: bool = True  # False: leave out every field only the SDK models list
     unknown_events: bool = False  # sprinkle an unknown event type (clients must ignore it)
+    odd_chunks: bool = False  # reply.audio chunks of odd byte length (a sample split across two chunks)
+    model_echo: bool = False  # reply text says what the model was told (system prompt, instructions, heard)
     # -- tools
     tool_call_on_turn: tuple[str, dict] | None = None  # one-shot: next user turn calls this tool
     strict_tool_result_json: bool = True  # tool.result.result must parse as JSON
@@ -108,8 +139,14 @@ class StandInOptions:
     resume_forgets: bool = False  # every resume fails with session_not_found
     max_session_s: float = 10_800.0  # then close 1008 "session_expired", without warning
     uppercase_codes: bool = False  # "UNAUTHORIZED" instead of "unauthorized"
-    voices: tuple[str, ...] = ("ivy", "sage", "rowan", "juniper", "atlas")
-    known_agents: tuple[str, ...] = ("agent_standin",)
+    voices: tuple[str, ...] = field(default_factory=lambda: VOICES)
+    # An invalid voice in the FIRST update closed the socket with 1008 [3p]; with this, a
+    # session.error invalid_value (param output.voice) comes first. Later updates: an error only.
+    invalid_voice_error_frame: bool = True
+    # Stored agents (agent_id -> what the REST API stored): the first update {agent_id} applies it.
+    known_agents: Mapping[str, dict] = field(default_factory=lambda: {
+        "agent_standin": {"system_prompt": "You are the stand-in's stored agent.",
+                          "greeting": "Hello from the stored agent."}})
 
 
 @dataclass
@@ -127,6 +164,8 @@ class ReplyRecord:
     duration_s: float = 0.0
     call_id: str | None = None  # tool replies: the tool.call and the spoken answer share it
     late_chunks: int = 0
+    instructions: str | None = None  # reply.create instructions it answers, if any
+    prompt: str = ""  # the system prompt when it was composed: with instructions and audio, all the model sees
 
 
 @dataclass
@@ -141,6 +180,7 @@ class SessionRecord:
     errors_sent: list[str] = field(default_factory=list)
     replies: list[ReplyRecord] = field(default_factory=list)
     tool_results: list[dict] = field(default_factory=list)
+    tool_timeouts: list[str] = field(default_factory=list)  # call ids the service gave up on
     ended: bool = False
     resumes: int = 0
     sockets: int = 0
@@ -363,10 +403,21 @@ class ConfigError(Exception):
 
 
 SESSION_FIELDS = {"system_prompt", "greeting", "tools", "agent_id", "input", "output"}
-INPUT_FIELDS = {"format", "keyterms", "turn_detection"}
+# Documented input settings ([doc], [sdk], AssemblyAI's skill notes; value sets from clients
+# seen in use where the docs give none).
+INPUT_FIELDS = {"format", "keyterms", "turn_detection", "transcription_mode", "transcription_prompt",
+                "language_codes", "voice_focus", "voice_focus_threshold", "continuous_partials"}
+TRANSCRIPTION_MODES = ("min_latency", "balanced", "max_accuracy")
+VOICE_FOCUS = ("near-field", "far-field")
+TRANSCRIPTION_PROMPT_CHARS = 1750
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z]{2,4})?")
 OUTPUT_FIELDS = {"voice", "format", "volume"}
 FORMAT_FIELDS = {"encoding", "sample_rate"}
 TOOL_FIELDS = {"type", "name", "description", "parameters"}
+TOOL_OPTIONAL_FIELDS = {"execution_mode", "timeout_seconds"}
+TOOL_EXECUTION_MODES = ("interactive", "hold")
+TOOL_TIMEOUT_RANGE = (1, 300)
+DEFAULT_TOOL_TIMEOUT_S = 120
 TURN_DETECTION_RANGES = {
     "vad_threshold": (0.0, 1.0),
     "min_silence": (50, 10_000),
@@ -374,7 +425,7 @@ TURN_DETECTION_RANGES = {
     "interruption_delay": (0, 1_000),
 }
 DEFAULT_MIN_SILENCE_MS, DEFAULT_MAX_SILENCE_MS = 1000, 3000  # the service's documented defaults
-IMMUTABLE_AFTER_READY = ("greeting", "output.voice", "input.format", "output.format")
+IMMUTABLE_AFTER_READY = ("greeting", "output.voice", "output.format")  # input.format is mutable (AssemblyAI's notes)
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -418,7 +469,7 @@ def _check_tools(tools: Any) -> None:
     names: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        _known_fields(tool, TOOL_FIELDS, where)
+        _known_fields(tool, TOOL_FIELDS | TOOL_OPTIONAL_FIELDS, where)
         missing = TOOL_FIELDS - tool.keys()
         if missing:
             raise ConfigError("invalid_config", f"{where} lacks {sorted(missing)}", f"{where}.{min(missing)}")
@@ -435,6 +486,13 @@ def _check_tools(tools: Any) -> None:
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ConfigError("invalid_config", f"{where}.parameters must be a JSON schema object",
                               f"{where}.parameters")
+        if "execution_mode" in tool and tool["execution_mode"] not in TOOL_EXECUTION_MODES:
+            raise ConfigError("invalid_value", f"{where}.execution_mode must be one of {TOOL_EXECUTION_MODES}",
+                              f"{where}.execution_mode")
+        lo, hi = TOOL_TIMEOUT_RANGE
+        if "timeout_seconds" in tool and not (_is_number(tool["timeout_seconds"]) and lo <= tool["timeout_seconds"] <= hi):
+            raise ConfigError("invalid_value", f"{where}.timeout_seconds must be a number in {lo}..{hi}",
+                              f"{where}.timeout_seconds")
 
 
 def _check_input(inp: Any) -> None:
@@ -447,6 +505,27 @@ def _check_input(inp: Any) -> None:
             raise ConfigError("invalid_value", "input.keyterms must be an array of strings", "input.keyterms")
         if len(terms) > 100:
             raise ConfigError("invalid_value", "at most 100 keyterms", "input.keyterms")
+    if "transcription_mode" in inp and inp["transcription_mode"] not in TRANSCRIPTION_MODES:
+        raise ConfigError("invalid_value", f"input.transcription_mode must be one of {TRANSCRIPTION_MODES}",
+                          "input.transcription_mode")
+    if "transcription_prompt" in inp:
+        prompt = inp["transcription_prompt"]
+        if not isinstance(prompt, str) or len(prompt) > TRANSCRIPTION_PROMPT_CHARS:
+            raise ConfigError("invalid_value", f"input.transcription_prompt must be a string of at most "
+                              f"{TRANSCRIPTION_PROMPT_CHARS} characters", "input.transcription_prompt")
+    if "language_codes" in inp:
+        codes = inp["language_codes"]
+        if not isinstance(codes, list) or not all(isinstance(c, str) and LANGUAGE_CODE.fullmatch(c) for c in codes):
+            raise ConfigError("invalid_value", "input.language_codes must be an array of language codes",
+                              "input.language_codes")
+    if "voice_focus" in inp and inp["voice_focus"] not in VOICE_FOCUS:
+        raise ConfigError("invalid_value", f"input.voice_focus must be one of {VOICE_FOCUS}", "input.voice_focus")
+    threshold = inp.get("voice_focus_threshold")
+    if "voice_focus_threshold" in inp and not (_is_number(threshold) and 0 <= threshold <= 1):
+        raise ConfigError("invalid_value", "input.voice_focus_threshold must be a number in 0..1",
+                          "input.voice_focus_threshold")
+    if "continuous_partials" in inp and not isinstance(inp["continuous_partials"], bool):
+        raise ConfigError("invalid_value", "input.continuous_partials must be a boolean", "input.continuous_partials")
     if "turn_detection" in inp:
         td = _known_fields(inp["turn_detection"], set(TURN_DETECTION_RANGES) | {"interrupt_response"},
                            "input.turn_detection")
@@ -494,7 +573,7 @@ def _lookup(config: dict, path: str) -> Any:
 
 
 def validate_update(update: Any, current: dict, *, ready: bool, voices: tuple[str, ...],
-                    known_agents: tuple[str, ...]) -> dict:
+                    known_agents: Mapping[str, dict]) -> dict:
     """Check one session.update payload against the config so far; return the merged config.
 
     Raises ConfigError. An update is all or nothing: nothing of a rejected update is applied.
@@ -509,7 +588,7 @@ def validate_update(update: Any, current: dict, *, ready: bool, voices: tuple[st
             raise ConfigError("invalid_value", "agent_id must be a string", "agent_id")
         if update["agent_id"] not in known_agents:
             raise ConfigError("agent_not_found", f"no agent {update['agent_id']!r}", "agent_id")
-        return {"agent_id": update["agent_id"]}
+        return {**known_agents[update["agent_id"]], "agent_id": update["agent_id"]}
     for key in ("system_prompt", "greeting"):
         _check_string(update, key, "")
     if "tools" in update:
@@ -579,6 +658,9 @@ class _OnAir:
     t0: float | None = None  # monotonic time of the first audio chunk
     sent: int = 0  # samples
     words_sent: int = 0
+    chunks: int = 0
+    raw: bytes | None = None  # the whole reply encoded (odd_chunks cuts it by bytes)
+    sent_bytes: int = 0
 
     @property
     def sent_ms(self) -> float:
@@ -803,9 +885,18 @@ class _Session:
             merged = validate_update(update, self.config, ready=self.ready, voices=self.opts.voices,
                                      known_agents=self.opts.known_agents)
         except ConfigError as error:
+            if error.param == "output.voice" and not self.ready and self.ws is not None:
+                # Observed live [3p]: an invalid voice in the first update closes the socket, 1008.
+                if self.opts.invalid_voice_error_frame:
+                    await self._error(error.code, error.message, error.param)
+                await self.ws.close(1008, "invalid voice")
+                return
             return await self._error(error.code, error.message, error.param)
+        format_changed = self._format("input") != normalized_format(_lookup(merged, "input.format"))
         self.config = self.record.config = merged
         if self.ready:
+            if format_changed:  # input.format is mutable: the new rate from the next chunk on
+                self.detector = self._new_detector()
             return await self.send({"type": "session.updated", "config": merged})
         if self.opts.extra_updated_before_ready:
             await self.send({"type": "session.updated", "config": merged})
@@ -820,11 +911,18 @@ class _Session:
         await self._error("invalid_value", "session.resume must be the first message of a new socket", "type")
 
     async def _on_reply_create(self, message: dict) -> None:
-        if "instructions" in message and not isinstance(message["instructions"], str):
+        instructions = message.get("instructions")
+        if "instructions" in message and not isinstance(instructions, str):
             return await self._error("invalid_value", "instructions must be a string", "instructions")
-        self.schedule_reply("create")
+        air = self.on_air
+        if air is not None and air.record.kind == "greeting" and not air.interrupt.is_set():
+            # [sdk]: a reply.create sent while the greeting plays replaces the greeting.
+            log.info("[%s] reply.create replaces the greeting %s", self.sid, air.record.reply_id)
+            air.interrupt_now()
+        self.schedule_reply("create", instructions=instructions)
 
     async def _on_conversation_message(self, message: dict) -> None:
+        # Accepted, recorded (received), and invisible to the model: nothing reads its content.
         if message.get("role") not in ("user", "system"):
             return await self._error("invalid_value", 'role must be "user" or "system"', "role")
         if not isinstance(message.get("content"), str):
@@ -984,9 +1082,10 @@ class _Session:
 
     def schedule_reply(self, kind: str, *, think: bool = True, seconds: float | None = None,
                        freq_hz: float | None = None, text: str | None = None,
-                       call_id: str | None = None) -> ReplyRecord:
+                       call_id: str | None = None, instructions: str | None = None) -> ReplyRecord:
         """Queue a spoken reply after any reply already queued; return its record at once."""
-        record = ReplyRecord(self._new_id("reply"), kind, item_id=self._new_id("item"), call_id=call_id)
+        record = ReplyRecord(self._new_id("reply"), kind, item_id=self._new_id("item"), call_id=call_id,
+                             instructions=instructions)
         self.record.replies.append(record)
         self._chain(record, lambda: self._spoken_reply(record, think, seconds, freq_hz, text))
         return record
@@ -1029,6 +1128,9 @@ class _Session:
             if opts.reply_mode == "echo":
                 return chime(SAMPLE_RATE, amplitude), text
             return tone(opts.greeting_freq_hz, opts.greeting_seconds, SAMPLE_RATE, amplitude), text
+        record.prompt = self.config.get("system_prompt", "")
+        if text is None and opts.model_echo:
+            text = self._model_says(record)
         echo = opts.reply_mode == "echo" and seconds is None and freq_hz is None and record.kind != "tool"
         if echo and len(self._last_turn_audio):
             rate = self.detector.rate if self.detector else SAMPLE_RATE
@@ -1036,6 +1138,21 @@ class _Session:
             return resample(self._last_turn_audio, rate, SAMPLE_RATE), text or f"You said: {heard}."
         pcm = tone(freq_hz or opts.reply_freq_hz, seconds or opts.reply_seconds, SAMPLE_RATE, amplitude)
         return pcm, text or f"This is reply number {self.record.replies.index(record) + 1}."
+
+    def _model_says(self, record: ReplyRecord, tail: int = 300) -> str:
+        """model_echo: what the "model" was told, as its reply. Only what the real model is
+        reported to see: the instructions of this reply, the system prompt (its end, where a
+        replayed conversation sits) and, for a turn, what it heard. conversation.message
+        content is never here."""
+        parts = []
+        if record.instructions:
+            parts.append("Told: " + record.instructions[-tail:])
+        if record.prompt:
+            parts.append("Knows: " + record.prompt[-tail:])
+        if record.kind == "turn" and len(self._last_turn_audio):
+            parts.append("Heard: " + describe_audio(self._last_turn_audio, self.detector.rate if self.detector
+                                                    else SAMPLE_RATE))
+        return " ".join(parts) or "I was told nothing."
 
     async def _spoken_reply(self, record: ReplyRecord, think: bool, seconds: float | None,
                             freq_hz: float | None, text: str | None) -> None:
@@ -1050,7 +1167,30 @@ class _Session:
         record.started_at = time.monotonic()
         await self.send({"type": "reply.started", "reply_id": record.reply_id, "item_id": record.item_id})
         await self.send({"type": "tool.call", "call_id": record.call_id, "name": name, "arguments": arguments})
+        self._spawn(self._tool_deadline(record.call_id or "", name))
         await self._send_done(record, "completed")
+
+    def _tool_timeout(self, name: str) -> float:
+        for tool in self.config.get("tools") or []:
+            if tool.get("name") == name:
+                return tool.get("timeout_seconds", DEFAULT_TOOL_TIMEOUT_S)
+        return DEFAULT_TOOL_TIMEOUT_S
+
+    async def _tool_deadline(self, call_id: str, name: str) -> None:
+        """The service gives up on a tool call after the tool's timeout_seconds (default 120):
+        the agent apologises and the session goes on; a tool.result sent later is an error
+        (no such pending call). The apology's wording is ours: the real one is the model's."""
+        timeout = self._tool_timeout(name)
+        await asyncio.sleep(timeout)
+        pending = self._pending_tools.pop(call_id, None)
+        if pending is None:
+            return
+        log.info("[%s] tool call %s (%s) timed out after %g s", self.sid, call_id, name, timeout)
+        self.record.tool_timeouts.append(call_id)
+        if not pending[1].done():
+            pending[1].set_result(None)
+        self.schedule_reply("tool", text=f"Sorry, {name} did not answer in time. Let us try something else.",
+                            call_id=call_id)
 
     async def _send_done(self, record: ReplyRecord, status: str) -> None:
         event: dict[str, Any] = {"type": "reply.done", "status": status, "reply_id": record.reply_id}
@@ -1113,6 +1253,21 @@ class _Session:
     async def _send_chunk(self, air: _OnAir, encoding: str) -> None:
         lo, hi = self.opts.chunk_ms
         n = max(1, self.server.rng.randint(lo, hi) * air.rate // 1000)
+        air.chunks += 1
+        if self.opts.odd_chunks and sample_width(encoding) == 2:
+            # Cut the byte stream, not the samples: every other chunk ends half-way into a sample
+            # and the next one starts with its second byte.
+            if air.raw is None:
+                air.raw = encode_audio(air.pcm, encoding)
+            size = 2 * n + (1 if air.chunks % 2 else -1)
+            data = air.raw[air.sent_bytes:air.sent_bytes + size]
+            if not data:  # late audio after the end: repeat the tail
+                data = air.raw[-size:]
+            air.sent_bytes += len(data)
+            await self.send({"type": "reply.audio", "data": base64.b64encode(data).decode(),
+                             "reply_id": air.record.reply_id})
+            air.sent = min(len(air.pcm), air.sent_bytes // 2)
+            return
         chunk = air.pcm[air.sent:air.sent + n]
         if len(chunk) == 0:  # late audio after the end: repeat the tail
             chunk = air.pcm[-n:]
@@ -1188,6 +1343,7 @@ class StandIn:
         self.sessions: list[SessionRecord] = []
         self.http_rejections = 0  # upgrades refused (bad path, bad key in "http" mode)
         self.auth_failures = 0  # bad keys, however refused
+        self.refused_sessions = 0  # handshakes refused with refuse_sessions_with
         self.resume_failures: list[tuple[float, str, str]] = []  # (time, session_id, code)
         self.url = ""
         self._server: Server | None = None
@@ -1269,8 +1425,9 @@ class StandIn:
         return self._live(session).schedule_reply("create", think=False, seconds=seconds, freq_hz=freq_hz)
 
     async def call_tool(self, name: str, arguments: dict, session: SessionRecord | None = None,
-                        timeout: float = 10) -> dict:
-        """Make the agent call a tool; return the client's tool.result message."""
+                        timeout: float = 10) -> dict | None:
+        """Make the agent call a tool; return the client's tool.result message, or None if the
+        service gave up waiting first (the tool's timeout_seconds)."""
         record, future = self._live(session).start_tool_call(name, arguments)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -1347,6 +1504,8 @@ class StandIn:
                 first = await ws.recv()
             except ConnectionClosed:
                 return
+            if self.options.refuse_sessions_with:
+                return await self._refuse_session(ws, self.options.refuse_sessions_with)
             resume_id = _resume_target(first)
             if resume_id is not None:
                 return await self._resume(ws, resume_id)
@@ -1359,11 +1518,27 @@ class StandIn:
         finally:
             self._sockets.remove(ws)
 
+    async def _refuse_session(self, ws: ServerConnection, code: str) -> None:
+        """A refused handshake (at capacity, an agent that failed to start): the error, then a
+        close, after the client's first message."""
+        self.refused_sessions += 1
+        messages = {"server_error": "at capacity, try again later", "at_capacity": "at capacity, try again later",
+                    "concurrency_exceeded": "too many concurrent sessions for this account",
+                    "agent_init_failed": "the agent failed to initialise", "agent_timeout": "the agent did not start "
+                    "within 10 seconds"}
+        log.info("refusing a session: %s", code)
+        error = self.shape({"type": "session.error", "code": code, "message": messages.get(code, code)})
+        try:
+            await ws.send(json.dumps(error))
+            await ws.close(self.options.refuse_close_code, "")
+        except ConnectionClosed:
+            pass
+
     async def _refuse(self, ws: ServerConnection) -> None:
         if self.options.auth_failure == "error_frame":
             error = self.shape({"type": "session.error", "code": "unauthorized", "message": "invalid API key"})
             await ws.send(json.dumps(error))
-        await ws.close(1008, "UNAUTHORIZED")
+        await ws.close(1008, self.options.auth_close_reason)
 
     async def _resume(self, ws: ServerConnection, session_id: str) -> None:
         session = self._sessions.get(session_id)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import bridge
-from bridge import ClientOptions, FatalError, SessionSettings, ToolError, VoiceAgentClient
-from standin import StandIn, StandInOptions
+from bridge import ClientOptions, FatalError, SessionSettings, ToolError, VoiceAgentClient, service_tool_timeout
+from standin import StandIn, StandInOptions, tone
 
 KEY = "client-test-key"
 RATE = 24000
@@ -24,6 +24,7 @@ class Recorder(bridge.BridgeEvents):
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple]] = []
         self.audio: dict[str, int] = {}
+        self.pcm: dict[str, bytearray] = {}
         self.audio_times: list[float] = []
         self.tool_calls: list[tuple[str, dict]] = []
 
@@ -38,6 +39,7 @@ class Recorder(bridge.BridgeEvents):
 
     def on_reply_audio(self, reply_id: str, pcm: bytes) -> None:
         self.audio[reply_id] = self.audio.get(reply_id, 0) + len(pcm) // 2
+        self.pcm.setdefault(reply_id, bytearray()).extend(pcm)
         self.audio_times.append(time.monotonic())
 
     def names(self, name: str) -> list[tuple]:
@@ -195,6 +197,23 @@ async def test_bad_key_is_fatal_in_every_form_within_2s(standin, form):
     assert len(standin.sessions) == 0 or not standin.sessions[0].ready_at
 
 
+async def test_a_refusal_that_arrives_before_our_first_message_is_still_read(standin, monkeypatch):
+    """The service may refuse (error frame, then close) before the session.update leaves: the
+    failed send must not hide the frame that says why (here: a bad key, exit 3)."""
+    original = VoiceAgentClient._send_all
+
+    async def late_send(self, actions):
+        await asyncio.sleep(0.3)
+        await original(self, actions)
+
+    monkeypatch.setattr(VoiceAgentClient, "_send_all", late_send)
+    standin.options.auth_failure = "error_frame"
+    standin.options.auth_close_reason = ""  # only the frame says it is the key
+    with pytest.raises(FatalError) as e:
+        await asyncio.wait_for(make_client(standin, key="wrong-key").run(), 5)
+    assert e.value.exit_code == bridge.EXIT_API_AUTH
+
+
 async def test_uppercase_error_codes_are_understood(standin):
     standin.options.auth_failure = "error_frame"
     standin.options.uppercase_codes = True
@@ -222,7 +241,6 @@ async def test_burst_of_malformed_frames_is_counted_and_survived(standin):
         "[]",
         json.dumps({"type": None}),
         json.dumps({"type": "reply.audio", "data": "%%%"}),
-        json.dumps({"type": "reply.audio", "data": base64.b64encode(b"\x01\x02\x03").decode()}),
         json.dumps({"type": "reply.audio", "data": ["x"]}),
         json.dumps({"type": "transcript.user", "text": 5}),
         json.dumps({"type": "session.error", "code": 7}),
@@ -283,16 +301,130 @@ async def test_gives_up_after_the_configured_time(standin):
     await standin.start()
 
 
-async def test_text_message_becomes_conversation_message_and_reply(standin):
-    client = make_client(standin, greeting=None)
+async def test_typed_text_reaches_the_model(standin):
+    """The stand-in's model, like the real one, never sees conversation.message content: the
+    typed text must come through reply.create instructions, and its reply says so."""
+    standin.options.model_echo = True
+    events = Recorder()
+    client = make_client(standin, events, greeting=None)
     task = await running(client)
     await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
     await client.send_text("what are your opening hours?")
     s = standin.sessions[0]
-    await standin.wait_for(lambda: s.received_events("reply.create"), 5, "reply.create")
+    await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 5, "the reply")
     (msg,) = s.received_events("conversation.message")
     assert msg == {"type": "conversation.message", "role": "user", "content": "what are your opening hours?"}
-    await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 5, "the reply")
+    (said,) = [args[1] for args in events.names("on_agent_transcript")]
+    assert '"what are your opening hours?"' in said, f"the model was not told the typed text: {said!r}"
+    await finish(client, task)
+
+
+async def test_chat_typed_during_the_greeting_waits_for_it_and_the_greeting_is_heard_whole(standin):
+    standin.options.greeting_seconds = 1.5
+    standin.options.model_echo = True
+    events = Recorder()
+    client = make_client(standin, events, greeting="Welcome to the bicycle shop, how can I help?")
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].replies
+                           and standin.sessions[0].replies[0].first_audio_at, 5, "the greeting")
+    s = standin.sessions[0]
+    greeting = s.replies[0]
+    await client.send_text("do you repair tyres?")
+    await asyncio.sleep(0.3)
+    assert not s.received_events("reply.create"), "sent while the greeting plays: it would replace the greeting"
+    await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 6, "the answer")
+    sent_at = next(t for t, m in s.received if m.get("type") == "reply.create")
+    assert greeting.status == "completed" and greeting.samples_sent == int(1.5 * RATE)
+    assert sent_at >= greeting.done_at
+    assert events.audio[greeting.reply_id] == int(1.5 * RATE)
+    assert '"do you repair tyres?"' in s.replies[1].text
+    await finish(client, task)
+
+
+@pytest.mark.parametrize("code", ["server_error", "at_capacity", "concurrency_exceeded", "agent_init_failed",
+                                  "agent_timeout"])
+async def test_a_full_service_is_retried_with_backoff_until_capacity_returns(standin, code):
+    standin.options.refuse_sessions_with = code
+    events = Recorder()
+    client = make_client(standin, events)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.refused_sessions >= 3, 5, "retries")
+    assert not task.done(), "a busy service is not a bad key"
+    standin.options.refuse_sessions_with = None
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "the session")
+    await standin.wait_for(lambda: standin.sessions[0].replies and standin.sessions[0].replies[0].done_at, 5,
+                           "the greeting")
+    assert events.names("on_session_ready") == [(standin.sessions[0].session_id, False)]
+    await finish(client, task)
+
+
+async def test_a_service_full_for_longer_than_the_give_up_time_exits_5_naming_why(standin):
+    standin.options.refuse_sessions_with = "server_error"
+    client = make_client(standin, give_up_after_s=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(FatalError) as e:
+        await asyncio.wait_for(client.run(), 10)
+    assert 1.5 <= time.monotonic() - t0 < 3.0
+    assert e.value.exit_code == bridge.EXIT_API_GAVE_UP and "server_error" in str(e.value)
+    assert standin.refused_sessions >= 3
+
+
+async def test_a_close_1000_without_session_ended_is_resumed(standin):
+    client = make_client(standin)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    await standin.drop(1000, "")
+    await standin.wait_for(lambda: standin.sessions[0].resumes == 1, 5, "the resume")
+    assert len(standin.sessions) == 1
+    await finish(client, task)
+
+
+async def test_the_conversation_reaches_the_model_of_a_replacement_session(standin):
+    """After a lost session, the fresh one's system prompt carries the conversation so far: its
+    model knows what the caller said and typed (model_echo says it)."""
+    standin.options.model_echo = True
+    events = Recorder()
+    client = make_client(standin, events, greeting=None)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    await client.send_text("my order number is A1001")
+    first = standin.sessions[0]
+    await standin.wait_for(lambda: any(r.done_at for r in first.replies), 5, "the answer")
+    standin.options.resume_forgets = True
+    await standin.drop(1011)
+    await standin.wait_for(lambda: len(standin.sessions) == 2 and standin.sessions[1].ready_at, 5, "a fresh session")
+    reply = await standin.trigger_reply(seconds=0.3)
+    await standin.wait_for(lambda: reply.done_at is not None, 5, "a reply in the fresh session")
+    assert "A1001" in reply.text and "A1001" in reply.prompt
+    assert not standin.sessions[1].received_events("conversation.message")
+    await finish(client, task)
+
+
+async def test_odd_length_reply_chunks_arrive_whole(standin):
+    standin.options.odd_chunks = True
+    events = Recorder()
+    client = make_client(standin, events, greeting=None)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    reply = await standin.trigger_reply(seconds=1.0, freq_hz=700)
+    await standin.wait_for(lambda: reply.done_at is not None, 5, "the reply")
+    assert bytes(events.pcm[reply.reply_id]) == tone(700, 1.0).astype("<i2").tobytes()
+    assert client.counters["odd_chunks"] >= 5 and client.counters["malformed_frames"] == 0
+    await finish(client, task)
+
+
+async def test_tools_carry_a_service_timeout_longer_than_ours(standin):
+    """timeout_seconds tells the service how long to wait; ours answers first with an error."""
+    tools = [{"type": "function", "name": "slow", "description": "takes long", "parameters": {"type": "object"}}]
+    settings = SessionSettings(tools=tools, tool_timeout_seconds=service_tool_timeout(0.5))
+    client = VoiceAgentClient(standin.url, KEY, settings, ToolRecorder(),
+                              ClientOptions(tool_timeout_s=0.5, backoff_initial_s=0.05))
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    assert standin.sessions[0].config["tools"][0]["timeout_seconds"] == 6
+    result = await standin.call_tool("slow", {})
+    assert result is not None and "timed out" in json.loads(result["result"])["error"]
+    assert standin.sessions[0].tool_timeouts == []
     await finish(client, task)
 
 
@@ -325,3 +457,21 @@ async def test_a_service_that_drops_every_session_after_ready_is_retried_ever_mo
     assert client.connects <= 9, f"{client.connects} connections in 6 s: the backoff did not grow"
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stored_agent_session_sends_its_id_alone_and_chat_waits_for_its_greeting(standin):
+    """AGENT_ID: the first update is {agent_id} alone; the stored agent greets (we cannot know
+    whether it will), so typed chat waits for its first reply to end."""
+    standin.options.greeting_seconds = 1.0
+    events = Recorder()
+    client = VoiceAgentClient(standin.url, KEY, SessionSettings(agent_id="agent_standin", system_prompt="ignored"),
+                              events, ClientOptions(backoff_initial_s=0.05))
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].replies
+                           and standin.sessions[0].replies[0].first_audio_at, 5, "the stored agent's greeting")
+    s = standin.sessions[0]
+    assert s.updates == [{"agent_id": "agent_standin"}]
+    await client.send_text("hello?")
+    await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 5, "the answer")
+    assert s.replies[0].status == "completed" and s.replies[0].text == "Hello from the stored agent."
+    await finish(client, task)

@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from standin import StandIn, StandInOptions, TurnDetector, dominant_frequency, tone
+from standin import VOICES, StandIn, StandInOptions, TurnDetector, dominant_frequency, tone
 
 RATE = 24_000
 KEY = "standin"
@@ -157,6 +157,7 @@ def test_turn_detector_ignores_blips_shorter_than_speech_start() -> None:
 
 @pytest.mark.parametrize("header", [None, "standin", "Bearer wrong", "bearer standin"])
 async def test_a_bad_key_is_refused_with_http_401(agent: StandIn, header: str | None) -> None:
+    agent.options.auth_failure = "http"
     headers = {"Authorization": header} if header is not None else {}
     with pytest.raises(InvalidStatus) as refused:
         async with connect(agent.url, additional_headers=headers):
@@ -181,14 +182,16 @@ async def test_a_bad_key_can_be_refused_by_close_1008(agent: StandIn) -> None:
     assert agent.http_rejections == 0 and agent.auth_failures == 1
 
 
-@pytest.mark.parametrize("uppercase", [False, True])
-async def test_a_bad_key_can_be_refused_by_an_error_frame_then_1008(agent: StandIn, uppercase: bool) -> None:
-    agent.options.auth_failure = "error_frame"
+@pytest.mark.parametrize("uppercase, reason", [(False, "UNAUTHORIZED"), (True, "")])
+async def test_a_bad_key_is_refused_by_an_error_frame_then_1008_as_observed_live(agent: StandIn,
+                                                                                uppercase: bool, reason: str) -> None:
+    assert agent.options.auth_failure == "error_frame", "the default is what the live service does"
     agent.options.uppercase_codes = uppercase
+    agent.options.auth_close_reason = reason
     async with client(agent, key=None) as c:
         error = await c.expect("session.error")
         assert error["code"] == ("UNAUTHORIZED" if uppercase else "unauthorized")
-        assert (await c.closing())[0] == 1008
+        assert await c.closing() == (1008, reason)
 
 
 # -- session setup and validation -------------------------------------------------------------
@@ -224,8 +227,8 @@ async def test_an_invalid_first_update_leaves_the_session_unready_until_correcte
     ({"agent_id": "agent_standin", "system_prompt": "hi"}, "invalid_config", "agent_id"),
     ({"agent_id": "agent_nobody"}, "agent_not_found", "agent_id"),
     ({"temperature": 0.2}, "invalid_config", "session.temperature"),
-    ({"output": {"voice": "nobody"}}, "invalid_value", "output.voice"),
     ({"output": {"volume": 101}}, "invalid_value", "output.volume"),
+    ({"output": {"volume": -1}}, "invalid_value", "output.volume"),
     ({"input": {"format": {"encoding": "audio/pcm", "sample_rate": 16000}}}, "invalid_value",
      "input.format.sample_rate"),
     ({"input": {"format": {"encoding": "audio/wav"}}}, "invalid_value", "input.format.encoding"),
@@ -235,6 +238,22 @@ async def test_an_invalid_first_update_leaves_the_session_unready_until_correcte
      "input.turn_detection.interrupt_response"),
     ({"input": {"turn_detection": {"interruption_delay": 2000}}}, "invalid_value",
      "input.turn_detection.interruption_delay"),
+    ({"input": {"turn_detection": {"interruption_delay": -1}}}, "invalid_value",
+     "input.turn_detection.interruption_delay"),
+    ({"input": {"transcription_mode": "fastest"}}, "invalid_value", "input.transcription_mode"),
+    ({"input": {"transcription_prompt": "x" * 1751}}, "invalid_value", "input.transcription_prompt"),
+    ({"input": {"language_codes": "en"}}, "invalid_value", "input.language_codes"),
+    ({"input": {"language_codes": ["en", "English"]}}, "invalid_value", "input.language_codes"),
+    ({"input": {"voice_focus": "medium"}}, "invalid_value", "input.voice_focus"),
+    ({"input": {"voice_focus_threshold": 2}}, "invalid_value", "input.voice_focus_threshold"),
+    ({"input": {"continuous_partials": "yes"}}, "invalid_value", "input.continuous_partials"),
+    ({"input": {"noise": True}}, "invalid_config", "input.noise"),
+    ({"tools": [{"type": "function", "name": "x", "description": "", "parameters": {}, "execution_mode": "async"}]},
+     "invalid_value", "tools[0].execution_mode"),
+    ({"tools": [{"type": "function", "name": "x", "description": "", "parameters": {}, "timeout_seconds": 301}]},
+     "invalid_value", "tools[0].timeout_seconds"),
+    ({"tools": [{"type": "function", "name": "x", "description": "", "parameters": {}, "timeout_seconds": 0.5}]},
+     "invalid_value", "tools[0].timeout_seconds"),
     ({"tools": [{"type": "function", "name": "x"}]}, "invalid_config", "tools[0].description"),
     ({"tools": [{"type": "function", "name": "x", "description": "", "parameters": []}]}, "invalid_config",
      "tools[0].parameters"),
@@ -249,26 +268,91 @@ async def test_invalid_config_is_rejected_with_code_and_param(agent: StandIn, se
         assert not c.of("session.ready")
 
 
-async def test_a_stored_agent_alone_is_accepted(agent: StandIn) -> None:
+async def test_a_stored_agent_alone_is_accepted_and_brings_its_prompt_and_greeting(agent: StandIn) -> None:
     async with client(agent) as c:
-        assert (await c.ready(agent_id="agent_standin"))["config"] == {"agent_id": "agent_standin"}
+        config = (await c.ready(agent_id="agent_standin"))["config"]
+        assert config["agent_id"] == "agent_standin" and config["system_prompt"].startswith("You are the stand-in")
+        greeting = await c.expect("transcript.agent")
+        assert greeting["text"] == "Hello from the stored agent."
+        await c.send(type="session.update", session={"input": {"keyterms": ["LiveKit"]}})
+        assert (await c.expect("session.updated"))["config"]["input"] == {"keyterms": ["LiveKit"]}
+
+
+async def test_every_documented_setting_is_accepted() -> None:
+    """What the real service accepts, the stand-in accepts: turn detection with its
+    interruption_delay, the transcription options, voice focus, continuous partials, volume,
+    and tools with execution_mode and timeout_seconds."""
+    session = {
+        "system_prompt": "Be brief.", "greeting": "Hi",
+        "input": {"format": {"encoding": "audio/pcm", "sample_rate": 24000}, "keyterms": ["LiveKit"],
+                  "turn_detection": {"vad_threshold": 0.4, "min_silence": 300, "max_silence": 1200,
+                                     "interrupt_response": True, "interruption_delay": 0},
+                  "transcription_mode": "min_latency", "transcription_prompt": "x" * 1750,
+                  "language_codes": ["en", "es", "pt-BR"], "voice_focus": "far-field", "voice_focus_threshold": 0.5,
+                  "continuous_partials": True},
+        "output": {"voice": "james", "format": {"encoding": "audio/pcm"}, "volume": 0},
+        "tools": [{"type": "function", "name": "lookup", "description": "d", "parameters": {"type": "object"},
+                   "execution_mode": "hold", "timeout_seconds": 300},
+                  {"type": "function", "name": "quick", "description": "d", "parameters": {"type": "object"},
+                   "execution_mode": "interactive", "timeout_seconds": 1}],
+    }
+    async with StandIn(StandInOptions(**FAST)) as agent, client(agent) as c:
+        await c.ready(**session)
+        await c.send(type="session.update", session={"output": {"volume": None}, "input": {"transcription_mode": "balanced"}})
+        await c.expect("session.updated")
+    assert agent.sessions[0].errors_sent == []
+
+
+@pytest.mark.parametrize("voice", ["ivy", "claire", "dawn", "nobody"])
+@pytest.mark.parametrize("error_frame", [True, False])
+async def test_an_invalid_voice_in_the_first_update_closes_the_socket_1008(agent: StandIn, voice: str,
+                                                                           error_frame: bool) -> None:
+    """Observed live [3p]: ivy, claire and dawn were invalid, and the first update with an
+    invalid voice closed the socket with 1008."""
+    agent.options.invalid_voice_error_frame = error_frame
+    async with client(agent) as c:
+        await c.send(type="session.update", session={"output": {"voice": voice}})
+        assert (await c.closing())[0] == 1008
+    assert [e.get("param") for e in c.of("session.error")] == (["output.voice"] if error_frame else [])
+    assert not c.of("session.ready")
+
+
+def test_the_voice_list_is_the_documented_one_without_those_found_invalid() -> None:
+    assert "james" in VOICES and "pierre" in VOICES and len(VOICES) == len(set(VOICES))
+    assert not {"ivy", "claire", "dawn"} & set(VOICES)
+
+
+async def test_a_full_service_refuses_the_handshake_with_server_error_then_1008(agent: StandIn) -> None:
+    agent.options.refuse_sessions_with = "server_error"
+    for _ in range(2):
+        async with client(agent) as c:
+            await c.send(type="session.update", session={})
+            error = await c.expect("session.error")
+            assert await c.closing() == (1008, "")
+        assert (error["code"], error["message"]) == ("server_error", "at capacity, try again later")
+    assert agent.refused_sessions == 2 and agent.sessions == []
+    agent.options.refuse_sessions_with = None  # capacity is back
+    async with client(agent) as c:
+        await c.ready()
 
 
 async def test_immutable_fields_cannot_change_after_ready_but_the_session_stays_open(agent: StandIn) -> None:
     tools = [{"type": "function", "name": "get_time", "description": "now", "parameters": {"type": "object"}}]
     async with client(agent) as c:
-        await c.ready(output={"voice": "ivy"})
-        for change, param in [({"output": {"voice": "sage"}}, "output.voice"),
+        await c.ready(output={"voice": "james"})
+        for change, param in [({"output": {"voice": "tyler"}}, "output.voice"),
                               ({"greeting": "hello"}, "greeting"),
-                              ({"input": {"format": {"encoding": "audio/pcmu"}}}, "input.format")]:
+                              ({"output": {"format": {"encoding": "audio/pcmu"}}}, "output.format")]:
             await c.send(type="session.update", session=change)
             error = await c.expect("session.error")
             assert (error["code"], error["param"]) == ("immutable_field", param)
+        await c.send(type="session.update", session={"output": {"voice": "nobody"}})
+        assert (await c.expect("session.error"))["param"] == "output.voice", "later: an error, the socket stays"
         # Repeating the same voice is no change; mutable fields are acknowledged.
-        await c.send(type="session.update", session={"output": {"voice": "ivy", "volume": 40}, "tools": tools,
+        await c.send(type="session.update", session={"output": {"voice": "james", "volume": 40}, "tools": tools,
                                                       "input": {"keyterms": ["LiveKit"]}})
         updated = await c.expect("session.updated")
-        assert updated["config"]["output"] == {"voice": "ivy", "volume": 40}
+        assert updated["config"]["output"] == {"voice": "james", "volume": 40}
         await c.send(type="session.update", session={"agent_id": "agent_standin"})
         assert (await c.expect("session.error"))["code"] == "agent_id_not_first"
         assert not c.closed
@@ -479,6 +563,102 @@ async def test_g711_mu_law_in_and_out_at_8_khz(agent: StandIn) -> None:
     reply = np.concatenate([decode_audio(base64.b64decode(e["data"]), "audio/pcmu") for e in c.of("reply.audio")])
     assert len(reply) == 4000 and dominant_frequency(reply, 8000) == pytest.approx(1000, abs=5)
     assert agent.input_pcm().dtype == np.int16 and len(agent.input_pcm()) == len(audio)
+
+
+async def test_input_format_may_change_after_ready(agent: StandIn) -> None:
+    """AssemblyAI's notes list input.format as mutable (output.format is not)."""
+    from standin import encode_audio
+
+    async with client(agent) as c:
+        await c.ready()
+        await c.send(type="session.update", session={"input": {"format": {"encoding": "audio/pcmu"}}})
+        await c.expect("session.updated")
+        audio = np.concatenate([silence(0.1), tone(440, 0.6), silence(0.7)])[::3]  # 8 kHz
+        for start in range(0, len(audio), 400):
+            await c.send(type="input.audio", audio=base64.b64encode(encode_audio(audio[start:start + 400],
+                                                                                  "audio/pcmu")).decode())
+            await asyncio.sleep(0.05)
+        user = await c.expect("transcript.user", timeout=3)
+    assert heard_hz(user["text"]) == pytest.approx(440, abs=5)
+
+
+async def test_the_model_sees_instructions_and_the_system_prompt_never_conversation_messages(agent: StandIn) -> None:
+    """[sdk] and [3p]: conversation.message content does not reach the model; reply.create
+    instructions and the system prompt do. With model_echo the reply says what it was told."""
+    agent.options.model_echo = True
+    async with client(agent) as c:
+        await c.ready(system_prompt="You sell bicycles.")
+        await c.send(type="conversation.message", role="user", content="my name is Zanzibar")
+        await c.send(type="reply.create")
+        first = await c.expect("transcript.agent", timeout=3)
+        await c.send(type="reply.create", instructions="Tell the caller the shop opens at nine.")
+        second = await c.expect("transcript.agent", timeout=3)
+    assert "Zanzibar" not in first["text"] and "You sell bicycles." in first["text"]
+    assert "the shop opens at nine" in second["text"]
+    record = agent.sessions[0]
+    assert [r.instructions for r in record.replies] == [None, "Tell the caller the shop opens at nine."]
+    assert record.replies[0].prompt == "You sell bicycles."
+
+
+async def test_a_reply_create_while_the_greeting_plays_replaces_the_greeting(agent: StandIn) -> None:
+    """[sdk]: one sent while the greeting plays replaces the greeting."""
+    agent.options.greeting_seconds = 1.5
+    async with client(agent) as c:
+        await c.ready(greeting="Welcome to the shop, how can I help you today?")
+        await c.expect("reply.audio")
+        await c.send(type="reply.create", instructions="Answer the chat.")
+        cut = await c.expect("transcript.agent", timeout=3)
+        done = await c.expect("reply.done", timeout=3)
+        await c.expect("reply.started", timeout=3)
+        await c.expect("reply.done", timeout=3)
+    greeting, answer = agent.sessions[0].replies
+    assert (greeting.kind, greeting.status, cut["interrupted"], done["status"]) == (
+        "greeting", "interrupted", True, "interrupted")
+    assert greeting.samples_sent < 1.0 * RATE and answer.kind == "create" and answer.status == "completed"
+
+
+async def test_a_tool_call_is_given_up_after_its_timeout_seconds(agent: StandIn) -> None:
+    tools = [{"type": "function", "name": "slow", "description": "d", "parameters": {"type": "object"},
+              "timeout_seconds": 1}]
+    async with client(agent) as c:
+        await c.ready(tools=tools)
+        t0 = time.monotonic()
+        assert await agent.call_tool("slow", {}, timeout=5) is None, "the service gave up first"
+        gave_up = time.monotonic() - t0
+        call = c.of("tool.call")[0]
+        apology = await c.expect("transcript.agent", timeout=3)
+        await c.send(type="tool.result", call_id=call["call_id"], result="{}")
+        late = await c.expect("session.error")
+        assert not c.closed, "the session goes on"
+    assert 1.0 <= gave_up < 1.6
+    assert "did not answer in time" in apology["text"] and late["param"] == "call_id"
+    record = agent.sessions[0]
+    assert record.tool_timeouts == [call["call_id"]] and record.tool_results == []
+
+
+async def test_a_tool_without_timeout_seconds_gets_the_default_120(agent: StandIn) -> None:
+    from standin import DEFAULT_TOOL_TIMEOUT_S
+
+    assert DEFAULT_TOOL_TIMEOUT_S == 120
+    async with client(agent) as c:
+        await c.ready(tools=[{"type": "function", "name": "t", "description": "d", "parameters": {}}])
+        call = asyncio.create_task(agent.call_tool("t", {}))
+        request = await c.expect("tool.call")
+        await asyncio.sleep(1.2)
+        await c.send(type="tool.result", call_id=request["call_id"], result="{}")
+        assert (await call)["call_id"] == request["call_id"]
+
+
+async def test_odd_chunks_split_samples_across_chunks_and_lose_nothing(agent: StandIn) -> None:
+    agent.options.odd_chunks = True
+    async with client(agent) as c:
+        await c.ready()
+        await agent.trigger_reply(seconds=0.8, freq_hz=700)
+        await c.expect("reply.done", timeout=3)
+    raw = [base64.b64decode(e["data"]) for e in c.of("reply.audio")]
+    assert sum(len(r) % 2 for r in raw) >= len(raw) - 1, "every chunk but perhaps the last is odd"
+    joined = np.frombuffer(b"".join(raw), dtype="<i2")
+    assert np.array_equal(joined, tone(700, 0.8))
 
 
 # -- rate limit -------------------------------------------------------------------------------

@@ -128,7 +128,9 @@ async def test_user_tools_schema_timeout_errors_and_thinking(livekit_server, sta
                 "colour": {"type": "string", "enum": ["red", "green"]},
                 "sizes": {"type": "array", "items": {"type": "integer"}},
                 "note": {"type": ["string", "null"], "default": None}},
-                "required": ["colour", "sizes"], "additionalProperties": False}}
+                "required": ["colour", "sizes"], "additionalProperties": False},
+            "timeout_seconds": 7}  # TOOL_TIMEOUT_S 1.5 s, rounded up, + 5: the service waits for our answer
+        assert {t["timeout_seconds"] for t in tools.values()} == {7}
         assert tools["slow_lookup"]["parameters"]["properties"]["seconds"] == {
             "type": "number", "description": "How long to wait."}
 
