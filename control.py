@@ -124,6 +124,8 @@ class BedStore:
         raw = _read_capped(self.json_path, _STATE_MAX_JSON_BYTES)
         if raw is None:
             raise ValueError(f"larger than {_STATE_MAX_JSON_BYTES} bytes")
+        if _nesting(raw) > 2:  # a flat object; never hand a deep document to the parser
+            raise ValueError("nested too deep for a state file")
         meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
@@ -176,6 +178,30 @@ def _read_capped(path: Path, limit: int) -> bytes | None:
             raise ValueError(f"{path.name} is not a regular file")
         data = f.read(limit + 1)
     return None if len(data) > limit else data
+
+
+def _nesting(raw: bytes) -> int:
+    """How deep JSON brackets nest in ``raw`` (outside strings), without parsing it: the
+    parser's own recursion limit differs between Python versions."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+            continue
+        if byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
