@@ -315,28 +315,107 @@ def gather_env(cli: Mapping[str, str | None], cwd: Path | None = None) -> dict[s
 
 
 class LogContext(logging.Filter):
-    """Adds room / session id / reply id to every record, and removes secrets."""
+    """Adds room / session id / reply id to every record, and removes secrets.
+
+    A secret is removed in the forms it is likely to take in a message: as is, escaped as
+    JSON or by repr() (quotes, backslashes, non-ASCII), and URL-encoded. A message that was
+    cut short somewhere may hold only a secret's beginning: any run of at least
+    ``PARTIAL_MIN`` of its leading characters is removed too. Code that shortens text before
+    logging or raising it should cut with ``clip()`` / ``one_line()``, which redact first."""
+
+    PARTIAL_MIN = 8
+    MAX_ADDED = 32  # secrets added at run time (the agent's tokens, one per join): the newest
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
         self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
         # Redacting a 1-3 character "secret" would mangle every line; real ones are long.
-        self.secrets = [s for s in secrets if len(s) >= 6]
+        self.secrets = [s for s in dict.fromkeys(secrets) if len(s) >= 6]
+        self._added: collections.deque[str] = collections.deque(maxlen=self.MAX_ADDED)
+        self._forms: list[str] = []
+        self._rebuild()
 
     def add_secret(self, s: str) -> None:
-        if len(s) >= 6:
-            self.secrets.append(s)
+        if len(s) >= 6 and s not in self.secrets and s not in self._added:
+            self._added.append(s)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        import re
+        from urllib.parse import quote, quote_plus
+
+        forms: set[str] = set()
+        for s in (*self.secrets, *self._added):
+            forms.update((s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], repr(s)[1:-1],
+                          quote(s, safe=""), quote_plus(s, safe="")))
+        self._forms = [f for f in forms if len(f) >= 6]
+        heads = {f[:self.PARTIAL_MIN] for f in self._forms}
+        self._heads = re.compile("|".join(map(re.escape, sorted(heads)))) if heads else None
 
     def redact(self, text: str) -> str:
-        for s in self.secrets:
-            if s in text:
-                text = text.replace(s, "***")
-        return text
+        """``text`` with every form of every secret, whole or its beginning of at least
+        PARTIAL_MIN characters, replaced by ***. At each place, the longest match over all
+        forms is removed (a cut secret's raw and escaped forms share their beginning)."""
+        if self._heads is None:
+            return text
+        out: list[str] = []
+        i = 0
+        while (m := self._heads.search(text, i)) is not None:
+            start = m.start()
+            end = max((start + _common_prefix(text, start, f) for f in self._forms
+                       if text.startswith(f[:self.PARTIAL_MIN], start)), default=m.end())
+            out.append(text[i:start])
+            out.append("***")
+            i = end
+        out.append(text[i:])
+        return "".join(out)
+
+    def redact_value(self, value: Any) -> Any:
+        """A log field's value with secrets removed, recursively; what JSON cannot hold
+        becomes its (redacted) str()."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, dict):
+            return {self.redact(str(k)): self.redact_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self.redact_value(v) for v in value]
+        return self.redact(str(value))
+
+    def clip(self, text: str, limit: int) -> str:
+        """``text[:limit]``, redacted BEFORE it is cut (a cut can leave a secret's beginning,
+        which no later redaction recognises for sure)."""
+        return self.redact(text)[:limit]
+
+    def one_line(self, e: BaseException, limit: int = 200) -> str:
+        """An exception's first line, redacted, then cut: the safe ``_one_line``."""
+        return self.clip((self.redact(str(e)) or type(e).__name__).splitlines()[0], limit)
 
     def filter(self, record: logging.LogRecord) -> bool:
         for k, v in self.fields.items():
             setattr(record, k, v)
         return True
+
+
+def _common_prefix(text: str, start: int, form: str) -> int:
+    """How many leading characters of ``form`` ``text`` holds from ``start`` on."""
+    n = 0
+    limit = min(len(form), len(text) - start)
+    while n < limit and text[start + n] == form[n]:
+        n += 1
+    return n
+
+
+def _redacted_record(ctx: LogContext, formatter: logging.Formatter, record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` whose message, exception and stack text are redacted: the
+    formatters serialise only redacted text."""
+    r = logging.makeLogRecord(record.__dict__)
+    r.msg, r.args = ctx.redact(record.getMessage()), None
+    exc_text = formatter.formatException(record.exc_info) if record.exc_info else record.exc_text
+    r.exc_info, r.exc_text = None, ctx.redact(exc_text) if exc_text else None
+    r.stack_info = ctx.redact(formatter.formatStack(record.stack_info)) if record.stack_info else None
+    return r
 
 
 class TextFormatter(logging.Formatter):
@@ -345,11 +424,13 @@ class TextFormatter(logging.Formatter):
         self.ctx = ctx
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
+        line = super().format(_redacted_record(self.ctx, self, record))
+        fields = self.ctx.redact_value(getattr(record, "fields", None) or {})
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        extra = " ".join(f"{k}={getattr(record, k)}" for k in ("session_id", "reply_id") if getattr(record, k, None))
+        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in ("session_id", "reply_id")
+                         if getattr(record, k, None))
+        # Everything above is redacted already; this pass catches what the joins made.
         return self.ctx.redact(f"{line} [{extra}]" if extra else line)
 
 
@@ -359,21 +440,27 @@ class JsonFormatter(logging.Formatter):
         self.ctx = ctx
 
     def format(self, record: logging.LogRecord) -> str:
+        r = _redacted_record(self.ctx, self, record)
         obj: dict[str, Any] = {
             "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": r.msg,
         }
         for k in ("room", "session_id", "reply_id"):
             v = getattr(record, k, None)
             if v:
-                obj[k] = v
-        for k, v in getattr(record, "fields", {}).items():
+                obj[k] = self.ctx.redact_value(v)
+        for k, v in self.ctx.redact_value(getattr(record, "fields", None) or {}).items():
             obj[k] = v
-        if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
-        return self.ctx.redact(json.dumps(obj, default=str))
+        if r.exc_text:
+            obj["exc"] = r.exc_text
+        if r.stack_info:
+            obj["stack"] = r.stack_info
+        # Every value is redacted before serialising: json.dumps escapes quotes, backslashes
+        # and non-ASCII, which would hide a secret from a redaction of its output (and a
+        # redaction of the output could break the JSON).
+        return json.dumps(obj, default=str)
 
 
 def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") -> LogContext:
