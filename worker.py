@@ -1599,11 +1599,51 @@ async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) 
 # --- command line ------------------------------------------------------------------------------
 
 
+SECRETS_HELP = ("Secrets ({names}) have no flag: a command line is readable by every user of this machine "
+                "(ps, /proc/<pid>/cmdline) and stays in shell history. Set them in the environment or in ./.env "
+                "(the systemd unit: its EnvironmentFile).")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        # argparse echoes unrecognised arguments and invalid choices, values included: a
+        # mistyped secret flag would print the secret. Name the options only.
+        if "invalid choice: " in message:
+            head, _, rest = message.partition("invalid choice: ")
+            message = head + "invalid choice" + (" (" + rest.split(" (", 1)[1] if " (" in rest else "")
+        if message.startswith("unrecognized arguments: "):
+            words = message.split(": ", 1)[1].split()
+            options = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            hidden = len(words) - len(options)
+            message = ("unrecognized arguments: " + (" ".join(options) or "(values)")
+                       + (f" (and {hidden} value{'s' if hidden != 1 else ''}, not shown)" if options and hidden else ""))
+        return super().error(message)
+
+
+class _SecretFlag(argparse.Action):
+    """A flag for a secret setting, kept only to refuse it with one clear line (exit 2),
+    without echoing the value."""
+
+    def __init__(self, *args: Any, variable: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.variable = variable
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.exit(EXIT_CONFIG, f"error: {option_string} is not accepted: a secret on the command line is readable "
+                                 f"by every user of this machine; set {self.variable} in the environment or in "
+                                 f"./.env instead\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    import textwrap
+
+    secret_names = [env_name(f) for f in dataclasses.fields(Config) if f.metadata["secret"]]
+    parser = _Parser(
         prog="worker.py",
         description="Bridge a LiveKit room to AssemblyAI's Voice Agent API. Every setting is an environment "
-                    "variable (also read from ./.env); a flag overrides it.",
+                    "variable (also read from ./.env); a flag overrides it.\n\n"
+                    + textwrap.fill(SECRETS_HELP.format(names=", ".join(secret_names)), 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
     )
@@ -1628,8 +1668,17 @@ def build_parser() -> argparse.ArgumentParser:
             groups[g] = parser.add_argument_group(g)
         default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "")
                                                              else "default: empty")
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata["secret"]:
+            # Listed in the group's text, and the flag refused (never stored) if given anyway.
+            groups[g].description = (groups[g].description or "") + f"{env_name(f)} (no flag: environment or .env only)\n" \
+                + textwrap.fill(f"{f.metadata['help']} [env {env_name(f)}; {default}]", 75, initial_indent="    ",
+                                subsequent_indent="    ") + "\n"
+            groups[g].add_argument(flag, action=_SecretFlag, variable=env_name(f), nargs="?", dest="_" + f.name,
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
         groups[g].add_argument(
-            "--" + f.name.replace("_", "-"), dest=env_name(f), metavar="VALUE",
+            flag, dest=env_name(f), metavar="VALUE",
             help=f"{f.metadata['help']} [env {env_name(f)}; {default}]",
         )
     return parser
