@@ -14,8 +14,11 @@ Authorised room participants (``CONTROL_IDENTITIES``) call RPC methods on the ag
 
 The active bed (its audio and volume) is persisted per room in ``STATE_DIR``, atomically, so a
 worker restarted mid-call resumes the same bed; the state is removed when the call ends
-normally. Uploads are bounded in size and duration, callers are rate-limited, and decoding
-runs in a worker thread one at a time, so a flood of calls cannot starve the audio loop.
+normally. Uploads are bounded in size (the declared size is checked before reading) and in
+duration (enforced while decoding, see sounds.decode_bytes), callers are rate-limited, refusals
+are logged at a bounded rate, and decoding runs in one ordinary-priority thread one file at a
+time, so a flood of calls cannot starve the audio loop. The state file is checked on load: a
+damaged or hostile one is ignored with one warning.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,17 +81,24 @@ class Bed:
     audio: bytes | None = field(default=None, repr=False)  # the uploaded file, for uploads
 
 
+_STATE_MAX_JSON_BYTES = 4096
+_UPLOAD_SOURCE = re.compile(r"upload:[0-9a-f]{1,64}")  # a digest of the audio
+
+
 class BedStore:
     """One room's active bed on disk: a JSON file and, for uploads, the audio beside it.
     Written to a temporary file, flushed, then renamed: a crash leaves the old or the new
-    state, never half of one."""
+    state, never half of one. What is read back is checked: the files live in a directory
+    another process could write to, so a file that is too large, not the JSON we write, or
+    names an unknown source is ignored (one warning), never trusted and never fatal."""
 
-    def __init__(self, state_dir: Path, room: str) -> None:
+    def __init__(self, state_dir: Path, room: str, max_audio_bytes: int = ControlSettings.max_upload_bytes) -> None:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", room)[:80]
         digest = hashlib.sha1(room.encode()).hexdigest()[:8]
         self.dir = state_dir
         self.json_path = state_dir / f"{safe}-{digest}.json"
         self.audio_path = state_dir / f"{safe}-{digest}.audio"
+        self.max_audio_bytes = max_audio_bytes
 
     def save(self, bed: Bed) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -100,16 +111,41 @@ class BedStore:
 
     def load(self) -> Bed | None:
         try:
-            meta = json.loads(self.json_path.read_text())
-            bed = Bed(str(meta["source"]), float(meta["volume"]), str(meta.get("name", "")))
-            if bed.source.startswith("upload:"):
-                bed.audio = self.audio_path.read_bytes()
-            return bed
+            return self._load()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable control state %s: %s", self.json_path, e)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            log.warning("ignoring the control state in %s (%s); the configured bed plays",
+                        self.json_path, " ".join(reason.split())[:200])
             return None
+
+    def _load(self) -> Bed:
+        raw = _read_capped(self.json_path, _STATE_MAX_JSON_BYTES)
+        if raw is None:
+            raise ValueError(f"larger than {_STATE_MAX_JSON_BYTES} bytes")
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        source, volume, name = meta.get("source"), meta.get("volume"), meta.get("name", "")
+        if not isinstance(source, str) or not _known_source(source):
+            raise ValueError(f"unknown source {str(source)[:60]!r}")
+        if isinstance(volume, bool) or not isinstance(volume, (int, float)) or not 0.0 <= volume <= 1.0:
+            raise ValueError(f"volume {str(volume)[:20]} is not a number from 0.0 to 1.0")
+        if not isinstance(name, str) or len(name) > 300:
+            raise ValueError("bad name")
+        bed = Bed(source, float(volume), name)
+        if source.startswith("upload:"):
+            try:
+                audio = _read_capped(self.audio_path, self.max_audio_bytes)
+            except FileNotFoundError:
+                raise ValueError("the saved audio is missing") from None
+            if audio is None:
+                raise ValueError(f"the saved audio is larger than the upload limit ({self.max_audio_bytes} bytes)")
+            if not audio:
+                raise ValueError("the saved audio is empty")
+            bed.audio = audio
+        return bed
 
     def clear(self) -> None:
         for p in (self.json_path, self.audio_path):
@@ -117,6 +153,29 @@ class BedStore:
                 p.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _known_source(source: str) -> bool:
+    """The sources save() writes: stopped, configured, a built-in, a file name, an upload digest."""
+    if source in ("stopped", "configured"):
+        return True
+    if source.startswith("builtin:"):
+        return source[len("builtin:"):] in sounds.BUILTINS
+    if source.startswith("clip:"):
+        clip = source[len("clip:"):]
+        return 0 < len(clip) <= 200 and "/" not in clip and "\\" not in clip and not clip.startswith(".")
+    return _UPLOAD_SOURCE.fullmatch(source) is not None
+
+
+def _read_capped(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes, or None when it is larger than ``limit`` (never reads more).
+    Not through a symbolic link, and never blocking on a FIFO or a device put in its place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        data = f.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -158,6 +217,48 @@ class RateLimiter:
         return True
 
 
+class LogLimiter:
+    """Bounds the warnings callers can make us write. Per caller: the first ``first`` are
+    logged, then one a minute, saying how many were not. In all: at most ``per_minute`` lines
+    a minute; what is over that is counted and said in one line when the next minute starts.
+    Each refusal is logged, or counted in its caller's next line, or in that summary."""
+
+    def __init__(self, first: int = 3, per_minute: int = 20, window_s: float = 60.0) -> None:
+        self.first, self.per_minute, self.window_s = first, per_minute, window_s
+        self._callers: dict[str, list[float]] = {}  # who -> [times seen, last logged at, not logged since]
+        self._window_start = -float("inf")
+        self._lines = 0  # lines written in this window
+        self._over: set[str] = set()  # callers over the global cap in this window
+        self._over_count = 0
+
+    def allow(self, who: str, now: float | None = None) -> tuple[bool, int]:
+        """(log this one?, how many from ``who`` were not logged since its last line)."""
+        now = time.monotonic() if now is None else now
+        if now - self._window_start >= self.window_s:
+            if self._over_count:
+                log.warning("control: %d more refusals from %s callers were not logged in the last minute",
+                            self._over_count, len(self._over) if len(self._over) < 1000 else "1000 or more")
+            self._window_start, self._lines, self._over, self._over_count = now, 0, set(), 0
+        entry = self._callers.get(who)
+        if entry is None:
+            if len(self._callers) >= 1000:  # forget the callers logged longest ago
+                for key in sorted(self._callers, key=lambda k: self._callers[k][1])[:500]:
+                    del self._callers[key]
+            entry = self._callers[who] = [0, -float("inf"), 0]
+        entry[0] += 1
+        if entry[0] > self.first and now - entry[1] < self.window_s:
+            entry[2] += 1
+            return False, 0
+        if self._lines >= self.per_minute:
+            self._over_count += 1
+            if len(self._over) < 1000:
+                self._over.add(who)
+            return False, 0
+        self._lines += 1
+        suppressed, entry[1], entry[2] = int(entry[2]), now, 0
+        return True, suppressed
+
+
 class Controller:
     """Owns the runtime bed: validation, decoding off the audio loop, the mixer calls,
     persistence. ``mixer`` is a ``mixer.Mixer``."""
@@ -166,9 +267,10 @@ class Controller:
         self.s = settings
         self.mixer = mixer
         self.room = room
-        self.store = BedStore(settings.state_dir, room) if settings.state_dir else None
+        self.store = BedStore(settings.state_dir, room, settings.max_upload_bytes) if settings.state_dir else None
         self.active: Bed | None = None  # set while a runtime bed overrides the configured one
         self.limiter = RateLimiter(settings.calls_per_minute, settings.burst)
+        self.denied_log = LogLimiter()
         self._decode = asyncio.Semaphore(1)
         self.counters: dict[str, int] = {"calls": 0, "denied": 0, "rate_limited": 0, "invalid": 0, "uploads": 0}
 
@@ -196,9 +298,7 @@ class Controller:
         """Check the caller, parse, dispatch. Raises ControlError for the caller."""
         self.counters["calls"] += 1
         if caller not in self.s.identities:
-            self.counters["denied"] += 1
-            log.warning("control: %s denied for %s (not in CONTROL_IDENTITIES)", method, caller)
-            raise ControlError(ERR_FORBIDDEN, f"{caller} may not control this agent")
+            self._denied(method, caller)
         if not self.limiter.allow(caller):
             self.counters["rate_limited"] += 1
             raise ControlError(ERR_RATE, "too many control calls; slow down")
@@ -224,6 +324,14 @@ class Controller:
             raise
         log.info("control: %s from %s: %s", method, caller, _summary(args))
         return result
+
+    def _denied(self, what: str, caller: str) -> None:
+        self.counters["denied"] += 1
+        logged, suppressed = self.denied_log.allow(caller)
+        if logged:
+            more = f"; {suppressed} more refused since the last line" if suppressed else ""
+            log.warning("control: %s denied for %s (not in CONTROL_IDENTITIES)%s", what, _printable(caller), more)
+        raise ControlError(ERR_FORBIDDEN, f"{caller} may not control this agent")
 
     # -- methods --
 
@@ -312,8 +420,8 @@ class Controller:
                                                else bed.source if bed.source.startswith("builtin:") else None,
                                                bed.audio, self.s.bed_target_lufs, loop=True)
                 self.mixer.set_bed(sound.name, sound.samples, bed.volume, fade_ms=300)
-        except ControlError as e:
-            log.warning("could not restore the persisted bed (%s); keeping the configured one", e)
+        except Exception as e:  # a bad state file never stops the worker: ControlError, or anything else
+            log.warning("could not restore the persisted bed (%s); keeping the configured one", _one_line(e))
             self.store.clear()
             return False
         self.active = bed
@@ -334,16 +442,15 @@ class Controller:
             if len(audio) > self.s.max_upload_bytes:
                 raise ControlError(ERR_INVALID, f"audio is {len(audio)} bytes; the limit is {self.s.max_upload_bytes}")
             digest = hashlib.sha256(audio).hexdigest()[:16]
-            sound = await self._decode_off_loop(lambda: sounds.decode_bytes(audio, name=f"upload-{digest}",
-                                                                          target_lufs=target))
+            # The duration limit is enforced while decoding: a longer file is never decoded whole.
+            sound = await self._decode_off_loop(lambda: sounds.decode_bytes(
+                audio, name=f"upload-{digest}", target_lufs=target, max_duration_s=self.s.max_audio_s))
             bed = Bed(f"upload:{digest}", 0.0, sound.name, audio)
         else:
             source = self._clip_source(clip)
-            sound = await self._decode_off_loop(lambda: sounds.load(source, target_lufs=target))
+            sound = await self._decode_off_loop(lambda: sounds.load(source, target_lufs=target,
+                                                                    max_duration_s=self.s.max_audio_s))
             bed = Bed(source if source.startswith("builtin:") else f"clip:{clip}", 0.0, sound.name)
-        if sound.duration_s > self.s.max_audio_s:
-            raise ControlError(ERR_INVALID, f"audio is {sound.duration_s:.0f} s long; the limit is "
-                                            f"{self.s.max_audio_s:.0f} s")
         if loop and not sound.name.startswith("builtin:"):
             seamless = sounds.make_seamless_loop(sound.samples, int(0.25 * sounds.SAMPLE_RATE))
             sound = sounds.Sound(sound.name, seamless, sound.source_rate, sound.loudness_lufs)
@@ -369,19 +476,71 @@ class Controller:
         return str(path)
 
     async def _decode_off_loop(self, fn: Any) -> sounds.Sound:
+        """Run a decode in sounds' decoding thread, at ordinary priority (the worker's own
+        threads may be real-time, and a thread inherits its creator's policy)."""
         async with self._decode:  # one decode at a time: a flood queues here, not on the CPU
+            loop = asyncio.get_running_loop()
             try:
-                return await asyncio.to_thread(fn)
+                return await loop.run_in_executor(sounds.decode_executor(), sounds.run_in_background, fn)
             except sounds.SoundError as e:
                 raise ControlError(ERR_INVALID, str(e)) from None
             except ValueError as e:
-                raise ControlError(ERR_INVALID, f"cannot use this audio: {e}") from None
+                raise ControlError(ERR_INVALID, f"cannot use this audio: {_one_line(e)}") from None
+            except Exception as e:  # a decoder bug must cost the caller a refusal, not the worker its life
+                log.warning("control: decoding failed unexpectedly: %s", _one_line(e), exc_info=e)
+                raise ControlError(ERR_INVALID, "cannot use this audio: it could not be decoded") from None
 
     # -- byte-stream uploads --
 
     async def _on_upload(self, room: Any, reader: Any, caller: str) -> None:
-        attrs = dict(reader.info.attributes or {})
+        """One byte-stream upload, start to end: whatever the stream or its bytes do (refused,
+        aborted by the sender, cut by a disconnect, undecodable), the caller gets a result
+        message and this task ends normally, so an upload can never take the worker down."""
+        from livekit import rtc
+
+        result: dict[str, Any]
+        try:
+            result = await self._upload(reader, caller)
+        except ControlError as e:
+            result = {"ok": False, "code": e.code, "error": str(e)}
+            if e.code != ERR_FORBIDDEN:
+                log.info("control: upload from %s refused: %s", _printable(caller), e)
+        except rtc.StreamError as e:
+            self.counters["invalid"] += 1
+            result = {"ok": False, "code": ERR_INVALID, "error": "the upload was aborted before it ended"}
+            log.info("control: upload from %s aborted: %s", _printable(caller), _one_line(e))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self.counters["invalid"] += 1
+            result = {"ok": False, "code": ERR_INVALID, "error": "the upload failed"}
+            log.warning("control: upload from %s failed: %s", _printable(caller), _one_line(e), exc_info=e)
+        finally:
+            _close_reader(reader)
+        try:
+            await room.local_participant.send_text(json.dumps(result), topic=TOPIC_RESULT,
+                                                   destination_identities=[caller])
+        except Exception as e:  # noqa: BLE001 - the caller may have left
+            log.debug("could not send the upload result to %s: %s", _printable(caller), _one_line(e))
+
+    async def _upload(self, reader: Any, caller: str) -> dict[str, Any]:
+        """Check the caller, the action and the declared size before reading a byte, then read
+        at most the upload limit, then hand the bytes to mix_audio or play."""
+        self.counters["calls"] += 1
+        if caller not in self.s.identities:
+            self._denied("upload", caller)
+        if not self.limiter.allow(caller):
+            self.counters["rate_limited"] += 1
+            raise ControlError(ERR_RATE, "too many control calls; slow down")
+        info = reader.info
+        attrs = dict(info.attributes or {})
         action = attrs.pop("action", "mix_audio")
+        if action not in ("mix_audio", "play"):
+            self.counters["invalid"] += 1
+            raise ControlError(ERR_INVALID, f"unknown action {str(action)[:40]!r}")
+        limit = self.s.max_upload_bytes
+        declared = info.size or 0
+        if declared > limit:
+            self.counters["invalid"] += 1
+            raise ControlError(ERR_INVALID, f"upload of {declared} bytes is larger than the limit of {limit} bytes")
         args: dict[str, Any] = {}
         for key, value in attrs.items():
             if key == "volume":
@@ -393,40 +552,40 @@ class Controller:
                 args["stop"] = value.lower() == "true"
             else:
                 args[key] = value
-        result: dict[str, Any]
+        data = bytearray()
+        async for chunk in reader:
+            if len(data) + len(chunk) > limit:
+                self.counters["invalid"] += 1
+                raise ControlError(ERR_INVALID, f"upload larger than the limit of {limit} bytes")
+            data += chunk
+        self.counters["uploads"] += 1
+        handler = self.mix_audio if action == "mix_audio" else self.play
         try:
-            if caller not in self.s.identities:
-                self.counters["denied"] += 1
-                log.warning("control: upload from %s denied (not in CONTROL_IDENTITIES)", caller)
-                raise ControlError(ERR_FORBIDDEN, f"{caller} may not control this agent")
-            if not self.limiter.allow(caller):
-                self.counters["rate_limited"] += 1
-                raise ControlError(ERR_RATE, "too many control calls; slow down")
-            if action not in ("mix_audio", "play"):
-                raise ControlError(ERR_INVALID, f"unknown action {action!r}")
-            data = bytearray()
-            async for chunk in reader:
-                data += chunk
-                if len(data) > self.s.max_upload_bytes:
-                    raise ControlError(ERR_INVALID, f"upload larger than {self.s.max_upload_bytes} bytes")
-            self.counters["uploads"] += 1
-            handler = self.mix_audio if action == "mix_audio" else self.play
             result = await handler(args, audio=bytes(data))
-            log.info("control: %s upload from %s (%d bytes): %s", action, caller, len(data), _summary(args))
         except ControlError as e:
-            result = {"ok": False, "code": e.code, "error": str(e)}
-            log.info("control: upload from %s refused: %s", caller, e)
-        finally:
-            if not getattr(reader, "_closed", True):
-                try:
-                    reader.close()
-                except Exception:
-                    pass
-        try:
-            await room.local_participant.send_text(json.dumps(result), topic=TOPIC_RESULT,
-                                                   destination_identities=[caller])
-        except Exception as e:
-            log.debug("could not send the upload result to %s: %s", caller, e)
+            if e.code == ERR_INVALID:
+                self.counters["invalid"] += 1
+            raise
+        log.info("control: %s upload from %s (%d bytes): %s", action, _printable(caller), len(data), _summary(args))
+        return result
+
+
+def _close_reader(reader: Any) -> None:
+    """Close a reader we stop reading (refused, aborted, too large): it would otherwise keep
+    its FFI subscription for the life of the process. Closing a finished one is a no-op."""
+    try:
+        reader.close()
+    except Exception as e:  # noqa: BLE001
+        log.debug("could not close an upload stream: %s", _one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join((str(e) or type(e).__name__).split())[:200]
+
+
+def _printable(text: str) -> str:
+    """A caller's identity as it goes into a log line: no control characters, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))[:80]
 
 
 def _volume(value: Any) -> float | None:

@@ -264,6 +264,7 @@ class MixerCounters:
     underrun_ms: float = 0.0
     barge_ins: int = 0
     reply_samples_dropped: int = 0
+    reply_samples_overflow: int = 0  # over max_reply_backlog_s: dropped on arrival
     limiter_samples: int = 0
     queue_ms: float = 0.0
     last_reply_latency_ms: float | None = None
@@ -291,6 +292,7 @@ class MixerSettings:
     thinking_volume: float = 0.3
     cue_fade_ms: int = 150
     limiter_ceiling: float = 0.89
+    max_reply_backlog_s: float = 120.0  # reply audio held ahead of playback, at most
 
 
 class MixerCore:
@@ -342,6 +344,17 @@ class MixerCore:
         if st.interrupted_at is not None:
             self.counters.reply_samples_dropped += len(samples)
             return
+        room = int(self.s.max_reply_backlog_s * SAMPLE_RATE) - self.reply.queued
+        if len(samples) > room:
+            # Far more than any real reply runs ahead of playback: a runaway or hostile
+            # stream. What does not fit is dropped (counted), and memory stays bounded.
+            if self.counters.reply_samples_overflow == 0:
+                log.warning("reply audio arrives %.0f s ahead of playback: dropping the excess",
+                            self.s.max_reply_backlog_s)
+            self.counters.reply_samples_overflow += len(samples) - max(0, room)
+            samples = samples[:max(0, room)]
+            if not len(samples):
+                return
         if st.first_received_at is None:
             st.first_received_at = self.clock()
         st.received += len(samples)

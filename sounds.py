@@ -1,15 +1,24 @@
 """Sound assets: turn a file, bytes or a built-in name into one clean 24 kHz mono buffer.
 
-Everything here is synchronous and CPU-bound; the mixer calls it off the audio loop (in a
-thread) once per asset, then loops the result from memory.
+Everything here is synchronous and CPU-bound: decode once per asset, then loop the result from
+memory. From an event loop, decode in `decode_executor()`'s one thread, which runs at ordinary
+priority even when the process is real-time (control.py does).
 
     sound = load("sounds/cafe.mp3", target_lufs=-30.0)   # or load("builtin:office", ...)
     sound.samples     # float32, mono, 24 kHz, nominal range [-1, 1], read-only
     sound.loudness_lufs
 
-Pipeline: decode (WAV natively, anything else through PyAV, imported lazily) -> downmix to mono
--> resample once to 24 kHz (livekit.rtc.AudioResampler) -> measure loudness (ITU-R BS.1770-4)
--> optional gain to a target loudness, limited so peaks stay below 0.99.
+Pipeline: decode (WAV natively; MP3, AAC, FLAC, Ogg, Matroska/WebM, MP4/M4A and AIFF through
+PyAV, imported lazily) -> downmix to mono -> resample once to 24 kHz -> measure loudness
+(ITU-R BS.1770-4) -> optional gain to a target loudness, limited so peaks stay below 0.99.
+
+Decoding treats every file as hostile (sounds are uploaded at run time, see control.py): the
+container is recognised from its first bytes and only that one FFmpeg demuxer is used, with no
+protocol, no nested file and no other demuxer or decoder allowed, so FFmpeg never probes among
+its hundreds of formats (SDP, concat, HLS... would open sockets and local files). Rate, channels
+and duration are checked from the headers before decoding and again as frames arrive, frames are
+downmixed and resampled to 24 kHz as they come, and decoding stops as soon as the duration limit
+is passed: memory follows the allowed duration at 24 kHz mono, not what the header claims.
 
 Every failure a user can cause raises `SoundError`, whose message is one line naming the file
 (or configuration entry) and the fix.
@@ -17,18 +26,23 @@ Every failure a user can cause raises `SoundError`, whose message is one line na
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import logging
 import math
+import os
 import random
 import re
 import shlex
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,6 +55,10 @@ __all__ = [
     "load",
     "decode_bytes",
     "decode_wav",
+    "sniff_format",
+    "decode_executor",
+    "run_in_background",
+    "lower_thread_priority",
     "to_mono_24k",
     "integrated_loudness",
     "k_weighting_coefficients",
@@ -64,6 +82,14 @@ PEAK_CEILING = 0.99
 BUILTIN_PREFIX = "builtin:"
 _MIN_RATE, _MAX_RATE = 4000, 768000
 _MAX_CHANNELS = 64
+# Decoding work per second of audio, in samples over all channels: 7.1 at 96 kHz, stereo at
+# 384 kHz. A header that asks for more (a 40 KB FLAC can declare 6 channels at 655 kHz) is refused
+# before decoding; frames that exceed it mid-stream stop the decode.
+_MAX_SAMPLES_PER_S = 768_000
+_MAX_WAV_CHUNKS = 10_000
+_FLOAT_LIMIT = 1e4  # float samples beyond +-80 dBFS are damage: clipped, so no sum overflows
+
+_T = TypeVar("_T")
 
 
 class SoundError(ValueError):
@@ -95,40 +121,67 @@ class Sound:
 # --------------------------------------------------------------------------------------------
 
 
-def load(source: str, *, target_lufs: float | None = None) -> Sound:
-    """Load a file path or "builtin:<name>" as a `Sound`, optionally normalised to `target_lufs`."""
+def load(source: str, *, target_lufs: float | None = None, max_duration_s: float | None = None) -> Sound:
+    """Load a file path or "builtin:<name>" as a `Sound`, optionally normalised to `target_lufs`.
+
+    `max_duration_s` lowers the duration limit (MAX_DURATION_S) for files; it is enforced while
+    decoding."""
     if source.lower().startswith(BUILTIN_PREFIX):
         samples = builtin(source)  # its errors quote `source` as written
         return _finish(
             BUILTIN_PREFIX + source[len(BUILTIN_PREFIX) :].strip().lower(), samples, SAMPLE_RATE, target_lufs
         )
-    return decode_bytes(_read_file(source), name=source, target_lufs=target_lufs)
+    return decode_bytes(_read_file(source), name=source, target_lufs=target_lufs, max_duration_s=max_duration_s)
 
 
-def decode_bytes(data: bytes, *, name: str = "upload", target_lufs: float | None = None) -> Sound:
-    """Decode in-memory bytes (WAV natively, any other container through PyAV) to a `Sound`."""
+def decode_bytes(
+    data: bytes, *, name: str = "upload", target_lufs: float | None = None, max_duration_s: float | None = None
+) -> Sound:
+    """Decode in-memory bytes to a `Sound`: WAV natively, the other allowed containers through PyAV.
+
+    `max_duration_s` (at most MAX_DURATION_S) is checked against the headers before decoding and
+    enforced while decoding: a longer file raises SoundError without being decoded to the end."""
     if not data:
         raise SoundError(f"{name}: the sound is empty (0 bytes); provide a WAV/MP3/OGG/FLAC file with audio")
+    limit_s = _limit(max_duration_s)
     if len(data) > MAX_FILE_BYTES:
         raise SoundError(
             f"{name}: {len(data) / 1e6:.0f} MB is over the {MAX_FILE_BYTES / 1e6:.0f} MB limit; "
-            f"shorten or convert it: {_ffmpeg_hint(name, trim=True)}"
+            f"shorten or convert it: {_ffmpeg_hint(name, trim=True, limit_s=limit_s)}"
         )
-    if _looks_like_wav(data):
-        frames, rate = decode_wav(data, name)
-    else:
-        frames, rate = _decode_with_av(data, name)
-    return _finish(name, to_mono_24k(frames, rate), rate, target_lufs)
+    kind = sniff_format(data)
+    if kind == "wav":
+        mono, rate = _wav_mono(data, name, limit_s)
+        return _finish(name, to_mono_24k(mono, rate), rate, target_lufs, owned=True)
+    if kind is None:
+        raise SoundError(
+            f"{name}: cannot decode this file: it is not WAV, MP3, AAC, FLAC, Ogg, WebM/Matroska, MP4/M4A or "
+            f"AIFF (it starts with {bytes(data[:4])!r}); convert it: {_ffmpeg_hint(name)}"
+        )
+    mono, rate = _decode_with_av(data, name, kind, limit_s)
+    return _finish(name, mono, rate, target_lufs, owned=True)
 
 
-def _finish(name: str, mono: np.ndarray, source_rate: int, target_lufs: float | None) -> Sound:
-    """Measure, normalise (gain only, peak-safe) and freeze a mono 24 kHz buffer."""
+def _limit(max_duration_s: float | None) -> float:
+    limit = float(MAX_DURATION_S)
+    if max_duration_s is not None and math.isfinite(max_duration_s) and max_duration_s > 0:
+        limit = min(limit, float(max_duration_s))
+    return limit
+
+
+def _finish(
+    name: str, mono: np.ndarray, source_rate: int, target_lufs: float | None, *, owned: bool = False
+) -> Sound:
+    """Measure, normalise (gain only, peak-safe) and freeze a mono 24 kHz buffer; `owned`: the
+    buffer is ours (just decoded, float32), so the gain is applied in place, without a copy."""
     loudness = integrated_loudness(mono, SAMPLE_RATE)
     measured = loudness if math.isfinite(loudness) else None
-    if target_lufs is not None and measured is not None:
-        out = _apply_gain(mono, target_lufs - measured, name)
+    gain_db = target_lufs - measured if target_lufs is not None and measured is not None else 0.0
+    if owned and mono.dtype == np.float32 and mono.flags.writeable and mono.flags.c_contiguous:
+        mono *= np.float32(_limited_gain(mono, gain_db, name))
+        out = mono
     else:
-        out = _apply_gain(mono, 0.0, name)
+        out = _apply_gain(mono, gain_db, name)
     out.setflags(write=False)
     return Sound(name=name, samples=out, source_rate=int(source_rate), loudness_lufs=measured)
 
@@ -156,7 +209,7 @@ def _read_file(path_text: str) -> bytes:
             f"shorten or convert it: {_ffmpeg_hint(path_text, trim=True)}"
         )
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except PermissionError:
         raise SoundError(
             f"{path_text}: permission denied reading the sound file; make it readable (chmod a+r)"
@@ -165,23 +218,163 @@ def _read_file(path_text: str) -> bytes:
         raise SoundError(
             f"{path_text}: cannot read the sound file ({e.strerror}); check the file and the disk"
         ) from None
+    if len(data) > MAX_FILE_BYTES:  # it grew after stat()
+        raise SoundError(
+            f"{path_text}: {len(data) / 1e6:.0f} MB is over the {MAX_FILE_BYTES / 1e6:.0f} MB limit; "
+            f"shorten or convert it: {_ffmpeg_hint(path_text, trim=True)}"
+        )
+    return data
 
 
-def _ffmpeg_hint(name: str, *, trim: bool = False) -> str:
+def _ffmpeg_hint(name: str, *, trim: bool = False, limit_s: float | None = None) -> str:
     """The one-line conversion that always works: ffmpeg to 24 kHz mono WAV."""
     src = Path(name)
     stem = src.stem or "output"
     out = f"{stem}-24k.wav" if src.suffix.lower() == ".wav" else f"{stem}.wav"
-    limit = f" -t {MAX_DURATION_S}" if trim else ""
+    limit = f" -t {_seconds(_limit(limit_s))}" if trim else ""
     return f"ffmpeg -i {shlex.quote(name)} -ac 1 -ar {SAMPLE_RATE}{limit} {shlex.quote(out)}"
 
 
-def _check_duration(name: str, frames: int, rate: int) -> None:
-    if frames > MAX_DURATION_S * rate:
+def _seconds(value: float) -> str:
+    return f"{value:g}" if value != int(value) else str(int(value))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{_seconds(seconds)} s"
+
+
+def _check_duration(name: str, frames: int, rate: int, limit_s: float | None = None) -> None:
+    """Refuse `frames` at `rate` when that is longer than the limit (MAX_DURATION_S by default)."""
+    limit = _limit(limit_s)
+    if frames > limit * rate:
         raise SoundError(
-            f"{name}: {frames / rate / 60:.1f} min of audio is over the {MAX_DURATION_S / 60:g} min limit "
-            f"for a looped sound; trim it: {_ffmpeg_hint(name, trim=True)}"
+            f"{name}: {frames / rate / 60:.1f} min of audio is over the {_minutes(limit)} limit; "
+            f"trim it: {_ffmpeg_hint(name, trim=True, limit_s=limit)}"
         )
+
+
+def _too_long(name: str, limit_s: float) -> SoundError:
+    """The same refusal while decoding, when the total is not known yet."""
+    return SoundError(
+        f"{name}: the audio is longer than the {_minutes(limit_s)} limit (stopped decoding there); "
+        f"trim it: {_ffmpeg_hint(name, trim=True, limit_s=limit_s)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Which container: recognised from the first bytes, never left to FFmpeg's probing
+# --------------------------------------------------------------------------------------------
+
+# sniff_format() name -> the one FFmpeg demuxer allowed to read it.
+_DEMUXERS: Mapping[str, str] = MappingProxyType(
+    {
+        "mp3": "mp3",  # MPEG audio layer I/II/III, with or without ID3v2
+        "aac": "aac",  # ADTS
+        "flac": "flac",
+        "ogg": "ogg",  # Vorbis, Opus, FLAC in Ogg
+        "matroska": "matroska",  # MKA, MKV, WebM
+        "mov": "mov",  # MP4, M4A, MOV, 3GP
+        "aiff": "aiff",  # AIFF, AIFF-C
+    }
+)
+# Decoders allowed, by codec id; everything else (video, subtitles, exotic audio) is never opened.
+_CODECS = frozenset(
+    {"mp3", "mp2", "mp1", "aac", "flac", "vorbis", "opus", "alac"}
+    | {f"pcm_{k}" for k in ("u8", "s8", "alaw", "mulaw")}
+    | {f"pcm_{k}{e}" for k in ("s16", "s24", "s32", "f32", "f64") for e in ("le", "be")}
+)
+_MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Recognise an audio container from its first bytes: "wav", a key of the allowed demuxers
+    ("mp3", "aac", "flac", "ogg", "matroska", "mov", "aiff"), or None (not allowed)."""
+    head = bytes(data[:12])
+    if _looks_like_wav(head):
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if len(head) >= 8 and head[4:8] in _MOV_BOXES:
+        return "mov"
+    pos = 0
+    for _ in range(4):  # ID3v2 tags (possibly several) before MPEG audio, ADTS or FLAC
+        tag = bytes(data[pos : pos + 10])
+        if len(tag) < 10 or tag[:3] != b"ID3" or any(b & 0x80 for b in tag[6:10]):
+            break
+        size = (tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]
+        pos += 10 + size + (10 if tag[5] & 0x10 else 0)
+    after = bytes(data[pos : pos + 4])
+    if pos and after == b"fLaC":
+        return "flac"
+    if len(after) >= 2 and after[0] == 0xFF and after[1] & 0xE0 == 0xE0:
+        layer = (after[1] >> 1) & 3
+        if layer == 0:
+            return "aac" if after[1] & 0xF6 == 0xF0 else None
+        return "mp3"
+    return "mp3" if pos else None  # an ID3 tag, then padding or junk: the MP3 demuxer resyncs
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding off the event loop, at ordinary priority
+# --------------------------------------------------------------------------------------------
+
+_DECODE_NICE = 10
+_DECODE_THREAD_NAME = "sound-decode"
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def lower_thread_priority() -> None:
+    """Make the calling thread ordinary background work: SCHED_OTHER, nice >= 10.
+
+    The worker runs real-time (SCHED_RR) when it may, and threads inherit their creator's
+    policy, so a decoding thread started from the event loop would compete with the audio.
+    Lowering is always allowed; errors (no such call on this OS) are ignored."""
+    tid = threading.get_native_id()
+    try:
+        if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < _DECODE_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, _DECODE_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+def run_in_background(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Call `fn` after lower_thread_priority(): for work handed to a thread, e.g.
+    ``loop.run_in_executor(decode_executor(), run_in_background, sounds.load, path)``."""
+    lower_thread_priority()
+    return fn(*args, **kwargs)
+
+
+def _init_decode_thread() -> None:
+    lower_thread_priority()
+    try:  # named in top/ps and in /proc/<pid>/task/*/comm
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(_DECODE_THREAD_NAME)
+    except OSError:
+        pass
+
+
+def decode_executor() -> concurrent.futures.Executor:
+    """The process's one decoding thread (created on first use, at ordinary priority): decodes
+    queue there one at a time instead of competing for the CPU with the audio."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=_DECODE_THREAD_NAME, initializer=_init_decode_thread
+            )
+        return _executor
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +398,7 @@ _CODEC_NAMES: Mapping[int, str] = MappingProxyType(
     }
 )
 _UNKNOWN_SIZE = 0xFFFFFFFF
+_WAV_BLOCK_FRAMES = 1 << 16  # frames converted to float at a time when downmixing
 
 
 @dataclass(frozen=True)
@@ -225,21 +419,50 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     Integer PCM 8/16/24/32-bit and IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE, RIFF
     (little-endian), RIFX (big-endian) and RF64. Unknown chunks are skipped, odd chunk sizes are
     padded, and a data size that is 0xFFFFFFFF (streaming writers) or larger than the file
-    (truncated copy) means "everything until the end of the file".
+    (truncated copy) means "everything until the end of the file". Any malformed header is a
+    SoundError.
     """
+    fmt, usable, endian, frames_count = _wav_layout(data, name, None)
+    samples = _pcm_to_float(usable, fmt, endian)
+    return samples.reshape(frames_count, fmt.channels), fmt.rate
+
+
+def _wav_mono(data: bytes, name: str, limit_s: float) -> tuple[np.ndarray, int]:
+    """Decode a WAV straight to mono float32 at its own rate, a block of frames at a time (no
+    float copy of every channel of the whole file); the duration is checked first."""
+    fmt, usable, endian, frames_count = _wav_layout(data, name, limit_s)
+    mono = np.empty(frames_count, dtype=np.float32)
+    frame_bytes = fmt.channels * fmt.bytes_per_sample
+    weights = np.full(fmt.channels, 1.0 / fmt.channels, dtype=np.float32)
+    for start in range(0, frames_count, _WAV_BLOCK_FRAMES):
+        stop = min(frames_count, start + _WAV_BLOCK_FRAMES)
+        block = _pcm_to_float(usable[start * frame_bytes : stop * frame_bytes], fmt, endian)
+        if fmt.channels == 1:
+            mono[start:stop] = block
+        else:  # a matrix-vector product: the mean of the channels
+            mono[start:stop] = block.reshape(stop - start, fmt.channels) @ weights
+    return mono, fmt.rate
+
+
+def _wav_layout(data: bytes, name: str, limit_s: float | None) -> tuple[_WavFormat, memoryview, str, int]:
     if not _looks_like_wav(data):
         raise SoundError(
-            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {data[:4]!r}); convert it: {_ffmpeg_hint(name)}"
+            f"{name}: not a WAV file (no RIFF/WAVE header, starts with {bytes(data[:4])!r}); "
+            f"convert it: {_ffmpeg_hint(name)}"
         )
     endian = ">" if data[:4] == b"RIFX" else "<"
     fmt, body = _wav_chunks(data, name, endian)
     frames_count = len(body) // (fmt.channels * fmt.bytes_per_sample)
     if frames_count == 0:
         raise SoundError(f"{name}: the WAV file contains no audio samples; re-export it with audio")
-    _check_duration(name, frames_count, fmt.rate)
-    usable = body[: frames_count * fmt.channels * fmt.bytes_per_sample]
-    samples = _pcm_to_float(usable, fmt, endian)
-    return samples.reshape(frames_count, fmt.channels), fmt.rate
+    _check_duration(name, frames_count, fmt.rate, limit_s)
+    return fmt, body[: frames_count * fmt.channels * fmt.bytes_per_sample], endian, frames_count
+
+
+def _damaged(name: str, what: str) -> SoundError:
+    return SoundError(
+        f"{name}: damaged or truncated WAV header ({what}); re-export it or convert it: {_ffmpeg_hint(name)}"
+    )
 
 
 def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memoryview]:
@@ -248,13 +471,18 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
     fmt: _WavFormat | None = None
     body: memoryview | None = None
     ds64_data_size: int | None = None
+    rf64 = bytes(data[:4]) in (b"RF64", b"BW64")
     pos = 12
-    while pos + 8 <= len(data):
+    for _ in range(_MAX_WAV_CHUNKS):
+        if pos + 8 > len(data):
+            break
         chunk_id = bytes(view[pos : pos + 4])
         (size,) = struct.unpack_from(endian + "I", data, pos + 4)
         start = pos + 8
         available = len(data) - start
-        if chunk_id == b"ds64" and size >= 16:
+        if chunk_id == b"ds64" and rf64:
+            if size < 16 or available < 16:
+                raise _damaged(name, "RF64 'ds64' chunk too short")
             (ds64_data_size,) = struct.unpack_from("<Q", data, start + 8)
         elif chunk_id == b"fmt ":
             fmt = _parse_fmt(view[start : start + min(size, available)], name, endian)
@@ -270,11 +498,10 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
             if fmt is not None:
                 break
         pos = start + size + (size & 1)
+    else:
+        raise _damaged(name, f"more than {_MAX_WAV_CHUNKS} chunks")
     if fmt is None:
-        raise SoundError(
-            f"{name}: damaged or truncated WAV header (no 'fmt ' chunk); "
-            f"re-export it or convert it: {_ffmpeg_hint(name)}"
-        )
+        raise _damaged(name, "no 'fmt ' chunk")
     if body is None:
         raise SoundError(f"{name}: the WAV file has no 'data' chunk (no audio); re-export it with audio")
     return fmt, body
@@ -282,10 +509,7 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
 
 def _parse_fmt(chunk: memoryview, name: str, endian: str) -> _WavFormat:
     if len(chunk) < 16:
-        raise SoundError(
-            f"{name}: damaged or truncated WAV header ('fmt ' chunk too short); "
-            f"re-export it or convert it: {_ffmpeg_hint(name)}"
-        )
+        raise _damaged(name, "'fmt ' chunk too short")
     tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from(endian + "HHIIHH", chunk, 0)
     if tag == _WAVE_EXTENSIBLE:
         if len(chunk) < 40:
@@ -328,8 +552,9 @@ def _pcm_to_float(raw: memoryview, fmt: _WavFormat, endian: str) -> np.ndarray:
     """Interleaved samples -> float32 in [-1, 1] (integer PCM) or as stored (float)."""
     size = fmt.bytes_per_sample
     if fmt.tag == _WAVE_FLOAT:
-        values = np.frombuffer(raw, dtype=f"{endian}f{size}").astype(np.float32)
-        return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0)
+        values = np.frombuffer(raw, dtype=f"{endian}f{size}")
+        values = np.clip(values, -_FLOAT_LIMIT, _FLOAT_LIMIT).astype(np.float32)  # +-inf clip too
+        return np.nan_to_num(values, nan=0.0, copy=False)
     if size == 1:
         return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     if size == 3:
@@ -342,8 +567,12 @@ def _pcm_to_float(raw: memoryview, fmt: _WavFormat, endian: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Other formats through PyAV (lazy import)
+# The other allowed containers, through PyAV (lazy import)
 # --------------------------------------------------------------------------------------------
+
+_AV_TIMEOUT_S = 20.0  # FFmpeg's interrupt callback: opening, and each packet read
+_AV_MAX_STREAMS = 32
+_INT_FULL_SCALE: Mapping[str, float] = MappingProxyType({"s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63})
 
 
 def _import_av(name: str):  # returns the av module
@@ -357,55 +586,223 @@ def _import_av(name: str):  # returns the av module
     return av
 
 
-def _decode_with_av(data: bytes, name: str) -> tuple[np.ndarray, int]:
-    """Decode any container/codec FFmpeg knows; returns (frames x channels float32, rate)."""
+_decoder_names: str | None = None
+
+
+def _allowed_decoders(av) -> str:  # av: the module
+    """FFmpeg's decoder names for the allowed codec ids (e.g. mp3float, aac_fixed, libopus)."""
+    global _decoder_names
+    if _decoder_names is None:
+        names = []
+        for codec_name in sorted(av.codecs_available):
+            try:
+                codec = av.Codec(codec_name, "r")
+            except Exception:  # an encoder only
+                continue
+            if codec.type == "audio" and codec.canonical_name in _CODECS:
+                names.append(codec.name)
+        _decoder_names = ",".join(names)
+    return _decoder_names
+
+
+def _refuse_io(url: str, flags: int, options: dict) -> Any:
+    """PyAV's io_open hook: a demuxer that wants to open another file or URL gets an error."""
+    raise PermissionError("this sound may not open other files")
+
+
+def _av_open(av, data: bytes, demuxer: str) -> Any:  # av objects are untyped
+    """Open `data` with exactly one demuxer, no probing, no protocol (the in-memory buffer is
+    PyAV's own I/O, not a protocol), no nested file, no other demuxer, only the allowed decoders."""
+    options = {
+        "protocol_whitelist": "",  # rtp, udp, file, http...: none (an SDP would open UDP sockets)
+        "format_whitelist": demuxer,  # nested demuxers (concat, HLS segments) would need another name
+        "codec_whitelist": _allowed_decoders(av),  # what avformat_find_stream_info may open
+        "max_streams": str(_AV_MAX_STREAMS),
+    }
+    if demuxer == "mov":  # never follow references to external media (FFmpeg's defaults, pinned)
+        options.update(enable_drefs="0", use_absolute_path="0")
+    return av.open(
+        io.BytesIO(data),
+        mode="r",
+        format=demuxer,
+        container_options=options,
+        timeout=_AV_TIMEOUT_S,
+        io_open=_refuse_io,
+    )
+
+
+def _decode_with_av(data: bytes, name: str, kind: str, limit_s: float) -> tuple[np.ndarray, int]:
+    """Decode an allowed container's first audio stream to mono 24 kHz float32; returns
+    (samples, source rate). Frames are downmixed and resampled as they arrive, and the limits
+    are checked from the headers first and then against what is actually decoded."""
     av = _import_av(name)
-    cannot = f"{name}: cannot decode this file (not WAV, and FFmpeg/PyAV could not read it"
+    cannot = f"{name}: cannot decode this file (recognised as {kind.upper()}, but FFmpeg could not read it"
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = _av_open(av, data, _DEMUXERS[kind])
     except Exception as e:  # PyAV raises many FFmpegError subclasses; all mean "unreadable"
         raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
-    with container:
-        if not container.streams.audio:
-            raise SoundError(
-                f"{name}: the file has no audio stream; use an audio file, or extract the audio: {_ffmpeg_hint(name)}"
-            )
-        if container.duration is not None and container.duration / 1e6 > MAX_DURATION_S + 1:
-            _check_duration(name, int(container.duration), 1_000_000)
-        chunks, rate = _av_decode_stream(av, container, name, cannot)
-    if not chunks:
-        raise SoundError(f"{name}: the file decodes to no audio samples; re-export it with audio")
-    planar = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
-    return planar.T, rate  # a frames x channels view: downmixing reads the planar rows directly
-
-
-def _av_decode_stream(av, container, name: str, cannot: str) -> tuple[list[np.ndarray], int]:  # av objects: untyped
-    stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp")  # sample format only; keeps layout and rate
-    chunks: list[np.ndarray] = []
-    rate = 0
-    total = 0
     try:
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                rate = rate or out.sample_rate
-                chunks.append(out.to_ndarray())
-                total += chunks[-1].shape[1]
-                _check_duration(name, total, rate)
-        for out in resampler.resample(None):
-            rate = rate or out.sample_rate
-            chunks.append(out.to_ndarray())
+        stream = _pick_audio_stream(container, name)
+        _probe(container, stream, name, kind, limit_s)
+        sink = _Mono24k(av, name, limit_s)
+        try:
+            for frame in container.decode(stream):
+                sink.add(frame)
+        except SoundError:
+            raise
+        except Exception as e:
+            if not sink.received:
+                raise SoundError(
+                    f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}"
+                ) from None
+            log.warning("%s: decoding stopped early (%s); using the %.2f s decoded so far", name, _short(e),
+                        sink.seconds)
+        mono = sink.finish()
     except SoundError:
         raise
-    except Exception as e:
-        if not chunks:
-            raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
-        log.warning("%s: decoding stopped early (%s); using the %.2f s decoded so far", name, _short(e), total / rate)
-    if chunks and not _MIN_RATE <= rate <= _MAX_RATE:
+    except Exception as e:  # anything else PyAV or a damaged stream can throw: still the user's file
+        raise SoundError(f"{cannot}: {_short(e)}); check it plays, or convert it: {_ffmpeg_hint(name)}") from None
+    finally:
+        container.close()
+    if mono.size == 0:
+        raise SoundError(f"{name}: the file decodes to no audio samples; re-export it with audio")
+    return mono, sink.source_rate
+
+
+def _pick_audio_stream(container, name: str):  # av objects: untyped
+    for stream in container.streams.audio:
+        context = stream.codec_context
+        if context is not None and context.codec.canonical_name in _CODECS:
+            context.thread_count = 1  # decode on this (low-priority) thread only
+            return stream
+    if not container.streams.audio:
+        raise SoundError(
+            f"{name}: the file has no audio stream; use an audio file, or extract the audio: {_ffmpeg_hint(name)}"
+        )
+    codec = container.streams.audio[0].codec_context
+    label = codec.codec.canonical_name if codec is not None else "an unknown codec"
+    raise SoundError(
+        f"{name}: its audio is {label}, which is not supported (MP3, AAC, FLAC, Vorbis, Opus, ALAC or PCM); "
+        f"convert it: {_ffmpeg_hint(name)}"
+    )
+
+
+def _probe(container, stream, name: str, kind: str, limit_s: float) -> None:  # av objects: untyped
+    """Refuse what the headers already say is too much, before decoding anything."""
+    context = stream.codec_context
+    rate = int(context.sample_rate or 0)
+    channels = int(context.channels or 0)
+    _check_format(name, rate, channels)
+    if kind in ("mp3", "aac"):
+        return  # their durations are estimates from the bit rate: the decode loop decides
+    durations = []
+    if stream.duration is not None and stream.time_base:
+        durations.append(float(stream.duration * stream.time_base))
+    if container.duration is not None:
+        durations.append(container.duration / 1e6)
+    if durations and rate and max(durations) > limit_s + 0.5:
+        _check_duration(name, math.ceil(max(durations) * rate), rate, limit_s)
+
+
+def _check_format(name: str, rate: int, channels: int) -> None:
+    if rate and not _MIN_RATE <= rate <= _MAX_RATE:
         raise SoundError(
             f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}-{_MAX_RATE} Hz; convert it: {_ffmpeg_hint(name)}"
         )
-    return chunks, rate
+    if channels > _MAX_CHANNELS:
+        raise SoundError(f"{name}: {channels} channels is more than {_MAX_CHANNELS}; convert it: {_ffmpeg_hint(name)}")
+    if rate * max(channels, 1) > _MAX_SAMPLES_PER_S:
+        raise SoundError(
+            f"{name}: {channels} channels at {rate} Hz is more than this worker decodes "
+            f"({_MAX_SAMPLES_PER_S} samples per second of audio, e.g. stereo at 384 kHz); "
+            f"convert it: {_ffmpeg_hint(name)}"
+        )
+
+
+class _Mono24k:
+    """Decoded frames in, one 24 kHz mono float32 buffer out: each frame is downmixed (mean of
+    its channels) and pushed through FFmpeg's resampler as it arrives, and the limit is
+    enforced on what the frames actually contain, so nothing is held at the source rate or
+    channel count, and a file that lies in its headers stops at the limit."""
+
+    def __init__(self, av, name: str, limit_s: float) -> None:  # av: the module
+        self.av, self.name, self.limit_s = av, name, limit_s
+        self._out = np.empty(0, dtype=np.float32)  # grown in place (realloc), never copied whole
+        self._n = 0
+        self.received = 0  # frames
+        self.seconds = 0.0  # of source audio, summed frame by frame
+        self.source_rate = 0
+        self._rate = 0  # rate of the resampler in use
+        self._resampler: Any = None
+        self._pts = 0
+
+    def add(self, frame) -> None:  # av.AudioFrame
+        rate, n = int(frame.sample_rate or 0), int(frame.samples)
+        channels = int(frame.layout.nb_channels)
+        if n == 0:
+            return
+        if rate == 0 or channels == 0:
+            raise ValueError("a frame without a sample rate or channels")
+        _check_format(self.name, rate, channels)
+        self.received += 1
+        self.seconds += n / rate
+        if self.seconds > self.limit_s:
+            raise _too_long(self.name, self.limit_s)
+        mono = _frame_to_mono(frame, channels)
+        self.source_rate = self.source_rate or rate
+        if rate != self._rate:
+            self._flush()
+            self._rate, self._pts = rate, 0
+            self._resampler = None if rate == SAMPLE_RATE else self.av.AudioResampler(
+                format="flt", layout="mono", rate=SAMPLE_RATE)
+        if self._resampler is None:
+            self._append(mono)
+            return
+        f = self.av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="flt", layout="mono")
+        f.sample_rate, f.pts, f.time_base = rate, self._pts, Fraction(1, rate)
+        self._pts += n
+        self._collect(self._resampler.resample(f))
+
+    def _collect(self, frames) -> None:
+        for out in frames:
+            self._append(out.to_ndarray().reshape(-1))
+
+    def _append(self, x: np.ndarray) -> None:
+        need = self._n + x.size
+        if need > self._out.size:
+            expected = int(self.limit_s * SAMPLE_RATE) + SAMPLE_RATE  # the most a file may fill
+            grown = min(max(2 * self._out.size, 1 << 16), expected)
+            self._out.resize(max(need, grown), refcheck=False)
+        self._out[self._n : need] = x
+        self._n = need
+
+    def _flush(self) -> None:
+        if self._resampler is not None:
+            self._collect(self._resampler.resample(None))
+            self._resampler = None
+
+    def finish(self) -> np.ndarray:
+        """The 24 kHz mono buffer (frames were made finite on the way in)."""
+        self._flush()
+        out, self._out = self._out, np.empty(0, dtype=np.float32)
+        out.resize(self._n, refcheck=False)
+        return out
+
+
+def _frame_to_mono(frame, channels: int) -> np.ndarray:  # av.AudioFrame
+    """One decoded frame, any sample format, planar or packed -> mono float32 in [-1, 1]."""
+    fmt = frame.format
+    base = fmt.name[:-1] if fmt.is_planar else fmt.name  # s16p -> s16, fltp -> flt
+    x = frame.to_ndarray()
+    x = x.reshape(channels, -1) if fmt.is_planar else x.reshape(-1, channels).T
+    if base in ("flt", "dbl"):
+        x = np.nan_to_num(np.clip(x, -_FLOAT_LIMIT, _FLOAT_LIMIT), nan=0.0)
+        return x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if base == "u8":
+        return ((x.mean(axis=0, dtype=np.float64) - 128.0) / 128.0).astype(np.float32)
+    if base in _INT_FULL_SCALE:
+        return (x.mean(axis=0, dtype=np.float64) / _INT_FULL_SCALE[base]).astype(np.float32)
+    raise ValueError(f"unexpected sample format {fmt.name}")
 
 
 def _short(e: BaseException) -> str:
@@ -606,8 +1003,13 @@ def normalize(samples: np.ndarray, rate: int, target_lufs: float) -> np.ndarray:
 
 def _apply_gain(x: np.ndarray, gain_db: float, name: str) -> np.ndarray:
     """Apply `gain_db`, reduced if needed so |peak| <= PEAK_CEILING (logged at debug)."""
+    return (x * np.float32(_limited_gain(x, gain_db, name))).astype(np.float32)
+
+
+def _limited_gain(x: np.ndarray, gain_db: float, name: str) -> float:
+    """The linear gain for `gain_db`, reduced if needed so |peak| <= PEAK_CEILING."""
     gain = 10.0 ** (gain_db / 20.0)
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    peak = max(float(np.max(x)), -float(np.min(x))) if x.size else 0.0  # no |x| copy
     if peak * gain > PEAK_CEILING:
         limited = PEAK_CEILING / peak
         log.debug(
@@ -618,7 +1020,7 @@ def _apply_gain(x: np.ndarray, gain_db: float, name: str) -> np.ndarray:
             PEAK_CEILING,
         )
         gain = limited
-    return (x * np.float32(gain)).astype(np.float32)
+    return gain
 
 
 # --------------------------------------------------------------------------------------------

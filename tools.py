@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-__all__ = ["Tool", "ToolCallError", "ToolContext", "ToolError", "ToolRegistry", "load_tools", "make_tool",
-           "tool_schema"]
+__all__ = ["Tool", "ToolCallError", "ToolContext", "ToolError", "ToolFailed", "ToolRegistry", "load_tools",
+           "make_tool", "tool_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,13 @@ class ToolError(Exception):
 
 class ToolCallError(Exception):
     """A call cannot be made or its result cannot be sent; the message tells the agent what to fix."""
+
+
+class ToolFailed(Exception):
+    """Raise this from a tool to report a failure the agent may tell the caller about: its
+    message goes back to the agent as the error. Any other exception is reported to the agent
+    only as "the tool failed" (its text may hold hosts, paths or data the caller must not
+    hear) and is logged by the worker."""
 
 
 @dataclass(frozen=True)

@@ -482,6 +482,9 @@ def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") ->
 
 AGENT_STATE = "lk.agent.state"
 MAX_CHAT_CHARS = 4000
+MAX_CHAT_BYTES = 4 * MAX_CHAT_CHARS  # UTF-8: at most 4 bytes a character
+CHAT_PER_MINUTE, CHAT_BURST = 20.0, 5
+MAX_MIXED_INPUTS = 16  # MIX_PARTICIPANTS=1: microphones mixed at most
 
 
 def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
@@ -603,15 +606,20 @@ class Captions:
         self._pending: collections.OrderedDict[str, tuple[Any, ...]] = collections.OrderedDict()
         self._wake = asyncio.Event()
         self._agent: dict[str, _AgentSegment] = {}
-        self._user_segment: dict[str, str] = {}  # item_id -> segment id
+        self._user_segment: dict[str, str] = {}  # item_id -> segment id (insertion ordered)
         self._turn = 0
         self.published = 0
 
     # -- called from bridge events (never block) --
 
+    MAX_WORDS = 2000  # words held for one agent caption
+    MAX_SEGMENTS = 16  # agent captions open at once; the oldest is closed first
+
     def user(self, identity: str, track_sid: str | None, item_id: str | None, text: str, final: bool) -> None:
-        key = item_id or f"turn-{self._turn}"
+        key = (item_id or f"turn-{self._turn}")[:128]
         segment = self._user_segment.setdefault(key, f"SG_{key}")
+        while len(self._user_segment) > self.MAX_SEGMENTS:  # item ids that never got a final text
+            self._user_segment.pop(next(iter(self._user_segment)))
         if final:
             self._user_segment.pop(key, None)
             self._turn += 1
@@ -622,8 +630,8 @@ class Captions:
 
     def agent_word(self, reply_id: str, text: str, position: int) -> None:
         seg = self._segment(reply_id)
-        if seg.cut is None:
-            seg.words.append((position, text))
+        if seg.cut is None and len(seg.words) < self.MAX_WORDS:
+            seg.words.append((position, text[:200]))
 
     def agent_text(self, reply_id: str, text: str, received: int) -> None:
         """The full reply text. Used only if no word-level deltas came: words are then
@@ -650,7 +658,10 @@ class Captions:
     def _segment(self, reply_id: str) -> _AgentSegment:
         seg = self._agent.get(reply_id)
         if seg is None:
-            seg = self._agent[reply_id] = _AgentSegment(reply_id, f"SG_{reply_id}")
+            for old in list(self._agent.values())[:max(0, len(self._agent) - self.MAX_SEGMENTS + 1)]:
+                old.done = True  # closed (with what was shown) on the next tick
+                old.cut = -1  # nothing more is shown
+            seg = self._agent[reply_id] = _AgentSegment(reply_id, f"SG_{reply_id[:128]}")
         return seg
 
     # -- the writer task --
@@ -768,14 +779,28 @@ class Worker(bridge.BridgeEvents):
         self.notifier = SystemdNotifier()
         self._in_room = asyncio.Event()
         self._api_verified = asyncio.Event()
+        self._input_errors = LogLimiter()  # failures of tasks that handle outside input
+        self._chat_rate = control.RateLimiter(CHAT_PER_MINUTE, CHAT_BURST)
 
     # -- task ownership --
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, name: str, *, isolated: bool = False) -> asyncio.Task[Any]:
+        """A task this worker owns. An ``isolated`` task handles input from outside (a
+        participant, an upload, a stream): whatever it raises is logged (rate-limited) and
+        the call goes on; any other task's crash is a bug that ends the process."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._isolated_done if isolated else self._task_done)
         return task
+
+    def _isolated_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if self._input_errors.allow(task.get_name().split("-")[0]):
+            log.warning("%s failed (the call goes on): %s: %s", task.get_name(), type(exc).__name__,
+                        _one_line(exc), exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -988,7 +1013,7 @@ class Worker(bridge.BridgeEvents):
                 self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
             self.track_sid = pub.sid
             self.mixer.on_air = True
-            self.controller.register(room, self._spawn)
+            self.controller.register(room, lambda coro, name: self._spawn(coro, name, isolated=True))
             if self._restored and not self._in_room.is_set():
                 self._spawn(self._forget_restored_bed_if_nobody_comes(), "restored-bed")
             self._in_room.set()
@@ -1171,6 +1196,8 @@ class Worker(bridge.BridgeEvents):
                     continue  # already bridged
                 if current is None and self._inputs and not self.cfg.mix_participants:
                     continue  # someone else is the user
+                if current is None and len(self._inputs) >= MAX_MIXED_INPUTS:
+                    continue  # a meeting this big is not one conversation; never unbounded
                 self._attach(p.identity, track)
 
     def _attach(self, identity: str, track: Any) -> None:
@@ -1185,7 +1212,7 @@ class Worker(bridge.BridgeEvents):
             self._room_mix().add_stream(inp.mix_source)
             log.info("mixing the microphone of %s (%d in the mix)", identity, len(self._inputs))
         else:
-            inp.task = self._spawn(self._pump(stream, identity), f"mic-{identity}")
+            inp.task = self._spawn(self._pump(stream, identity), f"mic-{identity}", isolated=True)
             log.info("bridging the microphone of %s", identity)
         self._user_arrived()
 
@@ -1298,18 +1325,44 @@ class Worker(bridge.BridgeEvents):
     # -- text typed in the frontend --
 
     def _on_chat(self, reader: Any, sender: str) -> None:
-        self._spawn(self._read_chat(reader, sender), "chat")
+        """Who sent it and how big it says it is are checked before a byte is read."""
+        refusal = None
+        if sender not in self._inputs:
+            refusal = "not the bridged user"
+        elif (reader.info.size or 0) > MAX_CHAT_BYTES:
+            refusal = f"{reader.info.size} bytes, over the {MAX_CHAT_BYTES}-byte limit"
+        elif not self._chat_rate.allow(sender):
+            refusal = "too many messages"
+        if refusal is not None:
+            reader.close()
+            if self._input_errors.allow(f"chat:{sender}"):
+                log.info("ignoring chat from %s (%s)", sender[:64], refusal)
+            return
+        self._spawn(self._read_chat(reader, sender), "chat", isolated=True)
 
     async def _read_chat(self, reader: Any, sender: str) -> None:
-        """Text typed in the frontend becomes the user's turn."""
-        text = (await reader.read_all()).strip()
+        """Text typed in the frontend becomes the user's turn. Read with a cap: a stream that
+        grows past it (whatever its header said) is closed and dropped."""
+        from livekit import rtc
+
+        parts: list[str] = []
+        size = 0
+        try:
+            async for chunk in reader:
+                size += len(chunk.encode())
+                if size > MAX_CHAT_BYTES:
+                    reader.close()
+                    log.info("ignoring chat from %s (over %d bytes)", sender[:64], MAX_CHAT_BYTES)
+                    return
+                parts.append(chunk)
+        except rtc.StreamError as e:  # aborted by its sender, or cut by a disconnect
+            log.info("chat from %s was not completed (%s)", sender[:64], _one_line(e))
+            return
+        text = "".join(parts).strip()
         if not text:
             return
-        if sender not in self._inputs:
-            log.info("ignoring chat from %s (not the bridged user)", sender)
-            return
         if len(text) > MAX_CHAT_CHARS:
-            log.warning("chat message from %s truncated to %d characters", sender, MAX_CHAT_CHARS)
+            log.warning("chat message from %s truncated to %d characters", sender[:64], MAX_CHAT_CHARS)
             text = text[:MAX_CHAT_CHARS]
         client = self.client
         if client is None or not client.protocol.ready:
@@ -1417,6 +1470,8 @@ class Worker(bridge.BridgeEvents):
         ctx = tools_mod.ToolContext(self.cfg.room_name, user, call_id, self._play_cue_for_tool, self._end_call_from_tool)
         try:
             return await self.tools.call(name, arguments, ctx)
+        except (tools_mod.ToolCallError, tools_mod.ToolFailed) as e:
+            raise bridge.ToolError(str(e)) from None  # meant for the agent; anything else is not
         finally:
             self._state_changed_soon()
 
@@ -1428,7 +1483,8 @@ class Worker(bridge.BridgeEvents):
         import sounds
 
         try:
-            sound = await asyncio.to_thread(sounds.load, clip, target_lufs=self.cfg.cue_target_lufs)
+            sound = await asyncio.get_running_loop().run_in_executor(  # ordinary priority, not real-time
+                sounds.decode_executor(), lambda: sounds.load(clip, target_lufs=self.cfg.cue_target_lufs))
         except sounds.SoundError as e:
             log.warning("tool cue %s cannot be played: %s", clip, e)
             return False
@@ -1501,6 +1557,26 @@ def _rss_kb() -> int | None:
 
 def _one_line(e: BaseException) -> str:
     return (str(e) or type(e).__name__).splitlines()[0][:200]
+
+
+class LogLimiter:
+    """Rate-limits a log line per key: the first ``burst`` lines, then one a minute. What a
+    room participant or the API can trigger at will must not flood the log."""
+
+    def __init__(self, burst: int = 5, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.every_s, self.clock = burst, every_s, clock
+        self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        count, last = self._seen.pop(key, (0, -math.inf))
+        self._seen[key] = (count + 1, last)
+        while len(self._seen) > 1000:
+            self._seen.popitem(last=False)
+        if count < self.burst or now - last >= self.every_s:
+            self._seen[key] = (count + 1, now)
+            return True
+        return False
 
 
 def load_bank(cfg: Config, variable: str) -> Any:

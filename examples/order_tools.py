@@ -14,8 +14,9 @@ How a tool is written
 * The docstring's first paragraph is what the agent reads to decide WHEN to call the tool: say
   what it does and when to use it. The ``Args:`` lines describe each parameter to the agent.
 * Return something JSON can encode (dict, list, str, number, bool, None). The agent reads it
-  and answers the caller in its own words. Raise an exception to report a failure: the agent
-  is told the error message.
+  and answers the caller in its own words. Raise ``ToolFailed("...")`` to report a failure the
+  agent may tell the caller about; any other exception reaches the agent only as "the tool
+  failed" (its text stays in the worker's log).
 * A parameter named ``ctx`` is not shown to the agent: it receives a ``ToolContext`` with the
   room name, the caller's identity, ``play_cue`` (play a sound), ``end_call`` (hang up after
   the current reply) and ``log`` (a logger named ``tools.<tool name>``).

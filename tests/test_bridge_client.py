@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import bridge
-from bridge import ClientOptions, FatalError, SessionSettings, VoiceAgentClient
+from bridge import ClientOptions, FatalError, SessionSettings, ToolError, VoiceAgentClient
 from standin import StandIn, StandInOptions
 
 KEY = "client-test-key"
@@ -50,7 +50,9 @@ class ToolRecorder(Recorder):
         if name == "slow":
             await asyncio.sleep(10)
         if name == "boom":
-            raise ValueError("order 42 does not exist")
+            raise ToolError("order 42 does not exist")
+        if name == "crash":
+            raise OSError("secret.internal:5432 refused")
         return {"echo": arguments}
 
 
@@ -263,6 +265,8 @@ async def test_tool_results_error_and_timeout(standin):
     assert boom["is_error"] and "order 42 does not exist" in json.loads(boom["result"])["error"]
     slow = await standin.call_tool("slow", {})
     assert slow["is_error"] and "timed out" in json.loads(slow["result"])["error"]
+    crash = await standin.call_tool("crash", {})
+    assert crash["is_error"] and "secret.internal" not in crash["result"] and "failed" in crash["result"]
     await finish(client, task)
 
 
@@ -290,3 +294,34 @@ async def test_text_message_becomes_conversation_message_and_reply(standin):
     assert msg == {"type": "conversation.message", "role": "user", "content": "what are your opening hours?"}
     await standin.wait_for(lambda: any(r.kind == "create" and r.done_at for r in s.replies), 5, "the reply")
     await finish(client, task)
+
+
+async def test_tool_calls_beyond_the_concurrency_cap_are_answered_at_once(standin):
+    client = make_client(standin, ToolRecorder(), tool_timeout_s=1.0, max_concurrent_tools=2)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    first = [asyncio.create_task(standin.call_tool("slow", {})) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    third = await standin.call_tool("lookup", {"id": 1})
+    assert third["is_error"] is True and "already running" in json.loads(third["result"])["error"]
+    assert time.monotonic() - t0 < 0.9, "refused at once, not after the running calls"
+    for done in await asyncio.gather(*first):
+        assert "timed out" in json.loads(done["result"])["error"]
+    assert client.counters["tool_calls_refused"] == 1
+    await finish(client, task)
+
+
+async def test_a_service_that_drops_every_session_after_ready_is_retried_ever_more_slowly(standin):
+    """Each socket gets ready, then the session is closed at once (1008). That is not a
+    healthy session: the backoff keeps growing instead of restarting at its minimum."""
+    standin.options.max_session_s = 0.05
+    client = VoiceAgentClient(standin.url, KEY, SessionSettings(), Recorder(),
+                              ClientOptions(backoff_initial_s=0.25, backoff_max_s=10.0, give_up_after_s=60))
+    task = await running(client)
+    await asyncio.sleep(6.0)
+    ready = sum(1 for s in standin.sessions if s.ready_at)
+    assert ready >= 3, "it keeps trying"
+    assert client.connects <= 9, f"{client.connects} connections in 6 s: the backoff did not grow"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -120,6 +120,18 @@ def test_late_audio_of_an_interrupted_reply_is_not_played():
     assert not run(c, 5).any()
 
 
+def test_reply_backlog_is_bounded_and_the_excess_counted():
+    c = core(max_reply_backlog_s=1.0)
+    for _ in range(30):  # 3 s of reply audio arriving at once
+        c.push_reply("r1", pcm(sine(1000, 0.1)))
+    assert c.reply.queued == RATE, "never more than max_reply_backlog_s held"
+    assert c.counters.reply_samples_overflow == 2 * RATE
+    assert c.stats["r1"].received == RATE
+    run(c, 50)  # half of it played: room again for as much
+    c.push_reply("r1", pcm(sine(1000, 0.5)))
+    assert c.reply.queued == RATE and c.counters.reply_samples_overflow == 2 * RATE
+
+
 def test_ducking_depth_and_timing():
     c = core(ambient_fade_in_ms=0, duck_db=-6.0, duck_attack_ms=50, duck_release_ms=500)
     c.set_bed("dc", np.full(RATE, 0.25, np.float32), volume=1.0, fade_ms=0)

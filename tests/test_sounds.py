@@ -482,6 +482,25 @@ def test_size_and_duration_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         sounds.decode_bytes(path.read_bytes())
 
 
+def test_a_truncated_rf64_ds64_chunk_is_a_one_line_error(tmp_path: Path) -> None:
+    data = b"RF64\xff\xff\xff\xffWAVEds64" + struct.pack("<I", 28) + b"\x00" * 4  # 24 bytes, ds64 cut short
+    for call in (lambda: sounds.decode_wav(data, "x.wav"), lambda: sounds.decode_bytes(data, name="x.wav")):
+        with pytest.raises(SoundError) as err:
+            call()
+        assert "ds64" in str(err.value) and "ffmpeg -i" in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "bed.wav"
+    path.write_bytes(data)
+    assert "ds64" in error_for(str(path))
+
+
+def test_a_flood_of_empty_chunks_is_refused_quickly() -> None:
+    body = b"WAVE" + b"junk\x00\x00\x00\x00" * 20_000
+    start = time.perf_counter()
+    with pytest.raises(SoundError, match="chunks"):
+        sounds.decode_wav(b"RIFF" + struct.pack("<I", len(body)) + body, "x.wav")
+    assert time.perf_counter() - start < 1.0
+
+
 def test_decode_bytes_errors_name_the_upload() -> None:
     with pytest.raises(SoundError, match=r"^upload: the sound is empty"):
         sounds.decode_bytes(b"")

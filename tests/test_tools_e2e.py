@@ -33,9 +33,17 @@ SLOW_TOOLS = textwrap.dedent('''
         return {"waited": seconds}
 
 
+    from tools import ToolFailed
+
+
     async def broken(order_id: str) -> dict:
-        """Always fails."""
-        raise LookupError(f"order {order_id} is not in the database")
+        """Always fails, with a message meant for the agent."""
+        raise ToolFailed(f"order {order_id} is not in the database")
+
+
+    async def crashes(order_id: str) -> dict:
+        """Fails like a bug or an outage does."""
+        raise ConnectionError(f"db.internal:5432 refused user=shop password=hunter2 for {order_id}")
 
 
     async def pick(colour: Literal["red", "green"], sizes: list[int], note: Optional[str] = None) -> str:
@@ -113,7 +121,7 @@ async def test_user_tools_schema_timeout_errors_and_thinking(livekit_server, sta
     try:
         session = await ready_session(standin, user)
         tools = {t["name"]: t for t in session.config["tools"]}
-        assert set(tools) == {"slow_lookup", "broken", "pick", "end_call"}
+        assert set(tools) == {"slow_lookup", "broken", "crashes", "pick", "end_call"}
         assert tools["pick"] == {
             "type": "function", "name": "pick", "description": "Choose a colour.",
             "parameters": {"type": "object", "properties": {
@@ -136,6 +144,11 @@ async def test_user_tools_schema_timeout_errors_and_thinking(livekit_server, sta
         assert slow["is_error"] is True and "timed out" in json.loads(slow["result"])["error"]
         broken = await standin.call_tool("broken", {"order_id": "A7"})
         assert broken["is_error"] is True and "order A7 is not in the database" in json.loads(broken["result"])["error"]
+        crashed = await standin.call_tool("crashes", {"order_id": "A8"})
+        error = json.loads(crashed["result"])["error"]
+        assert crashed["is_error"] is True and "failed" in error
+        assert "hunter2" not in error and "5432" not in error, f"an exception's text reached the agent: {error}"
+        await worker.wait_for_output("tool crashes .* raised ConnectionError", 5)  # ...but the log has it
         wrong = await standin.call_tool("pick", {"colour": "blue", "sizes": [1]})
         assert wrong["is_error"] is True and "colour" in json.loads(wrong["result"])["error"]
         assert worker.alive
