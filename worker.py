@@ -457,28 +457,107 @@ def gather_env(cli: Mapping[str, str | None], cwd: Path | None = None) -> dict[s
 
 
 class LogContext(logging.Filter):
-    """Adds room / session id / reply id to every record, and removes secrets."""
+    """Adds room / session id / reply id to every record, and removes secrets.
+
+    A secret is removed in the forms it is likely to take in a message: as is, escaped as
+    JSON or by repr() (quotes, backslashes, non-ASCII), and URL-encoded. A message that was
+    cut short somewhere may hold only a secret's beginning: any run of at least
+    ``PARTIAL_MIN`` of its leading characters is removed too. Code that shortens text before
+    logging or raising it should cut with ``clip()`` / ``one_line()``, which redact first."""
+
+    PARTIAL_MIN = 8
+    MAX_ADDED = 32  # secrets added at run time (the agent's tokens, one per join): the newest
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
         self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
         # Redacting a 1-3 character "secret" would mangle every line; real ones are long.
-        self.secrets = [s for s in secrets if len(s) >= 6]
+        self.secrets = [s for s in dict.fromkeys(secrets) if len(s) >= 6]
+        self._added: collections.deque[str] = collections.deque(maxlen=self.MAX_ADDED)
+        self._forms: list[str] = []
+        self._rebuild()
 
     def add_secret(self, s: str) -> None:
-        if len(s) >= 6:
-            self.secrets.append(s)
+        if len(s) >= 6 and s not in self.secrets and s not in self._added:
+            self._added.append(s)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        import re
+        from urllib.parse import quote, quote_plus
+
+        forms: set[str] = set()
+        for s in (*self.secrets, *self._added):
+            forms.update((s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], repr(s)[1:-1],
+                          quote(s, safe=""), quote_plus(s, safe="")))
+        self._forms = [f for f in forms if len(f) >= 6]
+        heads = {f[:self.PARTIAL_MIN] for f in self._forms}
+        self._heads = re.compile("|".join(map(re.escape, sorted(heads)))) if heads else None
 
     def redact(self, text: str) -> str:
-        for s in self.secrets:
-            if s in text:
-                text = text.replace(s, "***")
-        return text
+        """``text`` with every form of every secret, whole or its beginning of at least
+        PARTIAL_MIN characters, replaced by ***. At each place, the longest match over all
+        forms is removed (a cut secret's raw and escaped forms share their beginning)."""
+        if self._heads is None:
+            return text
+        out: list[str] = []
+        i = 0
+        while (m := self._heads.search(text, i)) is not None:
+            start = m.start()
+            end = max((start + _common_prefix(text, start, f) for f in self._forms
+                       if text.startswith(f[:self.PARTIAL_MIN], start)), default=m.end())
+            out.append(text[i:start])
+            out.append("***")
+            i = end
+        out.append(text[i:])
+        return "".join(out)
+
+    def redact_value(self, value: Any) -> Any:
+        """A log field's value with secrets removed, recursively; what JSON cannot hold
+        becomes its (redacted) str()."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, dict):
+            return {self.redact(str(k)): self.redact_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self.redact_value(v) for v in value]
+        return self.redact(str(value))
+
+    def clip(self, text: str, limit: int) -> str:
+        """``text[:limit]``, redacted BEFORE it is cut (a cut can leave a secret's beginning,
+        which no later redaction recognises for sure)."""
+        return self.redact(text)[:limit]
+
+    def one_line(self, e: BaseException, limit: int = 200) -> str:
+        """An exception's first line, redacted, then cut: the safe ``_one_line``."""
+        return self.clip((self.redact(str(e)) or type(e).__name__).splitlines()[0], limit)
 
     def filter(self, record: logging.LogRecord) -> bool:
         for k, v in self.fields.items():
             setattr(record, k, v)
         return True
+
+
+def _common_prefix(text: str, start: int, form: str) -> int:
+    """How many leading characters of ``form`` ``text`` holds from ``start`` on."""
+    n = 0
+    limit = min(len(form), len(text) - start)
+    while n < limit and text[start + n] == form[n]:
+        n += 1
+    return n
+
+
+def _redacted_record(ctx: LogContext, formatter: logging.Formatter, record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` whose message, exception and stack text are redacted: the
+    formatters serialise only redacted text."""
+    r = logging.makeLogRecord(record.__dict__)
+    r.msg, r.args = ctx.redact(record.getMessage()), None
+    exc_text = formatter.formatException(record.exc_info) if record.exc_info else record.exc_text
+    r.exc_info, r.exc_text = None, ctx.redact(exc_text) if exc_text else None
+    r.stack_info = ctx.redact(formatter.formatStack(record.stack_info)) if record.stack_info else None
+    return r
 
 
 class TextFormatter(logging.Formatter):
@@ -487,11 +566,13 @@ class TextFormatter(logging.Formatter):
         self.ctx = ctx
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
+        line = super().format(_redacted_record(self.ctx, self, record))
+        fields = self.ctx.redact_value(getattr(record, "fields", None) or {})
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        extra = " ".join(f"{k}={getattr(record, k)}" for k in ("session_id", "reply_id") if getattr(record, k, None))
+        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in ("session_id", "reply_id")
+                         if getattr(record, k, None))
+        # Everything above is redacted already; this pass catches what the joins made.
         return self.ctx.redact(f"{line} [{extra}]" if extra else line)
 
 
@@ -501,21 +582,27 @@ class JsonFormatter(logging.Formatter):
         self.ctx = ctx
 
     def format(self, record: logging.LogRecord) -> str:
+        r = _redacted_record(self.ctx, self, record)
         obj: dict[str, Any] = {
             "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": r.msg,
         }
         for k in ("room", "session_id", "reply_id"):
             v = getattr(record, k, None)
             if v:
-                obj[k] = v
-        for k, v in getattr(record, "fields", {}).items():
+                obj[k] = self.ctx.redact_value(v)
+        for k, v in self.ctx.redact_value(getattr(record, "fields", None) or {}).items():
             obj[k] = v
-        if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
-        return self.ctx.redact(json.dumps(obj, default=str))
+        if r.exc_text:
+            obj["exc"] = r.exc_text
+        if r.stack_info:
+            obj["stack"] = r.stack_info
+        # Every value is redacted before serialising: json.dumps escapes quotes, backslashes
+        # and non-ASCII, which would hide a secret from a redaction of its output (and a
+        # redaction of the output could break the JSON).
+        return json.dumps(obj, default=str)
 
 
 def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") -> LogContext:
@@ -543,20 +630,62 @@ MAX_MIXED_INPUTS = 16  # MIX_PARTICIPANTS=1: microphones mixed at most
 
 
 def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
-               ttl: datetime.timedelta = datetime.timedelta(hours=6)) -> str:
+               ttl: datetime.timedelta = datetime.timedelta(hours=6), sources: tuple[str, ...] | None = None,
+               update_own_metadata: bool = True) -> str:
+    """A token to join the configured room. ``sources``: the only track sources it may
+    publish (LiveKit's lower-case TrackSource names, e.g. "microphone"); None: any.
+    ``ttl`` only limits when it can be used to join: the server refreshes the token of a
+    participant that is in the room."""
     from livekit import api
 
+    grants = api.VideoGrants(room_join=True, room=cfg.room_name, can_publish=True, can_subscribe=True,
+                             can_publish_data=True)
+    if sources is not None:
+        grants.can_publish_sources = list(sources)
+    if update_own_metadata:
+        grants.can_update_own_metadata = True
     token = (
         api.AccessToken(cfg.livekit_api_key, cfg.livekit_api_secret)
         .with_identity(identity)
         .with_name(name or identity)
-        .with_grants(api.VideoGrants(room_join=True, room=cfg.room_name, can_publish=True, can_subscribe=True,
-                                     can_publish_data=True, can_update_own_metadata=True))
+        .with_grants(grants)
         .with_ttl(ttl)
     )
     if kind:
         token = token.with_kind(kind)
     return token.to_jwt()
+
+
+# `python worker.py token`: a user's token is handed around (pasted into a browser, sent in
+# chat), so it is short-lived and publishes a microphone only (no camera, no screen share),
+# with data (the frontends' chat) and no metadata changes. The agent's own token is
+# mint_token's default.
+USER_TOKEN_TTL = datetime.timedelta(hours=1)
+USER_TOKEN_TTL_MIN = datetime.timedelta(minutes=1)
+USER_TOKEN_TTL_MAX = datetime.timedelta(hours=24)
+USER_TOKEN_SOURCES = ("microphone",)
+
+
+def _duration_text(d: datetime.timedelta) -> str:
+    seconds = int(d.total_seconds())
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
+
+
+def parse_ttl(text: str) -> datetime.timedelta:
+    """--ttl: "90s", "30m", "2h", "1h30m". Raises ValueError with the one line to print."""
+    import re
+
+    m = re.fullmatch(r"\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*", text.lower())
+    if not text.strip() or m is None or not any(m.groups()):
+        raise ValueError(f"--ttl must be a duration such as 30m, 2h or 1h30m, got {text.strip()[:20]!r}")
+    h, mi, se = (int(g or 0) for g in m.groups())
+    ttl = datetime.timedelta(hours=h, minutes=mi, seconds=se)
+    if not USER_TOKEN_TTL_MIN <= ttl <= USER_TOKEN_TTL_MAX:
+        raise ValueError(f"--ttl must be between {_duration_text(USER_TOKEN_TTL_MIN)} and "
+                         f"{_duration_text(USER_TOKEN_TTL_MAX)}, got {text.strip()[:20]!r}")
+    return ttl
 
 
 def server_api(cfg: Config) -> Any:
@@ -1775,11 +1904,51 @@ async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) 
 # --- command line ------------------------------------------------------------------------------
 
 
+SECRETS_HELP = ("Secrets ({names}) have no flag: a command line is readable by every user of this machine "
+                "(ps, /proc/<pid>/cmdline) and stays in shell history. Set them in the environment or in ./.env "
+                "(the systemd unit: its EnvironmentFile).")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        # argparse echoes unrecognised arguments and invalid choices, values included: a
+        # mistyped secret flag would print the secret. Name the options only.
+        if "invalid choice: " in message:
+            head, _, rest = message.partition("invalid choice: ")
+            message = head + "invalid choice" + (" (" + rest.split(" (", 1)[1] if " (" in rest else "")
+        if message.startswith("unrecognized arguments: "):
+            words = message.split(": ", 1)[1].split()
+            options = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            hidden = len(words) - len(options)
+            message = ("unrecognized arguments: " + (" ".join(options) or "(values)")
+                       + (f" (and {hidden} value{'s' if hidden != 1 else ''}, not shown)" if options and hidden else ""))
+        return super().error(message)
+
+
+class _SecretFlag(argparse.Action):
+    """A flag for a secret setting, kept only to refuse it with one clear line (exit 2),
+    without echoing the value."""
+
+    def __init__(self, *args: Any, variable: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.variable = variable
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.exit(EXIT_CONFIG, f"error: {option_string} is not accepted: a secret on the command line is readable "
+                                 f"by every user of this machine; set {self.variable} in the environment or in "
+                                 f"./.env instead\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    import textwrap
+
+    secret_names = [env_name(f) for f in dataclasses.fields(Config) if f.metadata["secret"]]
+    parser = _Parser(
         prog="worker.py",
         description="Bridge a LiveKit room to AssemblyAI's Voice Agent API. Every setting is an environment "
-                    "variable (also read from ./.env); a flag overrides it.",
+                    "variable (also read from ./.env); a flag overrides it.\n\n"
+                    + textwrap.fill(SECRETS_HELP.format(names=", ".join(secret_names)), 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
     )
@@ -1797,6 +1966,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", default=None,
                         help="control mix_audio/play: send this sound file as the audio (large files go as a "
                              "byte stream)")
+    parser.add_argument("--ttl", default=None, metavar="DURATION",
+                        help=f"token: how long the token can be used to join, e.g. 30m or 2h (default: "
+                             f"{_duration_text(USER_TOKEN_TTL)}; {_duration_text(USER_TOKEN_TTL_MIN)} to "
+                             f"{_duration_text(USER_TOKEN_TTL_MAX)})")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         g = f.metadata["group"]
@@ -1804,8 +1977,17 @@ def build_parser() -> argparse.ArgumentParser:
             groups[g] = parser.add_argument_group(g)
         default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "")
                                                              else "default: empty")
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata["secret"]:
+            # Listed in the group's text, and the flag refused (never stored) if given anyway.
+            groups[g].description = (groups[g].description or "") + f"{env_name(f)} (no flag: environment or .env only)\n" \
+                + textwrap.fill(f"{f.metadata['help']} [env {env_name(f)}; {default}]", 75, initial_indent="    ",
+                                subsequent_indent="    ") + "\n"
+            groups[g].add_argument(flag, action=_SecretFlag, variable=env_name(f), nargs="?", dest="_" + f.name,
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
         groups[g].add_argument(
-            "--" + f.name.replace("_", "-"), dest=env_name(f), metavar="VALUE",
+            flag, dest=env_name(f), metavar="VALUE",
             help=f"{f.metadata['help']} [env {env_name(f)}; {default}]",
         )
     return parser
@@ -1844,7 +2026,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "token":
-        return print_token(cfg, args.identity or "user")
+        try:
+            ttl = parse_ttl(args.ttl) if args.ttl is not None else USER_TOKEN_TTL
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        return print_token(cfg, args.identity or "user", ttl)
     if args.command == "control":
         return asyncio.run(control_client(cfg, args.method, args.payload, args.identity or "operator", args.file))
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
@@ -1928,18 +2115,24 @@ async def control_client(cfg: Config, method: str | None, payload: str, identity
         await room.disconnect()
 
 
-def print_token(cfg: Config, identity: str) -> int:
+def print_token(cfg: Config, identity: str, ttl: datetime.timedelta = USER_TOKEN_TTL) -> int:
     """What a person needs to join the agent's room from a browser."""
-    token = mint_token(cfg, identity, ttl=datetime.timedelta(hours=24))
+    token = mint_token(cfg, identity, ttl=ttl, sources=USER_TOKEN_SOURCES, update_own_metadata=False)
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    expires = datetime.datetime.fromtimestamp(claims["exp"], datetime.timezone.utc)
     url = cfg.livekit_url
     print(f"""LiveKit URL:  {url}
 Room:         {cfg.room_name}
 Identity:     {identity}
-Token (24 h): {token}
+Token:        {token}
+Join by:      {expires:%Y-%m-%d %H:%M:%S} UTC ({_duration_text(ttl)}; --ttl to choose, {_duration_text(USER_TOKEN_TTL_MIN)} \
+to {_duration_text(USER_TOKEN_TTL_MAX)}). A call already joined is not cut off when it expires.
+Allows:       joining room {cfg.room_name}, publishing a microphone (no camera or screen share), chat.
 
 Agents Playground (https://agents-playground.livekit.io): choose "Manual", paste the URL and the token.
 meet.livekit.io: open "Custom", paste the URL and the token.
-Or open: https://meet.livekit.io/custom?liveKitUrl={url}&token={token}""")
+Or open: https://meet.livekit.io/custom?liveKitUrl={url}&token={token}
+Both also try to publish a camera, which this token refuses: the microphone still works.""")
     return EXIT_OK
 
 

@@ -115,3 +115,40 @@ def test_token_command_needs_no_api_key():
     r = run_worker(env, "token")
     assert r.returncode == 0, r.stderr
     assert "Token" in r.stdout and "agents-playground" in r.stdout
+
+
+SECRET_FLAGS = {"--livekit-api-secret": "LIVEKIT_API_SECRET", "--assemblyai-api-key": "ASSEMBLYAI_API_KEY"}
+
+
+def test_every_secret_setting_is_env_only():
+    secret = {f.name.upper() for f in dataclasses.fields(worker.Config) if f.metadata["secret"]}
+    assert secret == set(SECRET_FLAGS.values())
+
+
+@pytest.mark.parametrize("args", [["--livekit-api-secret", "FLAGSECRET-1234567"], ["--livekit-api-secret=FLAGSECRET-1234567"],
+                                  ["--assemblyai-api-key", "FLAGSECRET-1234567"], ["token", "--assemblyai-api-key"],
+                                  ["--livekit-api-sec", "FLAGSECRET-1234567"], ["check", "--assemblyai-api-key=FLAGSECRET-1234567"]])
+def test_a_secret_given_as_a_flag_is_refused_with_one_line(args):
+    """A command line is readable by every user of the machine (ps, /proc/<pid>/cmdline)."""
+    r = run_worker(REQUIRED, *args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    flag = next(f for f in SECRET_FLAGS if f.startswith(next(a for a in args if a.startswith("--")).split("=")[0]))
+    assert f"set {SECRET_FLAGS[flag]} in the environment or in ./.env" in r.stderr
+    assert "FLAGSECRET" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--livekit-api-secrt=FLAGSECRET-1234567"], ["--bogus", "FLAGSECRET-1234567"],
+                                  ["run", "extra", "--nope", "FLAGSECRET-1234567"]])
+def test_mistyped_flags_are_named_without_their_values(args):
+    r = run_worker(REQUIRED, *args)
+    assert r.returncode == 2 and "FLAGSECRET" not in r.stdout + r.stderr, r.stderr
+
+
+def test_help_says_where_secrets_go():
+    text = " ".join(run_worker({}, "--help").stdout.split())
+    for flag, name in SECRET_FLAGS.items():
+        assert flag not in text
+        assert f"{name} (no flag: environment or .env only)" in text
+    assert "Secrets (LIVEKIT_API_SECRET, ASSEMBLYAI_API_KEY) have no flag" in text
+    assert "Set them in the environment or in ./.env" in text
