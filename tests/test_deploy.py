@@ -195,12 +195,18 @@ def test_serve_unit_drains_within_its_stop_timeout_and_keeps_the_templates_harde
     hopeless = sorted(str(c) for c in {*dispatch.HOPELESS_EXITS, dispatch.EXIT_CONFIG, dispatch.EXIT_LIVEKIT_AUTH})
     assert settings["RestartPreventExitStatus"].split() == hopeless
     assert settings["Restart"] == "on-failure" and settings["RestartPreventExitStatus"].split() == ["2", "3", "4", "6"]
-    # Every hardening and capability line of the per-room template, unchanged.
+    # Every hardening and capability line of the per-room template, unchanged, except the limits
+    # and the state directory, which are per host here (one cgroup for every call process).
     template = unit_lines("voice-agent@.service")
     start = template.index("Nice=-10")
-    kept = [ln for ln in template[start:template.index("[Install]")]]
+    per_host = ("MemoryMax=", "TasksMax=", "StateDirectory=")
+    kept = [ln for ln in template[start:template.index("[Install]")] if not ln.startswith(per_host)]
     missing = [ln for ln in kept if ln not in lines]
     assert not missing, f"serve unit lacks the template's {missing}"
+    assert settings["StateDirectory"] == "voice-agent"
+    memory_max = settings["MemoryMax"]
+    assert memory_max.endswith("G") and float(memory_max[:-1]) * 1024 >= 768 * 2, "room for more than one call"
+    assert int(settings["TasksMax"]) >= 256
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
