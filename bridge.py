@@ -33,32 +33,13 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from backoff import Backoff
+from logs import one_line
+from exits import EXIT_API_AUTH, EXIT_API_CONFIG, EXIT_API_GAVE_UP, FatalError
 
 log = logging.getLogger("bridge")
 
 SAMPLE_RATE = 24000
 BYTES_PER_SAMPLE = 2
-
-# Exit codes shared by the whole process (worker.py documents them in one table).
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_CONFIG = 2
-EXIT_API_AUTH = 3
-EXIT_API_CONFIG = 4
-EXIT_API_GAVE_UP = 5
-EXIT_LIVEKIT_AUTH = 6
-EXIT_LIVEKIT_UNREACHABLE = 7
-EXIT_DUPLICATE_IDENTITY = 8
-EXIT_ROOM_DELETED = 9
-
-
-class FatalError(Exception):
-    """Something the process cannot survive. ``str()`` is one line for the user."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
 
 # --- session settings ---------------------------------------------------------------
 
@@ -1140,7 +1121,7 @@ class VoiceAgentClient:
                     status = e.response.status_code
                     log.warning("Voice Agent API refused the connection: HTTP %s", status)
                 except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
-                    log.warning("cannot reach the Voice Agent API at %s: %s", self.url, _one_line(e))
+                    log.warning("cannot reach the Voice Agent API at %s: %s", self.url, one_line(e))
                 except ConnectionClosed as e:
                     code, reason = _close_info_exc(e)
                 finally:
@@ -1276,7 +1257,7 @@ class VoiceAgentClient:
             result, is_error = str(e)[:1000], True
         except Exception as e:  # a bug or an outage in the tool: its text stays in our log
             log.warning("tool %s (%s) raised %s: %s", call.name[:64], call.call_id[:64], type(e).__name__,
-                        _one_line(e), exc_info=e)
+                        one_line(e), exc_info=e)
             result, is_error = f"tool {call.name!r} failed (an internal error; it is in the worker's log)", True
         if is_error:
             log.warning("tool %s (%s) failed: %s", call.name[:64], call.call_id[:64], result)
@@ -1309,10 +1290,6 @@ def _close_info_exc(e: ConnectionClosed) -> tuple[int | None, str]:
     if e.rcvd is None:
         return None, ""
     return e.rcvd.code, e.rcvd.reason
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e) or type(e).__name__).splitlines()[0][:200]
 
 
 ToolHandler = Callable[[str, dict[str, Any], str], Awaitable[Any]]

@@ -32,12 +32,14 @@ import logging
 import os
 import re
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sounds
+from exits import EXIT_CONFIG
 
 log = logging.getLogger("control")
 
@@ -634,3 +636,62 @@ def _b64(value: Any) -> bytes:
 def _summary(args: dict[str, Any]) -> str:
     return ", ".join(f"{k}={'<%d chars>' % len(v) if k == 'audio' and isinstance(v, str) else v!r}"
                      for k, v in args.items()) or "{}"
+
+
+# --- the client: `python worker.py control` ---------------------------------------------------
+
+
+async def call(livekit_url: str, token: str, agent_identity: str, method: str | None, payload: str,
+               file: str | None) -> int:
+    """`python worker.py control METHOD [JSON] [--file F]`: join with ``token`` (an operator's),
+    call the worker's control method, print the JSON answer. Returns the exit code."""
+    from livekit import rtc
+
+    if method not in METHODS:
+        print(f"error: control needs a method: {', '.join(METHODS)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        args = json.loads(payload)
+        assert isinstance(args, dict)
+    except (ValueError, AssertionError):
+        print("error: the payload must be a JSON object, e.g. '{\"clip\": \"builtin:cafe\", \"volume\": 0.3}'",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    audio = Path(file).read_bytes() if file else None
+    room = rtc.Room()
+    await room.connect(livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
+    try:
+        if audio is not None and len(audio) > 10_000:
+            # Too big for an RPC payload: a byte stream, answered on mix_audio.result.
+            answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def on_result(reader: Any, sender: str) -> None:
+                async def read() -> None:
+                    text = await reader.read_all()
+                    if not answer.done():
+                        answer.set_result(text)
+                asyncio.ensure_future(read())
+
+            room.register_text_stream_handler(TOPIC_RESULT, on_result)
+            attrs = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in args.items()}
+            attrs["action"] = method
+            writer = await room.local_participant.stream_bytes(
+                name=Path(file).name, topic=TOPIC_UPLOAD, attributes=attrs,
+                destination_identities=[agent_identity], total_size=len(audio))
+            for i in range(0, len(audio), 15000):
+                await writer.write(audio[i:i + 15000])
+            await writer.aclose()
+            result = await asyncio.wait_for(answer, 60)
+            print(result)
+            return 0 if json.loads(result).get("ok") else 1
+        if audio is not None:
+            args["audio"] = base64.b64encode(audio).decode()
+        try:
+            print(await room.local_participant.perform_rpc(destination_identity=agent_identity, method=method,
+                                                           payload=json.dumps(args), response_timeout=60))
+            return 0
+        except rtc.RpcError as e:
+            print(f"error: {e.message} (code {e.code})", file=sys.stderr)
+            return 1
+    finally:
+        await room.disconnect()

@@ -117,6 +117,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
+from logs import LogContext, one_line, setup_logging
+from systemd import SystemdNotifier
+from config import ConfigError, gather_env
+from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
+
 log = logging.getLogger("dispatch")
 
 REPO = Path(__file__).resolve().parent
@@ -152,25 +157,10 @@ SERVER_TARGET_LOAD = 0.7
 CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
 
-EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_LIVEKIT_AUTH = 0, 1, 2, 6
-
-# A call process that exits with one of these (worker.py's exit codes) failed in a way every
-# other call on this host would too: the host stops taking calls and, once the calls in
-# progress have ended, exits with the same code (not restarted by systemd).
-HOPELESS_EXITS = {
-    2: "a configuration error",
-    3: "the Voice Agent API rejected ASSEMBLYAI_API_KEY",
-    4: "the Voice Agent API rejected the session configuration",
-}
-
 AGENT_NAME_ATTRIBUTE = "lk.agent_name"  # set by the server on the agent's token
 
 
 # --- settings -------------------------------------------------------------------------------
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting. ``str()`` is one line naming the variable."""
 
 
 def available_cores() -> float:
@@ -1079,76 +1069,6 @@ class Supervisor:
 # --- logging, systemd, health -----------------------------------------------------------------------
 
 
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-
-
-class Redactor(logging.Filter):
-    """Removes the API secret and any JWT (our worker token, job tokens) from every line."""
-
-    def __init__(self, secrets: Sequence[str] = ()) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 6]
-
-    def redact(self, text: str) -> str:
-        for s in self.secrets:
-            if s in text:
-                text = text.replace(s, "***")
-        return _JWT.sub("***", text)
-
-
-class _Formatter(logging.Formatter):
-    def __init__(self, redactor: Redactor, fmt: str) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        self.redactor, self.json = redactor, fmt == "json"
-
-    def format(self, record: logging.LogRecord) -> str:
-        if self.json:
-            obj: dict[str, Any] = {
-                "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-                .isoformat(timespec="milliseconds"),
-                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
-            }
-            if record.exc_info:
-                obj["exc"] = self.formatException(record.exc_info)
-            return self.redactor.redact(json.dumps(obj, default=str))
-        return self.redactor.redact(super().format(record))
-
-
-def setup_logging(settings: ServeSettings | None, level: str = "info", fmt: str = "text") -> Redactor:
-    redactor = Redactor(settings.secrets if settings else [])
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(redactor, fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # websockets logs request headers (our token) at debug: never below info.
-    for name in ("livekit", "websockets"):
-        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
-    return redactor
-
-
-class SystemdNotifier:
-    """sd_notify(3) over $NOTIFY_SOCKET without a dependency (as worker.py's)."""
-
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        addr = environ.get("NOTIFY_SOCKET", "")
-        self.address = ("\0" + addr[1:]) if addr.startswith("@") else addr
-        usec = environ.get("WATCHDOG_USEC", "")
-        pid = environ.get("WATCHDOG_PID", "")
-        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0.0
-
-    def notify(self, *lines: str) -> bool:
-        if not self.address:
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(lines).encode(), self.address)
-            return True
-        except OSError as e:
-            log.debug("sd_notify failed: %s", e)
-            return False
-
-
 class HealthServer:
     """``GET /healthz``: 200 while the event loop and the supervision tick run (liveness:
     never fails because LiveKit is unreachable, a restart would only end the calls in
@@ -1198,12 +1118,6 @@ class HealthServer:
 # --- the async layer ------------------------------------------------------------------------------------
 
 
-class Fatal(Exception):
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class Dispatcher:
     """The serve process: one /agent WebSocket (reconnected with backoff, re-registered),
     the core, the children, signals."""
@@ -1212,9 +1126,9 @@ class Dispatcher:
     BACKOFF_MAX_S = 10.0
     STABLE_S = 30.0  # a registration that lasted this long resets the backoff
 
-    def __init__(self, settings: ServeSettings, redactor: Redactor | None = None) -> None:
+    def __init__(self, settings: ServeSettings, redactor: LogContext | None = None) -> None:
         self.settings = settings
-        self.redactor = redactor or Redactor(settings.secrets)
+        self.redactor = redactor or LogContext(settings.secrets, redact_jwts=True)
         self.core = WorkerCore(CoreSettings(
             url=settings.livekit_url, agent_name=settings.agent_name, identity=settings.agent_identity,
             display_name=settings.agent_display_name, max_calls=settings.max_calls,
@@ -1232,7 +1146,7 @@ class Dispatcher:
         self._signals = 0
         self._drain_deadline: float | None = None
         self._finished: asyncio.Event | None = None
-        self._fatal: Fatal | None = None
+        self._fatal: FatalError | None = None
         self._ready_sent = False
         self._rng = random.Random()
 
@@ -1261,7 +1175,7 @@ class Dispatcher:
         self._apply(self.core.job_exited(job_id, now, ok=ok, error=error))
         why = HOPELESS_EXITS.get(returncode) if returncode is not None else None
         if why and self._fatal is None:
-            self._fatal = Fatal(returncode, f"a call process exited with {returncode} ({why}): every call on this "
+            self._fatal = FatalError(returncode, f"a call process exited with {returncode} ({why}): every call on this "
                                             "host would fail the same way; fix it and restart")
             log.error("%s; not taking calls any more, exiting once the %d calls in progress end",
                       self._fatal, self.core.job_count)
@@ -1327,11 +1241,11 @@ class Dispatcher:
             for t in (conn, ticker):
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     exc = t.exception()
-                    if isinstance(exc, Fatal):
+                    if isinstance(exc, FatalError):
                         self._fatal = exc
                     else:
                         log.error("internal error in %s: %r", t.get_name(), exc, exc_info=exc)
-                        self._fatal = Fatal(EXIT_INTERNAL, f"internal error: {exc!r}")
+                        self._fatal = FatalError(EXIT_INTERNAL, f"internal error: {exc!r}")
         finally:
             self.notifier.notify("STOPPING=1")
             await self.supervisor.shutdown("worker exiting")
@@ -1405,15 +1319,15 @@ class Dispatcher:
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status in (401, 403) and not ever_registered:
-                    raise Fatal(EXIT_LIVEKIT_AUTH, f"LiveKit at {self.settings.livekit_url} rejected "
+                    raise FatalError(EXIT_LIVEKIT_AUTH, f"LiveKit at {self.settings.livekit_url} rejected "
                                 "LIVEKIT_API_KEY/LIVEKIT_API_SECRET for an agent worker (HTTP "
                                 f"{status})") from None
                 log.warning("LiveKit refused the agent connection: HTTP %s", status)
             except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
                 log.warning("cannot reach LiveKit at %s: %s", self.settings.livekit_url,
-                            self.redactor.redact(_one_line(e)))
+                            self.redactor.redact(one_line(e)))
             except ConnectionClosed as e:
-                log.warning("connection to LiveKit closed (%s)", self.redactor.redact(_one_line(e)))
+                log.warning("connection to LiveKit closed (%s)", self.redactor.redact(one_line(e)))
             finally:
                 self._ws, self._out = None, None
                 self._apply(self.core.connection_lost(time.monotonic()))
@@ -1453,11 +1367,6 @@ class Dispatcher:
             pass
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
-
-
 # --- check: does the server accept this key as an agent worker? ------------------------------------------
 
 
@@ -1469,7 +1378,7 @@ async def probe_registration(livekit_url: str, api_key: str, api_secret: str,
     from livekit.protocol import agent
     from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-    redact = Redactor([api_secret]).redact
+    redact = LogContext([api_secret], redact_jwts=True).redact
     name = f"voice-agent-check-{os.urandom(4).hex()}"
     try:
         async with asyncio.timeout(timeout_s):
@@ -1493,22 +1402,10 @@ async def probe_registration(livekit_url: str, api_key: str, api_secret: str,
             return False, f"LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET for an agent worker (HTTP {status})"
         return False, f"LiveKit refused the agent endpoint /agent: HTTP {status} (is LIVEKIT_URL a LiveKit server?)"
     except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
-        return False, f"cannot reach the agent endpoint at {livekit_url}: {redact(_one_line(e))}"
+        return False, f"cannot reach the agent endpoint at {livekit_url}: {redact(one_line(e))}"
 
 
 # --- command line ---------------------------------------------------------------------------------------
-
-
-def gather_env(cwd: Path | None = None) -> dict[str, str]:
-    """The real environment wins over ./.env (as the worker's)."""
-    merged: dict[str, str] = {}
-    path = (cwd or Path.cwd()) / ".env"
-    if path.is_file():
-        from dotenv import dotenv_values
-
-        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    merged.update(os.environ)
-    return merged
 
 
 def usage() -> str:
@@ -1541,7 +1438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mark = "\u2713" if ok else "\u2717"
         print(f"{mark} {line}")
         return EXIT_OK if ok else 1
-    redactor = setup_logging(settings, settings.log_level, settings.log_format)
+    redactor = setup_logging(settings.secrets, settings.log_level, settings.log_format, redact_jwts=True)
     dispatcher = Dispatcher(settings, redactor)
     try:
         return asyncio.run(dispatcher.run())

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import dataclasses
-import datetime
-import json
 import logging
-import math
 import os
 import random
 import signal
@@ -30,8 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-from urllib.parse import urlparse
+from typing import Any, Callable
 
 MIN_PYTHON = (3, 11)  # asyncio.timeout, datetime.UTC; scripts/setup, `check` and the README say the same
 if sys.version_info < MIN_PYTHON:
@@ -42,7 +37,18 @@ if sys.version_info < MIN_PYTHON:
 import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
 import bridge  # noqa: E402
 import control  # noqa: E402
-from bridge import (  # noqa: E402
+import exits  # noqa: E402
+from config import (  # noqa: E402
+    Config,
+    ConfigError,
+    env_name,
+    gather_env,
+    load_banks,
+    load_config,
+    log_session_config,
+    session_settings,
+)
+from exits import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_DUPLICATE_IDENTITY,
     EXIT_INTERNAL,
@@ -52,571 +58,22 @@ from bridge import (  # noqa: E402
     EXIT_ROOM_DELETED,
     FatalError,
 )
+from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
+from systemd import SystemdNotifier  # noqa: E402
+from tokens import (  # noqa: E402
+    USER_TOKEN_TTL,
+    USER_TOKEN_TTL_MAX,
+    USER_TOKEN_TTL_MIN,
+    duration_text,
+    mint_token,
+    parse_ttl,
+    print_token,
+    server_api,
+)
 
 log = logging.getLogger("worker")
 
 SAMPLE_RATE = 24000
-
-
-# --- configuration ---------------------------------------------------------------------
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting. ``str()`` is one line naming the variable."""
-
-
-def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
-             secret: bool = False, group: str = "general") -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, "required": required,
-                                            "secret": secret, "group": group})
-
-
-def _nonempty(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be empty")
-    return v.strip()
-
-
-def _url(*schemes: str) -> Callable[[str], str]:
-    def parse(v: str) -> str:
-        u = urlparse(v.strip())
-        if u.scheme not in schemes or not u.netloc:
-            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}, "
-                             f"got {v.strip()[:80]!r}")
-        return v.strip()
-    return parse
-
-
-def _number(kind: type, lo: float | None = None, hi: float | None = None, multiple: int | None = None) -> Callable[[str], Any]:
-    def parse(v: str) -> Any:
-        try:
-            x = kind(v.strip())
-        except ValueError:
-            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, got {v.strip()[:40]!r}") from None
-        if isinstance(x, float) and not math.isfinite(x):
-            raise ValueError(f"must be a finite number, got {v.strip()!r}")
-        if (lo is not None and x < lo) or (hi is not None and x > hi):
-            raise ValueError(f"must be between {lo:g} and {hi:g}, got {v.strip()}" if hi is not None
-                             else f"must be at least {lo:g}, got {v.strip()}")
-        if multiple and x % multiple:
-            raise ValueError(f"must be a multiple of {multiple}, got {v.strip()}")
-        return x
-    return parse
-
-
-def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    return lambda v: None if not v.strip() else parse(v)
-
-
-def _bool(v: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"must be 1/0, true/false, yes/no or on/off, got {v.strip()[:20]!r}")
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(v: str) -> str:
-        s = v.strip().lower()
-        if s not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {v.strip()[:40]!r}")
-        return s
-    return parse
-
-
-def _csv(v: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in v.split(",") if x.strip())
-
-
-def _keyterms(v: str) -> tuple[str, ...]:
-    terms = _csv(v)
-    if len(terms) > 100:
-        raise ValueError(f"at most 100 terms, got {len(terms)}")
-    return terms
-
-
-def _directory(v: str) -> str:
-    path = Path(v.strip()).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"must be an existing folder, got {v.strip()[:120]!r}")
-    return str(path)
-
-
-def _identity(v: str) -> str:
-    s = v.strip()
-    if not s or len(s) > 128 or any(c.isspace() for c in s):
-        raise ValueError("must be 1-128 characters without spaces")
-    return s
-
-
-TRANSCRIPTION_PROMPT_CHARS = 1750
-LANGUAGE_CODE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
-
-
-def _transcription_prompt(v: str) -> str:
-    s = v.strip()
-    if len(s) > TRANSCRIPTION_PROMPT_CHARS:
-        raise ValueError(f"must be at most {TRANSCRIPTION_PROMPT_CHARS} characters, got {len(s)}")
-    return s
-
-
-def _language_codes(v: str) -> tuple[str, ...]:
-    codes = _csv(v)
-    for code in codes:
-        base, _, region = code.partition("-")
-        if not (2 <= len(base) <= 3 and base.isalpha() and base.islower() and set(code) <= LANGUAGE_CODE_CHARS
-                and (not region or 2 <= len(region) <= 4)):
-            raise ValueError(f"must be comma-separated language codes like en,es,pt-BR, got {code[:20]!r}")
-    return tuple(dict.fromkeys(codes))
-
-
-# Fields with a variable of their own, which SESSION_EXTRA must not set (or change the type of):
-# the bridge builds them, and two places for one value would leave one silently ignored.
-SESSION_EXTRA_OWNED = {
-    "system_prompt": "SYSTEM_PROMPT", "greeting": "GREETING", "tools": "TOOLS_MODULE / END_CALL_TOOL",
-    "agent_id": "AGENT_ID", "input.format": "nothing: the bridge streams 24 kHz PCM",
-    "output.format": "nothing: the bridge plays 24 kHz PCM", "output.voice": "VOICE", "output.volume": "VOICE_VOLUME",
-    "input.keyterms": "KEYTERMS", "input.transcription_mode": "TRANSCRIPTION_MODE",
-    "input.transcription_prompt": "TRANSCRIPTION_PROMPT", "input.language_codes": "LANGUAGE_CODES",
-    "input.turn_detection.vad_threshold": "VAD_THRESHOLD", "input.turn_detection.min_silence": "MIN_SILENCE_MS",
-    "input.turn_detection.max_silence": "MAX_SILENCE_MS",
-    "input.turn_detection.interrupt_response": "INTERRUPT_RESPONSE",
-    "input.turn_detection.interruption_delay": "INTERRUPTION_DELAY_MS",
-}
-SESSION_EXTRA_OBJECTS = ("input", "output", "input.turn_detection")
-SESSION_EXTRA_BYTES = 16 * 1024
-
-
-def _session_extra(v: str) -> dict[str, Any] | None:
-    """A JSON object merged into each session's first session.update. Its values are never
-    echoed in an error or a log line (they may hold something secret)."""
-    if not v.strip():
-        return None
-    if len(v.encode()) > SESSION_EXTRA_BYTES:
-        raise ValueError(f"must be at most {SESSION_EXTRA_BYTES} bytes of JSON")
-    try:
-        extra = json.loads(v)
-    except ValueError as e:
-        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ValueError(f"must be a JSON object, e.g. {{\"input\": {{\"voice_focus\": \"far-field\"}}}}: "
-                         f"not valid JSON{where}") from None
-    if not isinstance(extra, dict):
-        raise ValueError(f"must be a JSON object ({{...}}), got a JSON {type(extra).__name__}")
-    for path, variable in SESSION_EXTRA_OWNED.items():
-        if _has_path(extra, path):
-            raise ValueError(f"sets {path}, which has a setting of its own: use {variable}")
-    for path in SESSION_EXTRA_OBJECTS:
-        if _has_path(extra, path) and not isinstance(_get_path(extra, path), dict):
-            raise ValueError(f"{path} must be a JSON object")
-    return extra
-
-
-def _has_path(obj: dict[str, Any], path: str) -> bool:
-    node: Any = obj
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _get_path(obj: dict[str, Any], path: str) -> Any:
-    node: Any = obj
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def extra_paths(extra: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The leaf paths of SESSION_EXTRA, for the log (its values are not logged)."""
-    out: list[str] = []
-    for key, value in extra.items():
-        path = f"{prefix}{key}"
-        out += extra_paths(value, path + ".") if isinstance(value, dict) and value else [path]
-    return out
-
-
-@dataclass(frozen=True)
-class Config:
-    # LiveKit
-    livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud",
-                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit")
-    livekit_api_key: str = _setting(None, "LiveKit API key (livekit-server --dev: devkey)", _nonempty,
-                                    required=True, group="LiveKit")
-    livekit_api_secret: str = _setting(None, "LiveKit API secret (livekit-server --dev: secret)", _nonempty,
-                                       required=True, secret=True, group="LiveKit")
-    room_name: str = _setting("voice-agent-demo", "room to join", _identity, group="LiveKit")
-    agent_identity: str = _setting("voice-agent", "participant identity of the agent", _identity, group="LiveKit")
-    user_identity: str | None = _setting(None, "only bridge this participant (empty: the first user with a microphone)",
-                                         _optional(_identity), group="LiveKit")
-    # Voice Agent API
-    assemblyai_api_key: str = _setting(None, "AssemblyAI API key (sent as 'Authorization: Bearer <key>')", _nonempty,
-                                       required=True, secret=True, group="Voice Agent API")
-    voice_agent_url: str = _setting("wss://agents.assemblyai.com/v1/ws",
-                                    "Voice Agent API WebSocket URL (EU: wss://agents.eu.assemblyai.com/v1/ws)",
-                                    _url("ws", "wss"), group="Voice Agent API")
-    system_prompt: str = _setting("You are a friendly, helpful voice assistant. Keep answers short and conversational.",
-                                  "the agent's instructions", group="Voice Agent API")
-    greeting: str = _setting("Hi! How can I help you today?",
-                             "spoken when a call starts (empty: the agent waits for the user)", group="Voice Agent API")
-    voice: str = _setting("", "voice id (empty: the service default)", group="Voice Agent API")
-    voice_volume: float | None = _setting(None, "the agent's voice level at the service, 0-100 (empty: its native "
-                                          "level); the ambient has AMBIENT_VOLUME", _optional(_number(float, 0, 100)),
-                                          group="Voice Agent API")
-    keyterms: tuple[str, ...] = _setting((), "comma-separated words to recognise reliably (names, products; max 100)",
-                                         _keyterms, group="Voice Agent API")
-    turn_profile: str = _setting("default", "turn detection: default (the service's adaptive pacing), fast, standard "
-                                 "or deliberate", _choice(*bridge.TURN_PROFILES), group="Voice Agent API")
-    vad_threshold: float | None = _setting(None, "override: speech detection threshold 0.0-1.0 (higher ignores more noise)",
-                                           _optional(_number(float, 0.0, 1.0)), group="Voice Agent API")
-    min_silence_ms: int | None = _setting(None, "override: silence before a confident end of turn, 50-10000 ms",
-                                          _optional(_number(int, 50, 10000)), group="Voice Agent API")
-    max_silence_ms: int | None = _setting(None, "override: longest silence before the turn ends anyway, 50-10000 ms",
-                                          _optional(_number(int, 50, 10000)), group="Voice Agent API")
-    interrupt_response: bool | None = _setting(None, "override: let the user interrupt the agent (1/0)",
-                                               _optional(_bool), group="Voice Agent API")
-    interruption_delay_ms: int | None = _setting(None, "override: how long the user must speak before the agent "
-                                                 "stops, 0-1000 ms (empty: the service's default)",
-                                                 _optional(_number(int, 0, 1000)), group="Voice Agent API")
-    transcription_mode: str | None = _setting(None, "speech recognition: min_latency (answers sooner), balanced or "
-                                              "max_accuracy (empty: the service's default)",
-                                              _optional(_choice("min_latency", "balanced", "max_accuracy")),
-                                              group="Voice Agent API")
-    transcription_prompt: str = _setting("", "context for speech recognition (what callers talk about, how names "
-                                         "and numbers look), at most 1750 characters", _transcription_prompt,
-                                         group="Voice Agent API")
-    language_codes: tuple[str, ...] = _setting((), "comma-separated languages the caller speaks, e.g. en,es "
-                                               "(empty: detected)", _language_codes, group="Voice Agent API")
-    agent_id: str | None = _setting(None, "a stored agent (AssemblyAI's agents API): the session uses its prompt, "
-                                    "greeting, voice, tools and settings, and the session settings here are "
-                                    "ignored (a warning at start lists those set)", _optional(_identity),
-                                    group="Voice Agent API")
-    session_extra: dict[str, Any] | None = _setting(None, "a JSON object deep-merged into each session's first "
-                                                    "session.update, for fields this version does not know yet, "
-                                                    "e.g. {\"input\": {\"voice_focus\": \"far-field\"}}; fields "
-                                                    "with a setting of their own are refused; values never logged",
-                                                    _session_extra, secret=True, group="Voice Agent API")
-    tools_module: str = _setting("", "your tools: a module name or a .py path (several: comma-separated); every "
-                                 "public async def with type hints and a docstring becomes a tool",
-                                 group="Voice Agent API")
-    tool_timeout_s: float = _setting(20.0, "a tool call taking longer is answered with an error (the service is "
-                                     "told to wait 5 s more: timeout_seconds, at most 300)",
-                                     _number(float, 0.1, 295), group="Voice Agent API")
-    tool_execution_mode: str | None = _setting(None, "how the agent waits for a tool: interactive (a short phrase "
-                                               "while it runs) or hold (silent; for slow tools) (empty: the "
-                                               "service's default, interactive)",
-                                               _optional(_choice(*bridge.TOOL_EXECUTION_MODES)),
-                                               group="Voice Agent API")
-    end_call_tool: bool = _setting(True, "offer the agent the built-in end_call tool (hang up after its goodbye)",
-                                   _bool, group="Voice Agent API")
-    end_call_action: str = _setting("delete_room", "what end_call does after the goodbye has played: delete_room "
-                                    "(ends the call for everyone) or leave (the agent leaves)",
-                                    _choice("delete_room", "leave"), group="Voice Agent API")
-    barge_in: str = _setting("interrupted", "when to drop the agent's queued audio: 'interrupted' (the service "
-                             "interrupted the reply) or 'speech' (as soon as the user starts speaking)",
-                             _choice(*bridge.BARGE_IN_POLICIES), group="Voice Agent API")
-    reconnect_give_up_s: float = _setting(120.0, "stop retrying the Voice Agent API after this many seconds of failure",
-                                          _number(float, 1, 86400), group="Voice Agent API")
-    input_backlog_ms: int = _setting(500, "microphone audio older than this is dropped after a stall, so the agent "
-                                     "hears the present", _number(int, 100, 10000), group="Voice Agent API")
-    # Audio
-    ambient_sound: str = _setting("builtin:office", "ambient bed: a sound file (WAV, MP3, FLAC, OGG, AAC...), "
-                                  "builtin:<name>, a clip list 'source[:volume[:probability]], ...' (one pick per "
-                                  "call), or none", group="Audio")
-    ambient_volume: float = _setting(0.3, "ambient volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
-    ambient_target_lufs: float = _setting(-30.0, "beds are normalised to this loudness (LUFS) before AMBIENT_VOLUME "
-                                          "applies", _number(float, -70.0, -6.0), group="Audio")
-    ambient_duck_db: float = _setting(-6.0, "how far the ambient dips under the agent's speech, in dB (0: off)",
-                                      _number(float, -40.0, 0.0), group="Audio")
-    thinking_sound: str = _setting("none", "cue looped from the end of the user's turn until the reply starts: a "
-                                   "sound file, builtin:<name>, a clip list (a pick per thinking phase), or none",
-                                   group="Audio")
-    thinking_volume: float = _setting(0.3, "thinking cue volume, 0.0-1.0", _number(float, 0.0, 1.0), group="Audio")
-    cue_target_lufs: float = _setting(-24.0, "cues are normalised to this loudness (LUFS) before their volume applies",
-                                      _number(float, -70.0, -6.0), group="Audio")
-    mix_frame_ms: int = _setting(10, "mixer frame, 10 or 20 ms", _number(int, 10, 20, multiple=10), group="Audio")
-    output_queue_ms: int = _setting(100, "audio queued in the published track, in ms (multiple of 10; lower = less "
-                                    "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
-                                    group="Audio")
-    idle_timeout_s: float = _setting(30.0, "end the Voice Agent session (billed while open) when no user has been in "
-                                     "the room for this long; the next user starts a new call",
-                                     _number(float, 0, 86400), group="LiveKit")
-    mix_participants: bool = _setting(False, "1: mix every user's microphone into the one session (meetings); "
-                                      "0: bridge one user", _bool, group="LiveKit")
-    # Control
-    control_identities: tuple[str, ...] = _setting((), "comma-separated identities allowed to call the control RPC "
-                                                   "methods (mix_audio, play, state); empty: nobody", _csv,
-                                                   group="Control")
-    ambient_dir: str = _setting("", "folder of sound files the control API may play by name (clip); empty: "
-                                "built-ins only", _optional(_directory), group="Control")
-    state_dir: str = _setting("state", "where the active bed is kept so a restarted worker resumes it; empty: "
-                              "not kept", group="Control")
-    control_max_upload_mb: float = _setting(20.0, "largest audio upload accepted by the control API, in MB",
-                                            _number(float, 0.01, 500), group="Control")
-    control_max_audio_s: float = _setting(600.0, "longest audio accepted by the control API, in seconds",
-                                          _number(float, 1, 3600), group="Control")
-    control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
-                                           _number(float, 1, 6000), group="Control")
-    audio_priority: str = _setting("realtime", "CPU scheduling for the audio: realtime (real-time scheduling for the "
-                                   "audio and media threads, nice -10 for the rest), nice (nice -10 only) or normal; "
-                                   "needs CAP_SYS_NICE, else it falls back quietly",
-                                   _choice("realtime", "nice", "normal"), group="Audio")
-    barge_in_clear_queue: bool = _setting(False, "for benchmarks only: also flush the track's queue on barge-in, like "
-                                          "naive bridges do (it throws away queued ambient too)", _bool, group="Audio")
-    # Operations
-    startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
-                                   "billed) before reporting ready; 0: trust it until the first call",
-                                   _bool, group="Operations")
-    shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
-                                         _number(float, 0.5, 60), group="Operations")
-    log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"),
-                              group="Operations")
-    log_format: str = _setting("text", "text (human) or json (one object per line)", _choice("text", "json"),
-                               group="Operations")
-
-    def turn_detection(self) -> dict[str, Any]:
-        td = dict(bridge.TURN_PROFILES[self.turn_profile])
-        for key, value in (("vad_threshold", self.vad_threshold), ("min_silence", self.min_silence_ms),
-                           ("max_silence", self.max_silence_ms), ("interrupt_response", self.interrupt_response),
-                           ("interruption_delay", self.interruption_delay_ms)):
-            if value is not None:
-                td[key] = value
-        return td
-
-    @property
-    def secrets(self) -> list[str]:
-        """Strings no log line may contain: the secret settings (for SESSION_EXTRA, every
-        string in it: it may carry a token for a field this version does not know)."""
-        out: list[str] = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not f.metadata["secret"] or not value:
-                continue
-            out += _strings_in(value) if isinstance(value, dict) else [value]
-        return out
-
-
-def _strings_in(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings_in(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings_in(v)]
-    return []
-
-
-def env_name(f: dataclasses.Field) -> str:
-    return f.name.upper()
-
-
-def load_config(env: Mapping[str, str], *, optional: tuple[str, ...] = ()) -> Config:
-    """Build the configuration from a mapping of variables (already merged from flags,
-    the environment and .env). Raises ConfigError naming the first bad variable.
-    ``optional`` names required variables a sub-command can do without."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        name = env_name(f)
-        raw = env.get(name)
-        if raw is None or (f.metadata["required"] and not raw.strip()):
-            if name in optional:
-                values[f.name] = ""
-            elif f.metadata["required"]:
-                raise ConfigError(f"{name} is not set: {f.metadata['help']}")
-            continue
-        try:
-            values[f.name] = f.metadata["parse"](raw)
-        except ValueError as e:
-            raise ConfigError(f"{name} {e}") from None
-    cfg = Config(**values)
-    td = cfg.turn_detection()
-    if td.get("min_silence", 0) >= td.get("max_silence", 10**9):
-        raise ConfigError(f"MIN_SILENCE_MS ({td['min_silence']}) must be less than MAX_SILENCE_MS "
-                          f"({td['max_silence']}, from {'MAX_SILENCE_MS' if cfg.max_silence_ms else 'TURN_PROFILE'})")
-    if cfg.output_queue_ms < 2 * cfg.mix_frame_ms:
-        raise ConfigError(f"OUTPUT_QUEUE_MS must be at least two mixer frames ({2 * cfg.mix_frame_ms} ms)")
-    return cfg
-
-
-def gather_env(cli: Mapping[str, str | None], cwd: Path | None = None) -> dict[str, str]:
-    """Flags win over the real environment, which wins over ./.env."""
-    from dotenv import dotenv_values
-
-    merged: dict[str, str] = {}
-    dotenv_path = (cwd or Path.cwd()) / ".env"
-    if dotenv_path.is_file():
-        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    merged.update(os.environ)
-    merged.update({k: v for k, v in cli.items() if v is not None})
-    return merged
-
-
-# --- logging -------------------------------------------------------------------------------
-
-
-class LogContext(logging.Filter):
-    """Adds room / session id / reply id to every record, and removes secrets.
-
-    A secret is removed in the forms it is likely to take in a message: as is, escaped as
-    JSON or by repr() (quotes, backslashes, non-ASCII), and URL-encoded. A message that was
-    cut short somewhere may hold only a secret's beginning: any run of at least
-    ``PARTIAL_MIN`` of its leading characters is removed too. Code that shortens text before
-    logging or raising it should cut with ``clip()`` / ``one_line()``, which redact first."""
-
-    PARTIAL_MIN = 8
-    MAX_ADDED = 32  # secrets added at run time (the agent's tokens, one per join): the newest
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
-        # Redacting a 1-3 character "secret" would mangle every line; real ones are long.
-        self.secrets = [s for s in dict.fromkeys(secrets) if len(s) >= 6]
-        self._added: collections.deque[str] = collections.deque(maxlen=self.MAX_ADDED)
-        self._forms: list[str] = []
-        self._rebuild()
-
-    def add_secret(self, s: str) -> None:
-        if len(s) >= 6 and s not in self.secrets and s not in self._added:
-            self._added.append(s)
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        import re
-        from urllib.parse import quote, quote_plus
-
-        forms: set[str] = set()
-        for s in (*self.secrets, *self._added):
-            forms.update((s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], repr(s)[1:-1],
-                          quote(s, safe=""), quote_plus(s, safe="")))
-        self._forms = [f for f in forms if len(f) >= 6]
-        heads = {f[:self.PARTIAL_MIN] for f in self._forms}
-        self._heads = re.compile("|".join(map(re.escape, sorted(heads)))) if heads else None
-
-    def redact(self, text: str) -> str:
-        """``text`` with every form of every secret, whole or its beginning of at least
-        PARTIAL_MIN characters, replaced by ***. At each place, the longest match over all
-        forms is removed (a cut secret's raw and escaped forms share their beginning)."""
-        if self._heads is None:
-            return text
-        out: list[str] = []
-        i = 0
-        while (m := self._heads.search(text, i)) is not None:
-            start = m.start()
-            end = max((start + _common_prefix(text, start, f) for f in self._forms
-                       if text.startswith(f[:self.PARTIAL_MIN], start)), default=m.end())
-            out.append(text[i:start])
-            out.append("***")
-            i = end
-        out.append(text[i:])
-        return "".join(out)
-
-    def redact_value(self, value: Any) -> Any:
-        """A log field's value with secrets removed, recursively; what JSON cannot hold
-        becomes its (redacted) str()."""
-        if isinstance(value, str):
-            return self.redact(value)
-        if value is None or isinstance(value, (bool, int, float)):
-            return value
-        if isinstance(value, dict):
-            return {self.redact(str(k)): self.redact_value(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple, set, frozenset)):
-            return [self.redact_value(v) for v in value]
-        return self.redact(str(value))
-
-    def clip(self, text: str, limit: int) -> str:
-        """``text[:limit]``, redacted BEFORE it is cut (a cut can leave a secret's beginning,
-        which no later redaction recognises for sure)."""
-        return self.redact(text)[:limit]
-
-    def one_line(self, e: BaseException, limit: int = 200) -> str:
-        """An exception's first line, redacted, then cut: the safe ``_one_line``."""
-        return self.clip((self.redact(str(e)) or type(e).__name__).splitlines()[0], limit)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        for k, v in self.fields.items():
-            setattr(record, k, v)
-        return True
-
-
-def _common_prefix(text: str, start: int, form: str) -> int:
-    """How many leading characters of ``form`` ``text`` holds from ``start`` on."""
-    n = 0
-    limit = min(len(form), len(text) - start)
-    while n < limit and text[start + n] == form[n]:
-        n += 1
-    return n
-
-
-def _redacted_record(ctx: LogContext, formatter: logging.Formatter, record: logging.LogRecord) -> logging.LogRecord:
-    """A copy of ``record`` whose message, exception and stack text are redacted: the
-    formatters serialise only redacted text."""
-    r = logging.makeLogRecord(record.__dict__)
-    r.msg, r.args = ctx.redact(record.getMessage()), None
-    exc_text = formatter.formatException(record.exc_info) if record.exc_info else record.exc_text
-    r.exc_info, r.exc_text = None, ctx.redact(exc_text) if exc_text else None
-    r.stack_info = ctx.redact(formatter.formatStack(record.stack_info)) if record.stack_info else None
-    return r
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self, ctx: LogContext) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        self.ctx = ctx
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(_redacted_record(self.ctx, self, record))
-        fields = self.ctx.redact_value(getattr(record, "fields", None) or {})
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in ("session_id", "reply_id")
-                         if getattr(record, k, None))
-        # Everything above is redacted already; this pass catches what the joins made.
-        return self.ctx.redact(f"{line} [{extra}]" if extra else line)
-
-
-class JsonFormatter(logging.Formatter):
-    def __init__(self, ctx: LogContext) -> None:
-        super().__init__()
-        self.ctx = ctx
-
-    def format(self, record: logging.LogRecord) -> str:
-        r = _redacted_record(self.ctx, self, record)
-        obj: dict[str, Any] = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": r.msg,
-        }
-        for k in ("room", "session_id", "reply_id"):
-            v = getattr(record, k, None)
-            if v:
-                obj[k] = self.ctx.redact_value(v)
-        for k, v in self.ctx.redact_value(getattr(record, "fields", None) or {}).items():
-            obj[k] = v
-        if r.exc_text:
-            obj["exc"] = r.exc_text
-        if r.stack_info:
-            obj["stack"] = r.stack_info
-        # Every value is redacted before serialising: json.dumps escapes quotes, backslashes
-        # and non-ASCII, which would hide a secret from a redaction of its output (and a
-        # redaction of the output could break the JSON).
-        return json.dumps(obj, default=str)
-
-
-def setup_logging(cfg: Config | None, level: str = "info", fmt: str = "text") -> LogContext:
-    ctx = LogContext(cfg.secrets if cfg else [])
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ctx)
-    handler.setFormatter(JsonFormatter(ctx) if fmt == "json" else TextFormatter(ctx))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # The SDKs are chatty at debug; keep them at info unless asked.
-    for name in ("livekit", "websockets"):
-        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
-    return ctx
 
 
 # --- the worker ------------------------------------------------------------------------------
@@ -627,123 +84,6 @@ MAX_CHAT_CHARS = 4000
 MAX_CHAT_BYTES = 4 * MAX_CHAT_CHARS  # UTF-8: at most 4 bytes a character
 CHAT_PER_MINUTE, CHAT_BURST = 20.0, 5
 MAX_MIXED_INPUTS = 16  # MIX_PARTICIPANTS=1: microphones mixed at most
-
-
-def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
-               ttl: datetime.timedelta = datetime.timedelta(hours=6), sources: tuple[str, ...] | None = None,
-               update_own_metadata: bool = True) -> str:
-    """A token to join the configured room. ``sources``: the only track sources it may
-    publish (LiveKit's lower-case TrackSource names, e.g. "microphone"); None: any.
-    ``ttl`` only limits when it can be used to join: the server refreshes the token of a
-    participant that is in the room."""
-    from livekit import api
-
-    grants = api.VideoGrants(room_join=True, room=cfg.room_name, can_publish=True, can_subscribe=True,
-                             can_publish_data=True)
-    if sources is not None:
-        grants.can_publish_sources = list(sources)
-    if update_own_metadata:
-        grants.can_update_own_metadata = True
-    token = (
-        api.AccessToken(cfg.livekit_api_key, cfg.livekit_api_secret)
-        .with_identity(identity)
-        .with_name(name or identity)
-        .with_grants(grants)
-        .with_ttl(ttl)
-    )
-    if kind:
-        token = token.with_kind(kind)
-    return token.to_jwt()
-
-
-# `python worker.py token`: a user's token is handed around (pasted into a browser, sent in
-# chat), so it is short-lived and publishes a microphone only (no camera, no screen share),
-# with data (the frontends' chat) and no metadata changes. The agent's own token is
-# mint_token's default.
-USER_TOKEN_TTL = datetime.timedelta(hours=1)
-USER_TOKEN_TTL_MIN = datetime.timedelta(minutes=1)
-USER_TOKEN_TTL_MAX = datetime.timedelta(hours=24)
-USER_TOKEN_SOURCES = ("microphone",)
-
-
-def _duration_text(d: datetime.timedelta) -> str:
-    seconds = int(d.total_seconds())
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
-
-
-def parse_ttl(text: str) -> datetime.timedelta:
-    """--ttl: "90s", "30m", "2h", "1h30m". Raises ValueError with the one line to print."""
-    import re
-
-    m = re.fullmatch(r"\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*", text.lower())
-    if not text.strip() or m is None or not any(m.groups()):
-        raise ValueError(f"--ttl must be a duration such as 30m, 2h or 1h30m, got {text.strip()[:20]!r}")
-    h, mi, se = (int(g or 0) for g in m.groups())
-    ttl = datetime.timedelta(hours=h, minutes=mi, seconds=se)
-    if not USER_TOKEN_TTL_MIN <= ttl <= USER_TOKEN_TTL_MAX:
-        raise ValueError(f"--ttl must be between {_duration_text(USER_TOKEN_TTL_MIN)} and "
-                         f"{_duration_text(USER_TOKEN_TTL_MAX)}, got {text.strip()[:20]!r}")
-    return ttl
-
-
-def server_api(cfg: Config) -> Any:
-    """LiveKit's server API (rooms, participants) for the configured server."""
-    from livekit import api
-
-    http_url = cfg.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
-    return api.LiveKitAPI(http_url, cfg.livekit_api_key, cfg.livekit_api_secret)
-
-
-def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:
-    if cfg.agent_id:
-        # A stored agent: its first update is {agent_id} alone; see log_session_config.
-        return bridge.SessionSettings(agent_id=cfg.agent_id)
-    return bridge.SessionSettings(
-        tools=list(tools or []),
-        system_prompt=cfg.system_prompt or None,
-        greeting=cfg.greeting or None,
-        voice=cfg.voice or None,
-        volume=cfg.voice_volume,
-        keyterms=list(cfg.keyterms),
-        turn_detection=cfg.turn_detection(),
-        transcription_mode=cfg.transcription_mode,
-        transcription_prompt=cfg.transcription_prompt or None,
-        language_codes=list(cfg.language_codes),
-        tool_timeout_seconds=bridge.service_tool_timeout(cfg.tool_timeout_s),
-        tool_execution_mode=cfg.tool_execution_mode,
-        extra=dict(cfg.session_extra or {}),
-    )
-
-
-# What a stored agent (AGENT_ID) defines instead of these variables.
-AGENT_DEFINES = ("SYSTEM_PROMPT", "GREETING", "VOICE", "VOICE_VOLUME", "KEYTERMS", "TURN_PROFILE", "VAD_THRESHOLD",
-                 "MIN_SILENCE_MS", "MAX_SILENCE_MS", "INTERRUPT_RESPONSE", "INTERRUPTION_DELAY_MS",
-                 "TRANSCRIPTION_MODE", "TRANSCRIPTION_PROMPT", "LANGUAGE_CODES", "TOOL_EXECUTION_MODE",
-                 "SESSION_EXTRA")
-
-
-def ignored_by_agent(cfg: Config) -> list[str]:
-    """The session settings set (to other than their defaults) that AGENT_ID makes moot."""
-    if not cfg.agent_id:
-        return []
-    return [env_name(f) for f in dataclasses.fields(Config)
-            if env_name(f) in AGENT_DEFINES and getattr(cfg, f.name) != f.default]
-
-
-def log_session_config(cfg: Config) -> None:
-    """One line each at start for what the first session.update will not say plainly."""
-    if cfg.agent_id:
-        ignored = ignored_by_agent(cfg)
-        log.info("stored agent %s: each session's first update is {agent_id} alone; the agent's own prompt, "
-                 "greeting, voice, tools and settings apply (TOOLS_MODULE and end_call still answer its tool calls "
-                 "by name)", cfg.agent_id)
-        if ignored:
-            log.warning("AGENT_ID is set, so these are ignored: %s", ", ".join(ignored))
-    elif cfg.session_extra:
-        log.info("SESSION_EXTRA adds %s to each session's first update (values not logged)",
-                 ", ".join(extra_paths(cfg.session_extra)))
 
 
 TOPIC_TRANSCRIPTION = "lk.transcription"
@@ -859,7 +199,7 @@ class Captions:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # captions are best effort: never take the call down
-                log.warning("could not publish a caption: %s", _one_line(e))
+                log.warning("could not publish a caption: %s", one_line(e))
 
     async def _publish_user(self, identity: str, track_sid: str | None, segment: str, text: str, final: bool) -> None:
         attrs = {ATTR_FINAL: "true" if final else "false", ATTR_SEGMENT: segment}
@@ -981,7 +321,7 @@ class Worker(bridge.BridgeEvents):
         exc = task.exception()
         if self._input_errors.allow(task.get_name().split("-")[0]):
             log.warning("%s failed (the call goes on): %s: %s", task.get_name(), type(exc).__name__,
-                        _one_line(exc), exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+                        one_line(exc), exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -1064,7 +404,7 @@ class Worker(bridge.BridgeEvents):
         done, _ = await asyncio.wait({graceful}, timeout=self.cfg.shutdown_timeout_s)
         if graceful in done:
             if not graceful.cancelled() and graceful.exception() is not None:
-                log.warning("clean shutdown failed: %s", _one_line(graceful.exception()))
+                log.warning("clean shutdown failed: %s", one_line(graceful.exception()))
         else:
             graceful.cancel()
             log.warning("clean shutdown took longer than %.1f s; exiting anyway", self.cfg.shutdown_timeout_s)
@@ -1109,10 +449,10 @@ class Worker(bridge.BridgeEvents):
             except (OSError, asyncio.TimeoutError) as e:
                 delay = retry.failed()
                 if delay is None:
-                    raise FatalError(bridge.EXIT_API_GAVE_UP,
+                    raise FatalError(exits.EXIT_API_GAVE_UP,
                                      f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
-                                     f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({_one_line(e)})")
-                log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", _one_line(e), delay)
+                                     f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
+                log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", one_line(e), delay)
                 await asyncio.sleep(delay)
 
     async def _notify_ready(self) -> None:
@@ -1239,7 +579,7 @@ class Worker(bridge.BridgeEvents):
             except Exception as e:
                 if "not_found" in str(e).lower() or "404" in str(e):
                     break
-                log.debug("cannot list the room's participants yet: %s", _one_line(e))
+                log.debug("cannot list the room's participants yet: %s", one_line(e))
             await asyncio.sleep(2.0)
         log.info("call ended; rejoining %s for the next one", self.cfg.room_name)
 
@@ -1540,7 +880,7 @@ class Worker(bridge.BridgeEvents):
                     return
                 parts.append(chunk)
         except rtc.StreamError as e:  # aborted by its sender, or cut by a disconnect
-            log.info("chat from %s was not completed (%s)", sender[:64], _one_line(e))
+            log.info("chat from %s was not completed (%s)", sender[:64], one_line(e))
             return
         text = "".join(parts).strip()
         if not text:
@@ -1716,7 +1056,7 @@ class Worker(bridge.BridgeEvents):
                     await lk.room.delete_room(api.DeleteRoomRequest(room=self.cfg.room_name))
                 return
             except Exception as e:
-                log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, _one_line(e))
+                log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, one_line(e))
         if room is not None and room.isconnected():
             await room.disconnect()
 
@@ -1741,43 +1081,6 @@ def _rss_kb() -> int | None:
     return None
 
 
-def _one_line(e: BaseException) -> str:
-    return (str(e) or type(e).__name__).splitlines()[0][:200]
-
-
-class LogLimiter:
-    """Rate-limits a log line per key: the first ``burst`` lines, then one a minute. What a
-    room participant or the API can trigger at will must not flood the log."""
-
-    def __init__(self, burst: int = 5, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.burst, self.every_s, self.clock = burst, every_s, clock
-        self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
-
-    def allow(self, key: str) -> bool:
-        now = self.clock()
-        count, last = self._seen.pop(key, (0, -math.inf))
-        self._seen[key] = (count + 1, last)
-        while len(self._seen) > 1000:
-            self._seen.popitem(last=False)
-        if count < self.burst or now - last >= self.every_s:
-            self._seen[key] = (count + 1, now)
-            return True
-        return False
-
-
-def load_bank(cfg: Config, variable: str) -> Any:
-    """Decode every clip a sound variable names, once, at start; a bad file or entry is a
-    configuration error."""
-    import sounds
-
-    target = cfg.ambient_target_lufs if variable == "AMBIENT_SOUND" else cfg.cue_target_lufs
-    try:
-        return sounds.ClipBank(getattr(cfg, variable.lower()), variable, target_lufs=target, loop=True)
-    except sounds.SoundError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(variable) else f"{variable}: {message}") from None
-
-
 def load_tool_registry(cfg: Config, end_call_cb: Callable[[], Any]) -> Any:
     """The tools the agent is offered: the built-in end_call, and TOOLS_MODULE's."""
     import tools as tools_mod
@@ -1796,109 +1099,6 @@ def load_tool_registry(cfg: Config, end_call_cb: Callable[[], Any]) -> Any:
 
         loaded.append(tools_mod.make_tool(end_call, "end_call"))
     return tools_mod.ToolRegistry(loaded)
-
-
-def load_banks(cfg: Config) -> tuple[Any, Any]:
-    return load_bank(cfg, "AMBIENT_SOUND"), load_bank(cfg, "THINKING_SOUND")
-
-
-# --- systemd ----------------------------------------------------------------------------------------
-
-
-class SystemdNotifier:
-    """sd_notify(3) over $NOTIFY_SOCKET, without a dependency: READY=1 once we can take
-    calls, STATUS= lines, and WATCHDOG=1 pings while the audio loop is alive."""
-
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        addr = environ.get("NOTIFY_SOCKET", "")
-        self.address = ("\0" + addr[1:]) if addr.startswith("@") else addr
-        usec = environ.get("WATCHDOG_USEC", "")
-        pid = environ.get("WATCHDOG_PID", "")
-        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
-    def notify(self, *lines: str) -> bool:
-        if not self.address:
-            return False
-        import socket
-
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(lines).encode(), self.address)
-            return True
-        except OSError as e:
-            log.debug("sd_notify failed: %s", e)
-            return False
-
-
-# --- preflight check ---------------------------------------------------------------------------
-
-
-async def preflight(env: Mapping[str, str], out: Callable[[str], None] = print) -> int:
-    """`python worker.py check`: every precondition, one line each, with the fix."""
-    failures = 0
-
-    def ok(what: str) -> None:
-        out(f"\u2713 {what}")
-
-    def bad(what: str, fix: str) -> None:
-        nonlocal failures
-        failures += 1
-        out(f"\u2717 {what}\n    fix: {fix}")
-
-    minimum = ".".join(map(str, MIN_PYTHON))
-    if sys.version_info >= MIN_PYTHON:
-        ok(f"Python {sys.version.split()[0]} (>= {minimum})")
-    else:  # unreachable when run as worker.py (it stops at import), kept for library use
-        bad(f"Python {sys.version.split()[0]} is too old", f"use Python {minimum} or newer")
-    try:
-        cfg = load_config(env)
-    except ConfigError as e:
-        bad(f"configuration: {e}", "set it in the environment or .env (see .env.example)")
-        out("1 check failed" if failures == 1 else f"{failures} checks failed")
-        return 1
-    ok("configuration: every variable present and valid")
-
-    from livekit import api
-
-    redact = LogContext(cfg.secrets).redact
-    try:
-        async with server_api(cfg) as lk:
-            rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 10)
-        ok(f"LiveKit at {cfg.livekit_url}: reachable, key and secret accepted ({len(rooms.rooms)} rooms)")
-    except api.TwirpError as e:
-        if e.status in (401, 403) or "unauthenticated" in str(e.code).lower():
-            bad(f"LiveKit at {cfg.livekit_url} rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET",
-                "copy the key and secret of this server (livekit-server --dev: devkey / secret)")
-        else:
-            bad(f"LiveKit at {cfg.livekit_url}: {redact(str(e))[:160]}", "check LIVEKIT_URL and the server's logs")
-    except Exception as e:
-        bad(f"LiveKit at {cfg.livekit_url} is not reachable ({redact(_one_line(e))})",
-            "start the server (livekit-server --dev) or fix LIVEKIT_URL")
-
-    try:
-        sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key, session_settings(cfg))
-        ok(f"Voice Agent API at {cfg.voice_agent_url}: key accepted, session {sid} opened and ended")
-    except FatalError as e:
-        bad(f"Voice Agent API: {redact(str(e))}", "set ASSEMBLYAI_API_KEY to a key from your AssemblyAI dashboard"
-            if e.exit_code == bridge.EXIT_API_AUTH else "fix the session setting named above")
-    except Exception as e:
-        bad(f"Voice Agent API at {cfg.voice_agent_url} is not reachable ({redact(_one_line(e))})",
-            "check VOICE_AGENT_URL and this machine's access to it")
-
-    for variable in ("AMBIENT_SOUND", "THINKING_SOUND"):
-        try:
-            bank = load_bank(cfg, variable)
-        except ConfigError as e:
-            bad(str(e), f"point {variable} at a playable file, a builtin:<name>, or none")
-            continue
-        ok(f"{variable}: " + (", ".join(f"{s.name} ({s.duration_s:.1f} s)" for s in bank.sounds()) or "none"))
-
-    out("all checks passed" if not failures else ("1 check failed" if failures == 1 else f"{failures} checks failed"))
-    return 0 if not failures else 1
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -1950,7 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "variable (also read from ./.env); a flag overrides it.\n\n"
                     + textwrap.fill(SECRETS_HELP.format(names=", ".join(secret_names)), 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=exit_code_help(),
+        epilog=exits.exit_code_help(),
     )
     parser.add_argument("command", nargs="?", default="run", choices=("run", "token", "check", "control"),
                         help="run (default): run the worker; token: print a user token and what to paste into "
@@ -1968,8 +1168,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "byte stream)")
     parser.add_argument("--ttl", default=None, metavar="DURATION",
                         help=f"token: how long the token can be used to join, e.g. 30m or 2h (default: "
-                             f"{_duration_text(USER_TOKEN_TTL)}; {_duration_text(USER_TOKEN_TTL_MIN)} to "
-                             f"{_duration_text(USER_TOKEN_TTL_MAX)})")
+                             f"{duration_text(USER_TOKEN_TTL)}; {duration_text(USER_TOKEN_TTL_MIN)} to "
+                             f"{duration_text(USER_TOKEN_TTL_MAX)})")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         g = f.metadata["group"]
@@ -1993,24 +1193,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_CODES = [
-    (EXIT_OK, "stopped cleanly (SIGTERM/SIGINT)"),
-    (EXIT_INTERNAL, "internal error (a bug: please report it)"),
-    (EXIT_CONFIG, "configuration error: a missing or invalid variable, or a bad sound file"),
-    (bridge.EXIT_API_AUTH, "the Voice Agent API rejected ASSEMBLYAI_API_KEY"),
-    (bridge.EXIT_API_CONFIG, "the Voice Agent API rejected the session configuration"),
-    (bridge.EXIT_API_GAVE_UP, "gave up reconnecting to the Voice Agent API"),
-    (EXIT_LIVEKIT_AUTH, "LiveKit rejected LIVEKIT_API_KEY / LIVEKIT_API_SECRET"),
-    (EXIT_LIVEKIT_UNREACHABLE, "gave up joining the LiveKit server"),
-    (EXIT_DUPLICATE_IDENTITY, "another participant joined with the agent's identity"),
-    (EXIT_ROOM_DELETED, "the room was deleted or the agent was removed from it"),
-]
-
-
-def exit_code_help() -> str:
-    return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
-
-
 def main(argv: list[str] | None = None) -> int:
     # PyJWT warns about short HMAC keys; livekit-server --dev's "secret" is one. Not ours to nag about.
     warnings.filterwarnings("ignore", message="The HMAC key is")
@@ -2018,7 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
     if args.command == "check":
         logging.basicConfig(level=logging.CRITICAL)
-        return asyncio.run(preflight(gather_env(cli)))
+        import check
+
+        return asyncio.run(check.preflight(gather_env(cli), MIN_PYTHON))
     try:
         cfg = load_config(gather_env(cli),
                           optional=("ASSEMBLYAI_API_KEY",) if args.command in ("token", "control") else ())
@@ -2033,8 +1217,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         return print_token(cfg, args.identity or "user", ttl)
     if args.command == "control":
-        return asyncio.run(control_client(cfg, args.method, args.payload, args.identity or "operator", args.file))
-    log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
+        identity = args.identity or "operator"
+        return asyncio.run(control.call(cfg.livekit_url, mint_token(cfg, identity, name=identity), cfg.agent_identity,
+                                        args.method, args.payload, args.file))
+    log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format)
     if cfg.audio_priority != "normal":
         raise_priority(cfg.audio_priority)
     return asyncio.run(_run(cfg, log_ctx))
@@ -2058,82 +1244,6 @@ def raise_priority(mode: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, -10)
     except OSError:
         log.debug("running at normal CPU priority (no CAP_SYS_NICE)")
-
-
-async def control_client(cfg: Config, method: str | None, payload: str, identity: str, file: str | None) -> int:
-    """`python worker.py control METHOD [JSON] [--file F]`: join as ``identity``, call the
-    worker's control method, print the JSON answer."""
-    from livekit import rtc
-
-    if method not in control.METHODS:
-        print(f"error: control needs a method: {', '.join(control.METHODS)}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        args = json.loads(payload)
-        assert isinstance(args, dict)
-    except (ValueError, AssertionError):
-        print("error: the payload must be a JSON object, e.g. '{\"clip\": \"builtin:cafe\", \"volume\": 0.3}'",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    audio = Path(file).read_bytes() if file else None
-    room = rtc.Room()
-    await room.connect(cfg.livekit_url, mint_token(cfg, identity, name=identity), rtc.RoomOptions(auto_subscribe=False))
-    try:
-        if audio is not None and len(audio) > 10_000:
-            # Too big for an RPC payload: a byte stream, answered on mix_audio.result.
-            answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-            def on_result(reader: Any, sender: str) -> None:
-                async def read() -> None:
-                    text = await reader.read_all()
-                    if not answer.done():
-                        answer.set_result(text)
-                asyncio.ensure_future(read())
-
-            room.register_text_stream_handler(control.TOPIC_RESULT, on_result)
-            attrs = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in args.items()}
-            attrs["action"] = method
-            writer = await room.local_participant.stream_bytes(
-                name=Path(file).name, topic=control.TOPIC_UPLOAD, attributes=attrs,
-                destination_identities=[cfg.agent_identity], total_size=len(audio))
-            for i in range(0, len(audio), 15000):
-                await writer.write(audio[i:i + 15000])
-            await writer.aclose()
-            result = await asyncio.wait_for(answer, 60)
-            print(result)
-            return 0 if json.loads(result).get("ok") else 1
-        if audio is not None:
-            args["audio"] = base64.b64encode(audio).decode()
-        try:
-            print(await room.local_participant.perform_rpc(destination_identity=cfg.agent_identity, method=method,
-                                                           payload=json.dumps(args), response_timeout=60))
-            return 0
-        except rtc.RpcError as e:
-            print(f"error: {e.message} (code {e.code})", file=sys.stderr)
-            return 1
-    finally:
-        await room.disconnect()
-
-
-def print_token(cfg: Config, identity: str, ttl: datetime.timedelta = USER_TOKEN_TTL) -> int:
-    """What a person needs to join the agent's room from a browser."""
-    token = mint_token(cfg, identity, ttl=ttl, sources=USER_TOKEN_SOURCES, update_own_metadata=False)
-    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
-    expires = datetime.datetime.fromtimestamp(claims["exp"], datetime.timezone.utc)
-    url = cfg.livekit_url
-    print(f"""LiveKit URL:  {url}
-Room:         {cfg.room_name}
-Identity:     {identity}
-Token:        {token}
-Join by:      {expires:%Y-%m-%d %H:%M:%S} UTC ({_duration_text(ttl)}; --ttl to choose, {_duration_text(USER_TOKEN_TTL_MIN)} \
-to {_duration_text(USER_TOKEN_TTL_MAX)}). A call already joined is not cut off when it expires.
-Allows:       joining room {cfg.room_name}, publishing a microphone (no camera or screen share), chat.
-
-Agents Playground (https://agents-playground.livekit.io): choose "Manual", paste the URL and the token.
-meet.livekit.io: open "Custom", paste the URL and the token.
-Or open: https://meet.livekit.io/custom?liveKitUrl={url}&token={token}
-Both also try to publish a camera, which this token refuses: the microphone still works.""")
-    return EXIT_OK
 
 
 async def _run(cfg: Config, log_ctx: LogContext) -> int:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import dispatch  # noqa: E402
+import systemd  # noqa: E402
 
 RATE = 24000
 
@@ -68,7 +69,7 @@ def say(msg: str) -> None:
 async def run(job: dispatch.JobSpec, k: dict, tag: str, tone_hz: float) -> int:
     from livekit import rtc
 
-    notifier = dispatch.SystemdNotifier()
+    notifier = systemd.SystemdNotifier()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[tuple[int, str]] = loop.create_future()
 

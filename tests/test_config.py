@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
+import config
 import mixer
-import worker
 from harness import REPO
 
 REQUIRED = {"LIVEKIT_URL": "ws://127.0.0.1:7880", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s",
             "ASSEMBLYAI_API_KEY": "a"}
-VARIABLES = [f.name.upper() for f in dataclasses.fields(worker.Config)]
+VARIABLES = [f.name.upper() for f in dataclasses.fields(config.Config)]
 
 
 def run_worker(env: dict[str, str], *args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -45,12 +45,12 @@ def test_env_example_is_a_valid_configuration_once_the_key_is_filled_in():
 
     values = {k: v or "" for k, v in dotenv_values(REPO / ".env.example").items()}
     values["ASSEMBLYAI_API_KEY"] = "x"
-    cfg = worker.load_config(values)
+    cfg = config.load_config(values)
     assert cfg.room_name == "voice-agent-demo" and cfg.ambient_volume == 0.3
 
 
 def test_defaults():
-    cfg = worker.load_config(REQUIRED)
+    cfg = config.load_config(REQUIRED)
     assert cfg.room_name == "voice-agent-demo"
     assert cfg.voice_agent_url == "wss://agents.assemblyai.com/v1/ws"
     assert cfg.agent_identity == "voice-agent"
@@ -60,7 +60,7 @@ def test_defaults():
 
 
 def test_turn_profile_and_overrides():
-    cfg = worker.load_config({**REQUIRED, "TURN_PROFILE": "standard", "MIN_SILENCE_MS": "400",
+    cfg = config.load_config({**REQUIRED, "TURN_PROFILE": "standard", "MIN_SILENCE_MS": "400",
                               "INTERRUPT_RESPONSE": "0"})
     assert cfg.turn_detection() == {"min_silence": 400, "max_silence": 1500, "interrupt_response": False}
 
@@ -98,14 +98,14 @@ def test_bad_ambient_file_is_a_config_error(tmp_path):
 
 def test_flags_override_env_and_env_overrides_dotenv(tmp_path):
     (tmp_path / ".env").write_text("ROOM_NAME=from-dotenv\nGREETING=from dotenv\n")
-    env = worker.gather_env({"GREETING": None}, cwd=tmp_path)
+    env = config.gather_env({"GREETING": None}, cwd=tmp_path)
     assert env["ROOM_NAME"] == "from-dotenv"
     import os
 
     os.environ["ROOM_NAME"] = "from-env"
     try:
-        assert worker.gather_env({}, cwd=tmp_path)["ROOM_NAME"] == "from-env"
-        assert worker.gather_env({"ROOM_NAME": "from-flag"}, cwd=tmp_path)["ROOM_NAME"] == "from-flag"
+        assert config.gather_env({}, cwd=tmp_path)["ROOM_NAME"] == "from-env"
+        assert config.gather_env({"ROOM_NAME": "from-flag"}, cwd=tmp_path)["ROOM_NAME"] == "from-flag"
     finally:
         del os.environ["ROOM_NAME"]
 
@@ -121,7 +121,7 @@ SECRET_FLAGS = {"--livekit-api-secret": "LIVEKIT_API_SECRET", "--assemblyai-api-
 
 
 def test_every_secret_setting_is_env_only():
-    secret = {f.name.upper() for f in dataclasses.fields(worker.Config) if f.metadata["secret"]}
+    secret = {f.name.upper() for f in dataclasses.fields(config.Config) if f.metadata["secret"]}
     assert secret == set(SECRET_FLAGS.values())
 
 

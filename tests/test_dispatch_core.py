@@ -379,7 +379,9 @@ def test_redactor_removes_the_secret_and_any_jwt():
 
     secret = "s3cr3t-" + "z" * 30
     tok = api.AccessToken("k", secret).with_identity("voice-agent").to_jwt()
-    r = dispatch.Redactor([secret])
+    import logs
+
+    r = logs.LogContext([secret], redact_jwts=True)
     out = r.redact(f"token={tok} secret={secret} fine")
     assert tok not in out and secret not in out and out.endswith("fine")
     assert "eyJ" not in out
@@ -446,13 +448,13 @@ def test_cpu_meter_from_proc_stat_and_cgroup_quota(tmp_path):
 CHILD = textwrap.dedent("""
     import os, signal, socket, sys, time
     sys.path.insert(0, {repo!r})
-    import dispatch
+    import dispatch, systemd
     job = dispatch.read_job()
     mode = sys.argv[1]
     out = {out!r}
     with open(out, "w") as f:
         f.write(repr(sorted(os.environ)) + "\\n" + " ".join(sys.argv) + "\\n" + job.room + " " + str(job.parent_pid))
-    n = dispatch.SystemdNotifier()
+    n = systemd.SystemdNotifier()
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode != "never-ready":

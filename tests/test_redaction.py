@@ -13,8 +13,8 @@ import urllib.parse
 
 import pytest
 
-import bridge
-import worker
+import exits
+import logs
 from harness import ASSEMBLYAI_KEY, WorkerProcess, worker_env
 
 # A quote, a backslash and a non-ASCII character: json.dumps escapes all three.
@@ -44,12 +44,12 @@ def leaks(output: str, secret: str) -> list[str]:
 def logged(request):
     """A logger wired like the worker's (setup_logging's handler, filter and formatter),
     and what it wrote."""
-    ctx = worker.LogContext([SECRET, KEY])
+    ctx = logs.LogContext([SECRET, KEY])
     ctx.fields["room"] = "r1"
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.addFilter(ctx)
-    handler.setFormatter(worker.JsonFormatter(ctx) if request.param == "json" else worker.TextFormatter(ctx))
+    handler.setFormatter(logs.JsonFormatter(ctx) if request.param == "json" else logs.TextFormatter(ctx))
     logger = logging.getLogger(f"redaction-test-{request.param}")
     logger.handlers[:] = [handler]
     logger.propagate = False
@@ -90,11 +90,11 @@ def test_secrets_with_quotes_backslashes_and_non_ascii_never_reach_the_output(lo
 
 
 def test_a_message_cut_before_it_was_logged_leaves_no_part_of_a_secret(logged):
-    """bridge._one_line() keeps 200 characters of an exception's text: the cut can fall inside
+    """logs.one_line() keeps 200 characters of an exception's text: the cut can fall inside
     a secret. Whatever is left of it (8 characters or more) is removed."""
     fmt, log, buf, ctx = logged
     for keep in (8, 9, 15, len(SECRET) - 1):
-        cut = bridge._one_line(RuntimeError("x" * (200 - keep) + SECRET + " tail"))
+        cut = logs.one_line(RuntimeError("x" * (200 - keep) + SECRET + " tail"))
         assert cut.endswith(SECRET[:keep]) and len(cut) == 200
         log.warning("cannot reach the Voice Agent API: %s", cut)
     # A JSON payload cut short: its escaped form of the secret is cut.
@@ -111,7 +111,7 @@ def test_short_values_and_ordinary_text_are_left_alone(logged):
     log.info("session %s ready in %d ms", "sess_123", 42, extra={"fields": {"latency_ms": 42, "ok": True}})
     out = lines(fmt, buf)[0]
     assert "sess_123" in out and "42" in out and "***" not in out
-    assert worker.LogContext(["abc"]).redact("abc abc") == "abc abc"  # too short to be a secret
+    assert logs.LogContext(["abc"]).redact("abc abc") == "abc abc"  # too short to be a secret
 
 
 @pytest.mark.e2e
@@ -124,7 +124,7 @@ async def test_a_rejected_token_is_not_logged_even_in_part(livekit_server, room_
                      LOG_FORMAT=fmt, AMBIENT_SOUND="none")
     proc = WorkerProcess(env, tmp_path / "w").start()
     try:
-        assert await proc.wait_exit(30) == worker.EXIT_LIVEKIT_AUTH, proc.output()
+        assert await proc.wait_exit(30) == exits.EXIT_LIVEKIT_AUTH, proc.output()
     finally:
         proc.kill()
     out = proc.output()

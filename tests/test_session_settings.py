@@ -11,6 +11,7 @@ import re
 import pytest
 
 import bridge
+import config
 import worker
 from harness import REPO
 from standin import VOICES, validate_update
@@ -20,8 +21,8 @@ TOOLS = [{"type": "function", "name": "lookup", "description": "d", "parameters"
 
 
 def first_update(env: dict[str, str]) -> dict:
-    cfg = worker.load_config({**REQUIRED, **env})
-    message = worker.session_settings(cfg, TOOLS).update_payload(with_greeting=True)
+    cfg = config.load_config({**REQUIRED, **env})
+    message = config.session_settings(cfg, TOOLS).update_payload(with_greeting=True)
     assert message["type"] == "session.update"
     return message["session"]
 
@@ -61,24 +62,24 @@ def test_defaults_add_nothing_but_the_tool_timeout():
 
 
 def test_a_stored_agent_sends_only_its_id_and_the_rest_is_reported_as_ignored(caplog):
-    cfg = worker.load_config({**REQUIRED, "AGENT_ID": "agent_123", "VOICE": "james", "GREETING": "Hi",
+    cfg = config.load_config({**REQUIRED, "AGENT_ID": "agent_123", "VOICE": "james", "GREETING": "Hi",
                               "TRANSCRIPTION_MODE": "balanced", "KEYTERMS": "x"})
-    settings = worker.session_settings(cfg, TOOLS)
+    settings = config.session_settings(cfg, TOOLS)
     assert settings.update_payload(with_greeting=True) == {"type": "session.update",
                                                            "session": {"agent_id": "agent_123"}}
-    assert worker.ignored_by_agent(cfg) == ["GREETING", "VOICE", "KEYTERMS", "TRANSCRIPTION_MODE"]
+    assert config.ignored_by_agent(cfg) == ["GREETING", "VOICE", "KEYTERMS", "TRANSCRIPTION_MODE"]
     caplog.set_level(logging.INFO, logger="worker")
-    worker.log_session_config(cfg)
+    config.log_session_config(cfg)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning == "AGENT_ID is set, so these are ignored: GREETING, VOICE, KEYTERMS, TRANSCRIPTION_MODE"
 
 
 def test_session_extra_is_logged_by_field_never_by_value(caplog):
     token = "sk-live-do-not-log-7f3a9c"
-    cfg = worker.load_config({**REQUIRED, "SESSION_EXTRA": '{"webhook": {"token": "%s"}, "input": '
+    cfg = config.load_config({**REQUIRED, "SESSION_EXTRA": '{"webhook": {"token": "%s"}, "input": '
                                                            '{"voice_focus": "near-field"}}' % token})
     caplog.set_level(logging.INFO, logger="worker")
-    worker.log_session_config(cfg)
+    config.log_session_config(cfg)
     (line,) = [r.getMessage() for r in caplog.records]
     assert "webhook.token" in line and "input.voice_focus" in line and token not in line
     assert token in cfg.secrets, "and a log line that happened to contain it would be redacted"

@@ -16,7 +16,8 @@ import jwt
 import numpy as np
 import pytest
 
-import worker
+import config
+import tokens
 from harness import API_KEY, API_SECRET, REPO
 
 ENV = {"LIVEKIT_URL": "ws://127.0.0.1:7880", "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
@@ -72,8 +73,8 @@ def test_user_token_grants_a_microphone_and_chat_only():
 
 
 def test_agent_token_keeps_what_the_agent_needs():
-    cfg = worker.load_config({**ENV, "ASSEMBLYAI_API_KEY": "x"})
-    c = claims(worker.mint_token(cfg, "voice-agent", kind="agent", name="Voice Agent"))
+    cfg = config.load_config({**ENV, "ASSEMBLYAI_API_KEY": "x"})
+    c = claims(tokens.mint_token(cfg, "voice-agent", kind="agent", name="Voice Agent"))
     video = c["video"]
     assert c["kind"] == "agent" and c["exp"] - c["nbf"] == 6 * 3600
     # lk.agent.state is an attribute of its own (can_update_own_metadata); captions and chat are data.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import worker
 from harness import REPO
 
@@ -97,13 +98,13 @@ def exec_args(entries, instance: str) -> list[str]:
     return argv[2:]
 
 
-def merged_settings(monkeypatch, entries, instance: str, files: dict[str, Path], cwd: Path) -> worker.Config:
+def merged_settings(monkeypatch, entries, instance: str, files: dict[str, Path], cwd: Path) -> config.Config:
     """What the worker would run with: its real argument parser and its real merge
     (flags > environment > ./.env), on the environment systemd would give it."""
     args = worker.build_parser().parse_args(exec_args(entries, instance))
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
     monkeypatch.setattr(os, "environ", systemd_env(entries, instance, files))
-    return worker.load_config(worker.gather_env(cli, cwd=cwd))
+    return config.load_config(config.gather_env(cli, cwd=cwd))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_common_env_example_holds_only_shared_settings():
     for name in PER_INSTANCE:
         assert name not in assigned, f"{name} in {COMMON_EXAMPLE.name}: the unit sets it from the instance"
     assert set(FILLED) <= set(assigned), "the example must name the secrets and the server"
-    known = {f.name.upper() for f in dataclasses.fields(worker.Config)}
+    known = {f.name.upper() for f in dataclasses.fields(config.Config)}
     assert set(assigned) <= known, f"unknown variables: {set(assigned) - known}"
     lines = text.splitlines()
     for i, line in enumerate(lines):
@@ -140,7 +141,7 @@ def test_common_env_example_holds_only_shared_settings():
             assert lines[i - 1].startswith("# "), f"{line.split('=')[0]} has no comment above it"
     # Once the keys are filled in, it is a valid configuration.
     values_ = {**read_env_file(COMMON_EXAMPLE), **FILLED}
-    cfg = worker.load_config(values_)
+    cfg = config.load_config(values_)
     assert cfg.livekit_url == FILLED["LIVEKIT_URL"]
     # And .env.example says it is not the file for the unit.
     assert "common.env.example" in (REPO / ".env.example").read_text()
