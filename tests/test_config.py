@@ -117,7 +117,8 @@ def test_token_command_needs_no_api_key():
     assert "Token" in r.stdout and "agents-playground" in r.stdout
 
 
-SECRET_FLAGS = {"--livekit-api-secret": "LIVEKIT_API_SECRET", "--assemblyai-api-key": "ASSEMBLYAI_API_KEY"}
+SECRET_FLAGS = {"--livekit-api-secret": "LIVEKIT_API_SECRET", "--assemblyai-api-key": "ASSEMBLYAI_API_KEY",
+                "--session-extra": "SESSION_EXTRA"}
 
 
 def test_every_secret_setting_is_env_only():
@@ -127,7 +128,8 @@ def test_every_secret_setting_is_env_only():
 
 @pytest.mark.parametrize("args", [["--livekit-api-secret", "FLAGSECRET-1234567"], ["--livekit-api-secret=FLAGSECRET-1234567"],
                                   ["--assemblyai-api-key", "FLAGSECRET-1234567"], ["token", "--assemblyai-api-key"],
-                                  ["--livekit-api-sec", "FLAGSECRET-1234567"], ["check", "--assemblyai-api-key=FLAGSECRET-1234567"]])
+                                  ["--livekit-api-sec", "FLAGSECRET-1234567"], ["check", "--assemblyai-api-key=FLAGSECRET-1234567"],
+                                  ["--session-extra", '{"token": "FLAGSECRET-1234567"}']])
 def test_a_secret_given_as_a_flag_is_refused_with_one_line(args):
     """A command line is readable by every user of the machine (ps, /proc/<pid>/cmdline)."""
     r = run_worker(REQUIRED, *args)
@@ -150,5 +152,5 @@ def test_help_says_where_secrets_go():
     for flag, name in SECRET_FLAGS.items():
         assert flag not in text
         assert f"{name} (no flag: environment or .env only)" in text
-    assert "Secrets (LIVEKIT_API_SECRET, ASSEMBLYAI_API_KEY) have no flag" in text
+    assert "Secrets (LIVEKIT_API_SECRET, ASSEMBLYAI_API_KEY, SESSION_EXTRA) have no flag" in text
     assert "Set them in the environment or in ./.env" in text
