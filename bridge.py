@@ -10,8 +10,9 @@ Two layers, in the spirit of python-websockets / h11:
 * ``VoiceAgentClient`` — the thin async layer that owns the WebSocket, paces the
   microphone audio out (``InputPacer``), reconnects with backoff and resumes.
 
-The application (worker.py) receives events through a ``BridgeEvents`` object whose
-methods must not block: they run on the socket's reader task.
+The application (worker.py) receives typed events (``BridgeEvent``: frozen dataclasses)
+through a ``BridgeEvents`` object whose ``on_event`` must not block: it runs on the
+socket's reader task. What retrying cannot fix is raised as an ``ApiError``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Protocol as TypingProtocol, Union
 
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from backoff import Backoff
 from logs import one_line
-from exits import EXIT_API_AUTH, EXIT_API_CONFIG, EXIT_API_GAVE_UP, FatalError
 
 log = logging.getLogger("bridge")
 
@@ -198,32 +198,122 @@ def chat_instructions(texts: list[str]) -> str:
 # --- events delivered to the application ----------------------------------------------
 
 
-class BridgeEvents:
-    """Callbacks from the bridge. Override what you need; all run on the event loop
-    and must return quickly (no awaiting I/O)."""
+@dataclass(frozen=True)
+class SessionReady:
+    session_id: str
+    resumed: bool
 
-    def on_session_ready(self, session_id: str, resumed: bool) -> None: ...
-    def on_speech_started(self) -> None: ...
-    def on_speech_stopped(self) -> None: ...
-    def on_user_transcript(self, text: str, item_id: str | None, final: bool) -> None: ...
-    def on_reply_started(self, reply_id: str) -> None: ...
-    def on_reply_audio(self, reply_id: str, pcm: bytes) -> None: ...
-    def on_agent_transcript_delta(self, reply_id: str, delta: str, start_ms: float | None) -> None:
-        """A word (or a few) of the agent's reply; ``start_ms``, when the service gives
-        it, is where the word starts in the reply's audio."""
-    def on_agent_transcript(self, reply_id: str, text: str, interrupted: bool) -> None: ...
-    def on_reply_done(self, reply_id: str, status: str) -> None: ...
 
-    def on_interrupt(self, reply_id: str, reason: str) -> None:
-        """Drop every queued sample of ``reply_id`` now (barge-in)."""
+@dataclass(frozen=True)
+class SessionLost:
+    """The socket dropped; the bridge is reconnecting. Queued reply audio may play out."""
 
-    def on_session_lost(self) -> None:
-        """The socket dropped; the bridge is reconnecting. Queued reply audio may play out."""
 
-    def on_session_ended(self) -> None: ...
+@dataclass(frozen=True)
+class SessionEnded:
+    pass
 
-    async def on_tool_call(self, name: str, arguments: dict[str, Any], call_id: str) -> Any:
-        raise ToolUnavailable(f"no handler for tool {name!r} in this worker")
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    pass
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    pass
+
+
+@dataclass(frozen=True)
+class UserTranscript:
+    text: str  # the full text so far (interim) or the turn's text (final)
+    item_id: str | None
+    final: bool
+
+
+@dataclass(frozen=True)
+class ReplyStarted:
+    reply_id: str
+
+
+@dataclass(frozen=True)
+class ReplyAudio:
+    reply_id: str
+    pcm: bytes  # PCM16 24 kHz mono, whole samples
+
+
+@dataclass(frozen=True)
+class AgentTranscriptDelta:
+    """A word (or a few) of the agent's reply; ``start_ms``, when the service gives it, is
+    where the word starts in the reply's audio."""
+
+    reply_id: str
+    delta: str
+    start_ms: float | None
+
+
+@dataclass(frozen=True)
+class AgentTranscript:
+    reply_id: str
+    text: str
+    interrupted: bool
+
+
+@dataclass(frozen=True)
+class ReplyInterrupted:
+    """Drop every queued sample of ``reply_id`` now (barge-in)."""
+
+    reply_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplyDone:
+    reply_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class ToolResultSent:
+    """A tool's result went out to the service (or was dropped: its reply was interrupted)."""
+
+    call_id: str
+    sent: bool
+
+
+# Everything the protocol tells the application, in order. All run on the event loop.
+BridgeEvent = Union[SessionReady, SessionLost, SessionEnded, SpeechStarted, SpeechStopped, UserTranscript,
+                    ReplyStarted, ReplyAudio, AgentTranscriptDelta, AgentTranscript, ReplyInterrupted, ReplyDone,
+                    ToolResultSent]
+BRIDGE_EVENTS = BridgeEvent.__args__  # type: ignore[attr-defined]
+
+
+class BridgeEvents(TypingProtocol):
+    """What the application gives the client: ``on_event`` for every ``BridgeEvent`` (it
+    must return quickly, without awaiting I/O: it runs on the socket's reader task), and
+    ``on_tool_call`` for the tools the agent calls (run as a task of its own)."""
+
+    def on_event(self, event: BridgeEvent) -> None: ...
+
+    async def on_tool_call(self, name: str, arguments: dict[str, Any], call_id: str) -> Any: ...
+
+
+class ApiError(Exception):
+    """The Voice Agent API refused what retrying cannot fix. ``str()`` is one line for
+    the user; the application decides what it means for the process (worker.py: an exit
+    code)."""
+
+
+class KeyRejected(ApiError):
+    """ASSEMBLYAI_API_KEY was not accepted."""
+
+
+class ConfigRejected(ApiError):
+    """The session configuration was not accepted."""
+
+
+class GaveUp(ApiError):
+    """The service stayed unreachable, or kept refusing sessions, past the give-up time."""
 
 
 class ToolError(Exception):
@@ -232,22 +322,10 @@ class ToolError(Exception):
     (its text may hold paths, hosts or data the caller must not hear) and logged here."""
 
 
-class ToolUnavailable(ToolError):
-    pass
-
-
 # Actions the protocol core asks the I/O layer to perform.
 @dataclass
 class Send:
     message: dict[str, Any]
-
-
-@dataclass
-class Emit:
-    """Call ``BridgeEvents.<method>(*args)``."""
-
-    method: str
-    args: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -262,6 +340,10 @@ class Close:
     """Close the socket (after a terminal in-band error); ``then`` says what comes next."""
 
     reason: str
+
+
+# What the protocol asks of the I/O layer: send, run a tool, close, or tell the application.
+Action = Union[Send, RunTool, Close, BridgeEvent]
 
 
 # --- the protocol core -----------------------------------------------------------------
@@ -388,8 +470,8 @@ class Protocol:
 
     def connection_lost(
         self, now: float, code: int | None, reason: str = "", http_status: int | None = None
-    ) -> list[Emit]:
-        """The socket is gone. Raises FatalError when retrying cannot help; otherwise
+    ) -> list[BridgeEvent]:
+        """The socket is gone. Raises ApiError when retrying cannot help; otherwise
         the caller reconnects (with backoff) and calls connection_opened()."""
         phase, self.phase = self.phase, "idle"
         refusal, self._refusal = self._refusal, None
@@ -402,8 +484,7 @@ class Protocol:
             self.phase = "ended"
             return []
         if http_status in (401, 403):
-            raise FatalError(
-                EXIT_API_AUTH,
+            raise KeyRejected(
                 f"Voice Agent API rejected ASSEMBLYAI_API_KEY (HTTP {http_status}); "
                 "check the key in your environment or .env",
             )
@@ -411,16 +492,14 @@ class Protocol:
         if http_status is not None:
             self.counters["http_errors"] += 1
             self.last_refusal = f"HTTP {http_status}"
-        events: list[Emit] = [Emit("on_session_lost")] if phase == "ready" else []
+        events: list[BridgeEvent] = [SessionLost()] if phase == "ready" else []
         if phase == "starting":
             if refusal is None and code == 1008 and _AUTH_REASON.search(reason):
-                raise FatalError(
-                    EXIT_API_AUTH,
+                raise KeyRejected(
                     f"Voice Agent API closed the connection with 1008{said}: ASSEMBLYAI_API_KEY was not accepted",
                 )
             if refusal is None and code == 1008 and _VOICE_REASON.search(reason) and self.settings.voice:
-                raise FatalError(
-                    EXIT_API_CONFIG,
+                raise ConfigRejected(
                     f"Voice Agent API refused the session configuration (close 1008{said}): check VOICE "
                     f"({self.settings.voice[:40]!r}); the voice catalogue changes",
                 )
@@ -518,7 +597,7 @@ class Protocol:
 
     # -- frames from the server --
 
-    def receive(self, frame: str | bytes) -> list[Emit | Send | RunTool | Close]:
+    def receive(self, frame: str | bytes) -> list[Action]:
         if isinstance(frame, (bytes, bytearray, memoryview)):
             return self._malformed("binary frame", len(frame))
         if len(frame) > self.max_message_bytes:
@@ -540,7 +619,7 @@ class Protocol:
             return handler(msg)
         except _BadField as e:
             return self._malformed(f"{msg['type']}: {e}", len(frame))
-        except FatalError:
+        except ApiError:
             raise
         except Exception as e:  # a shape no check foresaw: the frame is skipped, never fatal
             log.debug("frame handler failed", exc_info=True)
@@ -570,14 +649,14 @@ class Protocol:
         self.last_refusal = ""
         if resumed:
             self.counters["resumes"] += 1
-        return [Emit("on_session_ready", (sid, resumed)), *self._release_chat_if_free()]
+        return [SessionReady(sid, resumed), *self._release_chat_if_free()]
 
     def _on_session_updated(self, msg: dict[str, Any]) -> list[Any]:
         return []
 
     def _on_session_ended(self, msg: dict[str, Any]) -> list[Any]:
         self.phase = "ended"
-        return [Emit("on_session_ended")]
+        return [SessionEnded()]
 
     def _on_session_error(self, msg: dict[str, Any]) -> list[Any]:
         code = (_str(msg, "code", required=False) or "").lower()
@@ -592,9 +671,9 @@ class Protocol:
             self.phase = "abandoned"
             return [Close("resume refused")]
         if code in AUTH_CODES:
-            raise FatalError(EXIT_API_AUTH, f"Voice Agent API rejected ASSEMBLYAI_API_KEY ({code})")
+            raise KeyRejected(f"Voice Agent API rejected ASSEMBLYAI_API_KEY ({code})")
         if code in CONFIG_CODES or (code == "invalid_value" and self.phase == "starting"):
-            raise FatalError(EXIT_API_CONFIG, f"Voice Agent API rejected the session configuration: {detail}")
+            raise ConfigRejected(f"Voice Agent API rejected the session configuration: {detail}")
         if code in ("session_expired", "session_not_found", "session_forbidden"):
             log.warning("Voice Agent API session gone (%s); starting a fresh session", code)
             self._forget_session()
@@ -619,24 +698,24 @@ class Protocol:
     # turn events
 
     def _on_input_speech_started(self, msg: dict[str, Any]) -> list[Any]:
-        out: list[Any] = [Emit("on_speech_started")]
+        out: list[Any] = [SpeechStarted()]
         if self.barge_in == "speech" and self.current_reply is not None:
-            out.append(Emit("on_interrupt", (self.current_reply, "speech started")))
+            out.append(ReplyInterrupted(self.current_reply, "speech started"))
         return out
 
     def _on_input_speech_stopped(self, msg: dict[str, Any]) -> list[Any]:
-        return [Emit("on_speech_stopped")]
+        return [SpeechStopped()]
 
     def _on_transcript_user_delta(self, msg: dict[str, Any]) -> list[Any]:
         # Despite the name, ``text`` is the full transcript so far.
         text = _str(msg, "text")
-        return [Emit("on_user_transcript", (text, _str(msg, "item_id", required=False), False))]
+        return [UserTranscript(text, _str(msg, "item_id", required=False), False)]
 
     def _on_transcript_user(self, msg: dict[str, Any]) -> list[Any]:
         text = _str(msg, "text")
         if text:
             self._history.append(("user", text))
-        return [Emit("on_user_transcript", (text, _str(msg, "item_id", required=False), True))]
+        return [UserTranscript(text, _str(msg, "item_id", required=False), True)]
 
     # reply events
 
@@ -664,7 +743,7 @@ class Protocol:
         _bounded_add(self._announced, rid)
         if self._greeting == "expected":  # the first reply of a greeting session speaks it
             self._greeting, self._greeting_wrapped = rid, wrapped
-        return [Emit("on_reply_started", (rid,))]
+        return [ReplyStarted(rid)]
 
     def _greeting_over(self, rid: str) -> list[Send]:
         if self._greeting != rid:
@@ -703,7 +782,7 @@ class Protocol:
         out: list[Any] = [] if rid in self._replies_done else self._announce(rid, wrapped=False)
         if out:
             self.current_reply = rid
-        out.append(Emit("on_reply_audio", (rid, pcm)))
+        out.append(ReplyAudio(rid, pcm))
         return out
 
     def _on_transcript_agent_delta(self, msg: dict[str, Any]) -> list[Any]:
@@ -716,7 +795,7 @@ class Protocol:
         start = msg.get("start_ms")
         start_ms = float(start) if isinstance(start, (int, float)) and not isinstance(start, bool) \
             and 0 <= start < 1e8 else None
-        return [Emit("on_agent_transcript_delta", (rid, delta, start_ms))]
+        return [AgentTranscriptDelta(rid, delta, start_ms)]
 
     def _on_transcript_agent(self, msg: dict[str, Any]) -> list[Any]:
         text = _str(msg, "text")
@@ -727,7 +806,7 @@ class Protocol:
             out += self._interrupt(rid, "interrupted by the user")
         if text:
             self._history.append(("agent", text))
-        out.append(Emit("on_agent_transcript", (rid, text, interrupted)))
+        out.append(AgentTranscript(rid, text, interrupted))
         if not self._greeting_wrapped:  # a bare greeting has no reply.done: its transcript ends it
             out += self._greeting_over(rid)
         return out
@@ -746,7 +825,7 @@ class Protocol:
         if self._carry_reply == rid and self._carry:
             self._carry = b""  # half a sample at the very end of a reply: nothing to join it to
             self.counters["odd_bytes_dropped"] += 1
-        out.append(Emit("on_reply_done", (rid, status)))
+        out.append(ReplyDone(rid, status))
         out += self._flush_tool_results(rid)
         out += self._greeting_over(rid)
         return out
@@ -765,12 +844,14 @@ class Protocol:
         if self._carry_reply == rid:
             self._carry = b""
         # Results of tools called by an interrupted reply are discarded.
+        dropped: list[Action] = []
         for call_id, call_rid in list(self._tool_calls.items()):
             if call_rid == rid:
                 del self._tool_calls[call_id]
                 if self._deferred_results.pop(call_id, None) is not None:
                     self.counters["tool_results_discarded"] += 1
-        return [Emit("on_interrupt", (rid, reason)), *self._greeting_over(rid)]
+                    dropped.append(ToolResultSent(call_id, False))
+        return [ReplyInterrupted(rid, reason), *dropped, *self._greeting_over(rid)]
 
     # tools
 
@@ -796,13 +877,13 @@ class Protocol:
             return list(self.tool_result(call_id, f"tool {name[:64]!r} was not called: {problem}", is_error=True))
         return [RunTool(call_id, name, args)]
 
-    def tool_result(self, call_id: str, result: Any, is_error: bool = False) -> list[Send]:
+    def tool_result(self, call_id: str, result: Any, is_error: bool = False) -> list[Send | ToolResultSent]:
         """A tool finished. Sent once the reply that called it is done; dropped if that
-        reply was interrupted (or the call is unknown)."""
+        reply was interrupted (or the call is unknown). ``ToolResultSent`` follows either."""
         if call_id not in self._tool_calls:
             self.counters["tool_results_discarded"] += 1
             log.info("discarding the result of tool call %s (its reply was interrupted)", call_id)
-            return []
+            return [ToolResultSent(call_id, False)]
         rid = self._tool_calls[call_id]
         message = {
             "type": "tool.result",
@@ -812,22 +893,25 @@ class Protocol:
         if is_error:
             message["is_error"] = True
         if rid and rid not in self._replies_done:
+            out: list[Send | ToolResultSent] = []
             if sum(map(len, self._deferred_results.values())) >= MAX_DEFERRED_RESULTS:
                 # A reply that never ends cannot hold results without bound: the oldest go.
                 oldest = next(iter(self._deferred_results))
                 self.counters["tool_results_discarded"] += len(self._deferred_results.pop(oldest))
                 self._tool_calls.pop(oldest, None)
+                out.append(ToolResultSent(oldest, False))
             self._deferred_results.setdefault(call_id, []).append(message)
-            return []
+            return out
         del self._tool_calls[call_id]
-        return [Send(message)]
+        return [Send(message), ToolResultSent(call_id, True)]
 
-    def _flush_tool_results(self, rid: str) -> list[Send]:
-        out = []
+    def _flush_tool_results(self, rid: str) -> list[Send | ToolResultSent]:
+        out: list[Send | ToolResultSent] = []
         for call_id, call_rid in list(self._tool_calls.items()):
             if call_rid == rid and call_id in self._deferred_results:
                 del self._tool_calls[call_id]
                 out += [Send(m) for m in self._deferred_results.pop(call_id)]
+                out.append(ToolResultSent(call_id, True))
         return out
 
 
@@ -1005,7 +1089,7 @@ class VoiceAgentClient:
 
     ``run()`` connects, keeps the session alive across drops (resume, else a fresh
     session without a second greeting) and returns after ``end()``; it raises
-    ``FatalError`` for what retrying cannot fix (bad key, rejected configuration,
+    ``ApiError`` for what retrying cannot fix (bad key, rejected configuration,
     gave up reconnecting).
     """
 
@@ -1129,8 +1213,8 @@ class VoiceAgentClient:
                 if self._ending or self.protocol.ended:
                     break
                 now = time.monotonic()
-                for action in self.protocol.connection_lost(now, code, reason, status):
-                    self._dispatch(action)
+                for event in self.protocol.connection_lost(now, code, reason, status):
+                    self._deliver(event)
                 if got_ready:
                     # The service works. Only a session that lasted restarts the backoff: one
                     # that dies at once, every time, is retried ever more slowly.
@@ -1144,8 +1228,7 @@ class VoiceAgentClient:
                 delay = retry.failed()
                 if delay is None:
                     last = self.protocol.last_refusal
-                    raise FatalError(
-                        EXIT_API_GAVE_UP,
+                    raise GaveUp(
                         f"gave up reconnecting to the Voice Agent API after {self.options.give_up_after_s:.0f} s"
                         + (f" (last refusal: {last[:160]})" if last else ""),
                     )
@@ -1170,11 +1253,7 @@ class VoiceAgentClient:
         try:
             async with asyncio.timeout(self.options.ready_timeout_s) as ready_deadline:
                 async for frame in ws:
-                    for action in self.protocol.receive(frame):
-                        if isinstance(action, Close):
-                            await ws.close(1000, action.reason)
-                        else:
-                            await self._perform(action)
+                    await self._perform_all(self.protocol.receive(frame))
                     if self.protocol.ready and not got_ready:
                         got_ready = True
                         self._ready_at = time.monotonic()
@@ -1222,27 +1301,35 @@ class VoiceAgentClient:
         for a in actions:
             await ws.send(json.dumps(a.message))
 
-    async def _perform(self, action: Any) -> None:
+    async def _perform_all(self, actions: list[Action] | list[Send | ToolResultSent]) -> None:
+        for action in actions:
+            await self._perform(action)
+
+    async def _perform(self, action: Action) -> None:
         if isinstance(action, Send):
             await self._send_all([action])
         elif isinstance(action, RunTool):
             if len(self._tool_tasks) >= self.options.max_concurrent_tools:
                 self.protocol.counters["tool_calls_refused"] += 1
-                await self._send_all(self.protocol.tool_result(
+                await self._perform_all(self.protocol.tool_result(
                     action.call_id, f"tool {action.name[:64]!r} was not called: {len(self._tool_tasks)} tool calls "
                     "are already running; wait for their results", is_error=True))
                 return
             task = asyncio.create_task(self._run_tool(action), name=f"tool-{action.name[:64]}")
             self._tool_tasks.add(task)
             task.add_done_callback(self._tool_tasks.discard)
+        elif isinstance(action, Close):
+            ws = self._ws
+            if ws is not None:
+                await ws.close(1000, action.reason)
         else:
-            self._dispatch(action)
+            self._deliver(action)
 
-    def _dispatch(self, action: Emit) -> None:
+    def _deliver(self, event: BridgeEvent) -> None:
         try:
-            getattr(self.events, action.method)(*action.args)
+            self.events.on_event(event)
         except Exception:  # an application bug must not kill the socket
-            log.exception("error in %s handler", action.method)
+            log.exception("error handling %s", type(event).__name__)
 
     async def _run_tool(self, call: RunTool) -> None:
         is_error = False
@@ -1262,9 +1349,10 @@ class VoiceAgentClient:
         if is_error:
             log.warning("tool %s (%s) failed: %s", call.name[:64], call.call_id[:64], result)
         try:
-            await self._send_all(self.protocol.tool_result(call.call_id, result, is_error))
+            await self._perform_all(self.protocol.tool_result(call.call_id, result, is_error))
         except ConnectionClosed:
             log.warning("tool %s result lost: the connection closed", call.name)
+            self._deliver(ToolResultSent(call.call_id, False))
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -1292,13 +1380,10 @@ def _close_info_exc(e: ConnectionClosed) -> tuple[int | None, str]:
     return e.rcvd.code, e.rcvd.reason
 
 
-ToolHandler = Callable[[str, dict[str, Any], str], Awaitable[Any]]
-
-
 async def verify_session(url: str, api_key: str, settings: SessionSettings, timeout: float = 10.0) -> str:
     """Open a session, wait for session.ready, end it cleanly: proves the URL, the key
     and the configuration (billed for about a second). Returns the session id; raises
-    FatalError for what the service rejected, OSError/TimeoutError if unreachable."""
+    ApiError for what the service rejected, OSError/TimeoutError if unreachable."""
     protocol = Protocol(settings, greet=False)
     try:
         async with asyncio.timeout(timeout):

@@ -9,9 +9,7 @@ import sys
 from typing import Callable, Mapping
 
 import bridge
-import exits
 from config import ConfigError, load_bank, load_config, session_settings
-from exits import FatalError
 from logs import LogContext, one_line
 from tokens import server_api
 
@@ -60,9 +58,9 @@ async def preflight(env: Mapping[str, str], min_python: tuple[int, int], out: Ca
     try:
         sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key, session_settings(cfg))
         ok(f"Voice Agent API at {cfg.voice_agent_url}: key accepted, session {sid} opened and ended")
-    except FatalError as e:
+    except bridge.ApiError as e:
         bad(f"Voice Agent API: {redact(str(e))}", "set ASSEMBLYAI_API_KEY to a key from your AssemblyAI dashboard"
-            if e.exit_code == exits.EXIT_API_AUTH else "fix the session setting named above")
+            if isinstance(e, bridge.KeyRejected) else "fix the session setting named above")
     except Exception as e:
         bad(f"Voice Agent API at {cfg.voice_agent_url} is not reachable ({redact(one_line(e))})",
             "check VOICE_AGENT_URL and this machine's access to it")

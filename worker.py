@@ -258,7 +258,7 @@ class _Input:
     mix_source: Any = None  # what was added to the room mixer (MIX_PARTICIPANTS=1)
 
 
-class Worker(bridge.BridgeEvents):
+class Worker:
     """Owns the room, the mixer, the Voice Agent session and every task it starts."""
 
     def __init__(self, cfg: Config, log_ctx: LogContext) -> None:
@@ -328,8 +328,8 @@ class Worker(bridge.BridgeEvents):
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, FatalError):
-            self.fail(exc.exit_code, str(exc))
+        if isinstance(exc, (FatalError, bridge.ApiError)):
+            self.fail(exit_code(exc), str(exc))
         elif exc is not None:
             log.error("task %s crashed: %s", task.get_name(), exc, exc_info=exc)
             self.fail(EXIT_INTERNAL, f"internal error in {task.get_name()}: {exc}")
@@ -449,8 +449,7 @@ class Worker(bridge.BridgeEvents):
             except (OSError, asyncio.TimeoutError) as e:
                 delay = retry.failed()
                 if delay is None:
-                    raise FatalError(exits.EXIT_API_GAVE_UP,
-                                     f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
+                    raise bridge.GaveUp(f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
                                      f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
                 log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", one_line(e), delay)
                 await asyncio.sleep(delay)
@@ -897,7 +896,34 @@ class Worker(bridge.BridgeEvents):
         log.info("chat from %s (%d characters)", sender, len(text))
         await client.send_text(text)
 
-    # -- BridgeEvents: called on the event loop by the bridge --
+    # -- bridge.BridgeEvents: called on the event loop by the bridge --
+
+    def on_event(self, event: bridge.BridgeEvent) -> None:
+        match event:
+            case bridge.SessionReady(session_id, resumed):
+                self.on_session_ready(session_id, resumed)
+            case bridge.SpeechStarted():
+                self.on_speech_started()
+            case bridge.SpeechStopped():
+                self.on_speech_stopped()
+            case bridge.UserTranscript(text, item_id, final):
+                self.on_user_transcript(text, item_id, final)
+            case bridge.ReplyStarted(reply_id):
+                self.on_reply_started(reply_id)
+            case bridge.ReplyAudio(reply_id, pcm):
+                self.on_reply_audio(reply_id, pcm)
+            case bridge.AgentTranscriptDelta(reply_id, delta, start_ms):
+                self.on_agent_transcript_delta(reply_id, delta, start_ms)
+            case bridge.AgentTranscript(reply_id, text, interrupted):
+                self.on_agent_transcript(reply_id, text, interrupted)
+            case bridge.ReplyInterrupted(reply_id, reason):
+                self.on_interrupt(reply_id, reason)
+            case bridge.ReplyDone(reply_id, status):
+                self.on_reply_done(reply_id, status)
+            case bridge.SessionLost():
+                self.on_session_lost()
+            case bridge.SessionEnded():
+                self.on_session_ended()
 
     def on_session_ready(self, session_id: str, resumed: bool) -> None:
         self.log_ctx.fields["session_id"] = session_id
@@ -1268,9 +1294,27 @@ async def _run(cfg: Config, log_ctx: LogContext) -> int:
     except ConfigError as e:
         report_fatal(cfg, log_ctx, str(e), EXIT_CONFIG)
         return EXIT_CONFIG
-    except FatalError as e:
-        report_fatal(cfg, log_ctx, str(e), e.exit_code)
+    except (FatalError, bridge.ApiError) as e:
+        report_fatal(cfg, log_ctx, str(e), exit_code(e))
+        return exit_code(e)
+
+
+# What the Voice Agent API's refusals mean for the process (exits.py has the table).
+API_EXITS: dict[type[bridge.ApiError], int] = {
+    bridge.KeyRejected: exits.EXIT_API_AUTH,
+    bridge.ConfigRejected: exits.EXIT_API_CONFIG,
+    bridge.GaveUp: exits.EXIT_API_GAVE_UP,
+}
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code an error that ends the process stands for."""
+    if isinstance(e, FatalError):
         return e.exit_code
+    for kind, code in API_EXITS.items():
+        if isinstance(e, kind):
+            return code
+    return EXIT_INTERNAL
 
 
 def report_fatal(cfg: Config, log_ctx: LogContext, message: str, code: int) -> None:
