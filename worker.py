@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import dataclasses
 import logging
 import os
@@ -24,9 +23,8 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MIN_PYTHON = (3, 11)  # asyncio.timeout, datetime.UTC; scripts/setup, `check` and the README say the same
 if sys.version_info < MIN_PYTHON:
@@ -50,15 +48,16 @@ from config import (  # noqa: E402
 )
 from exits import (  # noqa: E402
     EXIT_CONFIG,
-    EXIT_DUPLICATE_IDENTITY,
     EXIT_INTERNAL,
-    EXIT_LIVEKIT_AUTH,
-    EXIT_LIVEKIT_UNREACHABLE,
     EXIT_OK,
-    EXIT_ROOM_DELETED,
     FatalError,
 )
+import call  # noqa: E402
+from audio_output import AudioOutput, MixerOutput, PlaybackEvent, ReplyStartedPlaying  # noqa: E402
+from call import Call, CallSettings, Timer  # noqa: E402
+from captions import Captions  # noqa: E402
 from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
+from room import RoomLink  # noqa: E402
 from systemd import SystemdNotifier  # noqa: E402
 from tokens import (  # noqa: E402
     USER_TOKEN_TTL,
@@ -76,232 +75,42 @@ log = logging.getLogger("worker")
 SAMPLE_RATE = 24000
 
 
-# --- the worker ------------------------------------------------------------------------------
-
-
-AGENT_STATE = "lk.agent.state"
-MAX_CHAT_CHARS = 4000
-MAX_CHAT_BYTES = 4 * MAX_CHAT_CHARS  # UTF-8: at most 4 bytes a character
-CHAT_PER_MINUTE, CHAT_BURST = 20.0, 5
-MAX_MIXED_INPUTS = 16  # MIX_PARTICIPANTS=1: microphones mixed at most
-
-
-TOPIC_TRANSCRIPTION = "lk.transcription"
-TOPIC_CHAT = "lk.chat"
-ATTR_FINAL = "lk.transcription_final"
-ATTR_TRACK = "lk.transcribed_track_id"
-ATTR_SEGMENT = "lk.segment_id"
-
-
-@dataclass
-class _AgentSegment:
-    """The caption of one reply: words with the sample position where their audio starts."""
-
-    reply_id: str
-    segment_id: str
-    words: list[tuple[int, str]] = field(default_factory=list)
-    shown: int = 0
-    writer: Any = None
-    done: bool = False  # reply.done seen: flush once the audio has played
-    cut: int | None = None  # interrupted: nothing past this sample is ever shown
-    created: float = field(default_factory=time.monotonic)
-
-
-class Captions:
-    """Transcripts for the frontend, as ``lk.transcription`` text streams.
-
-    User text goes out with the user's identity and microphone track (each interim
-    update is a new stream of the same segment, carrying the full text so far); agent
-    text goes out word by word as its audio is actually played, in one stream per reply
-    that is closed final, and cut where an interruption cut the audio. One task writes
-    everything, in order.
-    """
-
-    TICK_S = 0.05
-    MAX_CHARS = 4000  # a caption longer than this shows its end
-
-    def __init__(self, worker: "Worker") -> None:
-        self.w = worker
-        # User captions waiting to go out, oldest segment first. A newer text of the same
-        # segment replaces a waiting one: a flood of interim updates costs one stream.
-        self._pending: collections.OrderedDict[str, tuple[Any, ...]] = collections.OrderedDict()
-        self._wake = asyncio.Event()
-        self._agent: dict[str, _AgentSegment] = {}
-        self._user_segment: dict[str, str] = {}  # item_id -> segment id (insertion ordered)
-        self._turn = 0
-        self.published = 0
-
-    # -- called from bridge events (never block) --
-
-    MAX_WORDS = 2000  # words held for one agent caption
-    MAX_SEGMENTS = 16  # agent captions open at once; the oldest is closed first
-
-    def user(self, identity: str, track_sid: str | None, item_id: str | None, text: str, final: bool) -> None:
-        key = (item_id or f"turn-{self._turn}")[:128]
-        segment = self._user_segment.setdefault(key, f"SG_{key}")
-        while len(self._user_segment) > self.MAX_SEGMENTS:  # item ids that never got a final text
-            self._user_segment.pop(next(iter(self._user_segment)))
-        if final:
-            self._user_segment.pop(key, None)
-            self._turn += 1
-        if len(text) > self.MAX_CHARS:
-            text = "\u2026" + text[-self.MAX_CHARS:]
-        self._pending[segment] = (identity, track_sid, segment, text, final)
-        self._wake.set()
-
-    def agent_word(self, reply_id: str, text: str, position: int) -> None:
-        seg = self._segment(reply_id)
-        if seg.cut is None and len(seg.words) < self.MAX_WORDS:
-            seg.words.append((position, text[:200]))
-
-    def agent_text(self, reply_id: str, text: str, received: int) -> None:
-        """The full reply text. Used only if no word-level deltas came: words are then
-        spread over the reply's audio in proportion to their place in the text."""
-        seg = self._segment(reply_id)
-        if seg.words or not text.strip():
-            return
-        offset = 0
-        for word in text.split():
-            at = text.index(word, offset)
-            seg.words.append((int(received * at / max(1, len(text))), (" " if at else "") + word))
-            offset = at + len(word)
-
-    def agent_done(self, reply_id: str, cut_at: int | None = None) -> None:
-        seg = self._segment(reply_id)
-        seg.done = True
-        if cut_at is not None and seg.cut is None:
-            seg.cut = cut_at
-
-    def all_done(self) -> None:
-        for seg in self._agent.values():
-            seg.done = True
-
-    def _segment(self, reply_id: str) -> _AgentSegment:
-        seg = self._agent.get(reply_id)
-        if seg is None:
-            for old in list(self._agent.values())[:max(0, len(self._agent) - self.MAX_SEGMENTS + 1)]:
-                old.done = True  # closed (with what was shown) on the next tick
-                old.cut = -1  # nothing more is shown
-            seg = self._agent[reply_id] = _AgentSegment(reply_id, f"SG_{reply_id[:128]}")
-        return seg
-
-    # -- the writer task --
-
-    async def run(self) -> None:
-        while True:
-            await bridge.wait_event(self._wake, self.TICK_S)
-            self._wake.clear()
-            try:
-                while self._pending:
-                    _, args = self._pending.popitem(last=False)
-                    await self._publish_user(*args)
-                await self._tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # captions are best effort: never take the call down
-                log.warning("could not publish a caption: %s", one_line(e))
-
-    async def _publish_user(self, identity: str, track_sid: str | None, segment: str, text: str, final: bool) -> None:
-        attrs = {ATTR_FINAL: "true" if final else "false", ATTR_SEGMENT: segment}
-        if track_sid:
-            attrs[ATTR_TRACK] = track_sid
-        room = self.w.room
-        if room is None or not room.isconnected():
-            return
-        writer = await room.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION, sender_identity=identity,
-                                                          attributes=attrs)
-        await writer.write(text)
-        await writer.aclose()
-        self.published += 1
-
-    async def _tick(self) -> None:
-        room = self.w.room
-        for rid, seg in list(self._agent.items()):
-            st = self.w.mixer.reply_stats(rid)
-            played = st.played if st is not None else 0
-            received = st.received if st is not None else 0
-            limit = played if seg.cut is None else min(played, seg.cut)
-            finished = seg.done and (seg.cut is not None or played >= received)
-            if finished and seg.cut is None:
-                limit = 1 << 62  # all audio played: show the rest of the text
-            stale = time.monotonic() - seg.created > 120
-            due = [w for w in seg.words[seg.shown:] if w[0] <= limit]
-            if room is not None and room.isconnected() and (due or (finished and seg.writer is None and seg.shown < len(seg.words))):
-                if seg.writer is None and due:
-                    seg.writer = await room.local_participant.stream_text(
-                        topic=TOPIC_TRANSCRIPTION, sender_identity=self.w.cfg.agent_identity,
-                        attributes={ATTR_FINAL: "false", ATTR_SEGMENT: seg.segment_id,
-                                    **({ATTR_TRACK: self.w.track_sid} if self.w.track_sid else {})})
-                if due:
-                    await seg.writer.write("".join(text for _, text in due))
-                    seg.shown += len(due)
-            if finished or stale:
-                if seg.writer is not None:
-                    attrs = {ATTR_FINAL: "true", ATTR_SEGMENT: seg.segment_id}
-                    if self.w.track_sid:
-                        attrs[ATTR_TRACK] = self.w.track_sid
-                    await seg.writer.aclose(attributes=attrs)
-                    self.published += 1
-                del self._agent[rid]
-
-    def agent_shown_text(self, reply_id: str) -> str | None:
-        seg = self._agent.get(reply_id)
-        return None if seg is None else "".join(t for _, t in seg.words[: seg.shown])
-
-
-@dataclass
-class _Input:
-    identity: str
-    track_sid: str
-    stream: Any  # rtc.AudioStream
-    task: asyncio.Task[None] | None = None  # its pump (single-user mode)
-    mix_source: Any = None  # what was added to the room mixer (MIX_PARTICIPANTS=1)
+# --- the worker: the I/O around one room's calls ----------------------------------------------------
 
 
 class Worker:
-    """Owns the room, the mixer, the Voice Agent session and every task it starts."""
+    """Owns the room link, the mixer, the Voice Agent session and every task it starts, and
+    carries out what the call state machine (call.py) decides: it feeds ``self.call`` the
+    events of the room, the bridge, the audio output, the tools and its timers, and
+    performs the actions it gets back."""
 
     def __init__(self, cfg: Config, log_ctx: LogContext) -> None:
         self.cfg = cfg
         self.log_ctx = log_ctx
-        self.room: Any = None
-        self.mixer: Any = None
+        self.call = Call(CallSettings(idle_timeout_s=cfg.idle_timeout_s))
+        self._stop = asyncio.Event()
+        self.link = RoomLink(cfg, log_ctx, spawn=self._spawn, stop=self._stop, on_event=self._feed,
+                             send_audio=self._send_audio, on_chat=self._on_chat)
+        self.mixer: Any = None  # mixer.Mixer: the bed, and the audio the call plays
+        self.output: AudioOutput | None = None  # the mixer as the call sees it
+        self.captions: Captions | None = None
         self.client: bridge.VoiceAgentClient | None = None
-        self.captions = Captions(self)
-        self.track_sid: str | None = None
         self.ambient: Any = None  # sounds.ClipBank
         self.thinking: Any = None  # sounds.ClipBank
         self._rng = random.Random()
         self.controller: Any = None  # control.Controller
         self.tools: Any = None  # tools.ToolRegistry
         self._hangup: asyncio.Task[None] | None = None
-        self._hung_up = False  # we ended the call ourselves: the disconnect that follows is expected
         self._restored = False
         self._bed_source: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
         self._fatal_message: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_task: asyncio.Task[None] | None = None
-        self._inputs: dict[str, _Input] = {}  # identity -> the microphone we bridge
-        self._room_mixer: Any = None  # rtc.AudioMixer when MIX_PARTICIPANTS=1
-        self._mix_task: asyncio.Task[None] | None = None
-        self._idle_task: asyncio.Task[None] | None = None
-        self._state = ""
-        self._state_lock = asyncio.Lock()
-        self._playing: str | None = None  # the reply being spoken (audible, or stalled mid-way)
-        self._audible = False  # reply audio is playing out right now
-        self._disconnected = asyncio.Event()
-        self._disconnect_reason: int | None = None
-        self._turn_ended_at: float | None = None
-        self._calls = 0
-        self._turns = 0
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self.notifier = SystemdNotifier()
-        self._in_room = asyncio.Event()
         self._api_verified = asyncio.Event()
         self._input_errors = LogLimiter()  # failures of tasks that handle outside input
-        self._chat_rate = control.RateLimiter(CHAT_PER_MINUTE, CHAT_BURST)
 
     # -- task ownership --
 
@@ -349,7 +158,6 @@ class Worker:
 
         import mixer as mixer_mod
 
-        self._loop = asyncio.get_running_loop()
         self.log_ctx.fields["room"] = self.cfg.room_name
         self.mixer = mixer_mod.Mixer(
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
@@ -359,30 +167,22 @@ class Worker:
             priority=self.cfg.audio_priority,
             on_air=False,  # until the track is published
         )
-        self.mixer.on_event = self._on_playback_event
+        self.output = MixerOutput(self.mixer)
+        self.output.add_listener(self._on_playback)
+        self.captions = Captions(self.link, self.output, self.cfg.agent_identity)
         source = self.mixer.start()  # first LiveKit call: its media threads start on the audio thread
         # Sounds and tools are loaded before we touch the network: a bad file fails fast.
         self.ambient, self.thinking = load_banks(self.cfg)
-        self.tools = load_tool_registry(self.cfg, self._end_call_tool)
-        self.controller = control.Controller(control.ControlSettings(
-            identities=frozenset(self.cfg.control_identities),
-            ambient_dir=Path(self.cfg.ambient_dir) if self.cfg.ambient_dir else None,
-            state_dir=Path(self.cfg.state_dir) if self.cfg.state_dir else None,
-            max_upload_bytes=int(self.cfg.control_max_upload_mb * 1024 * 1024),
-            max_audio_s=self.cfg.control_max_audio_s,
-            calls_per_minute=self.cfg.control_rate_per_min,
-            default_volume=self.cfg.ambient_volume,
-            bed_target_lufs=self.cfg.ambient_target_lufs,
-            cue_target_lufs=self.cfg.cue_target_lufs,
-        ), self.mixer, self.cfg.room_name)
+        self.tools = load_tool_registry(self.cfg)
+        self.controller = control.Controller(control_settings(self.cfg), self.mixer, self.cfg.room_name)
         self._restored = await self.controller.restore()
         if not self._restored:
             self._pick_bed()
         log.info("audio: %d ms frames, %d ms output queue, audio thread scheduling %s",
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
-        self._track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
+        track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
-            self._spawn(self._room_loop(), "room")
+            self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
             self._spawn(self.captions.run(), "captions")
             self._spawn(self._report_counters(), "counters")
             self._spawn(self._startup_check(), "startup-check")
@@ -396,6 +196,10 @@ class Worker:
             report_fatal(self.cfg, self.log_ctx, self._fatal_message, self._exit_code)
         return self._exit_code
 
+    def _joined(self, room: Any) -> None:
+        self.mixer.on_air = True
+        self.controller.register(room, lambda coro, name: self._spawn(coro, name, isolated=True))
+
     async def _shutdown(self) -> None:
         t0 = time.monotonic()
         # asyncio.wait, not wait_for: a step that ignores cancellation (an SDK call waiting
@@ -408,6 +212,8 @@ class Worker:
         else:
             graceful.cancel()
             log.warning("clean shutdown took longer than %.1f s; exiting anyway", self.cfg.shutdown_timeout_s)
+        for timer in self._timers.values():
+            timer.cancel()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -424,8 +230,7 @@ class Worker:
         # The bed fades out while the session ends; then leave the room.
         await asyncio.gather(self._end_session(),
                              asyncio.sleep((fade_ms + self.cfg.output_queue_ms) / 1000))
-        if self.room is not None and self.room.isconnected():
-            await self.room.disconnect()
+        await self.link.leave()
 
     async def _startup_check(self) -> None:
         """Prove the API key once at start (systemd then knows a bad key before any call).
@@ -450,12 +255,12 @@ class Worker:
                 delay = retry.failed()
                 if delay is None:
                     raise bridge.GaveUp(f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
-                                     f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
+                                        f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
                 log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", one_line(e), delay)
                 await asyncio.sleep(delay)
 
     async def _notify_ready(self) -> None:
-        await self._in_room.wait()
+        await self.link.joined.wait()
         await self._api_verified.wait()
         log.info("ready: in room %s, waiting for a user", self.cfg.room_name)
         self.notifier.notify("READY=1", f"STATUS=in room {self.cfg.room_name}, waiting for a user")
@@ -488,9 +293,9 @@ class Worker:
             "tasks": len(asyncio.all_tasks()),
             "owned_tasks": len(self._tasks),
             "threads": threading.active_count(),
-            "inputs": len(self._inputs),
-            "caption_segments": len(self.captions._agent),
-            "calls": self._calls,
+            "inputs": len(self.link.inputs),
+            "caption_segments": self.captions.open_segments if self.captions is not None else 0,
+            "calls": self.call.calls,
             "rss_kb": _rss_kb(),
         }
 
@@ -502,107 +307,106 @@ class Worker:
                 where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
                 log.debug("task %s at %s", task.get_name(), where or "(not started)")
 
-    # -- the room --
+    # -- the call state machine: events in, actions carried out --
 
-    async def _room_loop(self) -> None:
-        """Join, then rejoin after a full disconnect, until stopped."""
-        from livekit import rtc
+    def _feed(self, event: call.Event) -> None:
+        for action in self.call.handle(event, time.monotonic()):
+            self._perform(action)
 
-        retry = backoff.Backoff(0.5, 10.0, self.cfg.reconnect_give_up_s)
-        while not self._stop.is_set():
-            room = rtc.Room()
-            self._wire_room(room)
-            token = mint_token(self.cfg, self.cfg.agent_identity, kind="agent", name="Voice Agent")
-            self.log_ctx.add_secret(token)
+    def _perform(self, action: call.Action) -> None:  # noqa: C901 - one case per action
+        match action:
+            case call.ShowState(state):
+                self.link.show_state(state.value)
+            case call.StartSession(number, new_bed):
+                self._start_session(number, new_bed)
+            case call.EndCall(reason):
+                log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
+                self._spawn(self._end_call(), "end-call")
+            case call.StartThinking():
+                self._start_thinking()
+            case call.StopThinking():
+                self.output.stop_thinking()
+            case call.PlayReply(reply_id, pcm):
+                self.output.push_reply(reply_id, pcm)
+            case call.DropReply(reply_id, reason):
+                self._drop_reply(reply_id, reason)
+            case call.LogTurn(turn, latency_ms):
+                barge_ins = self.client.counters["barge_ins"] if self.client is not None else 0
+                log.info("turn %d: first reply audio %.0f ms after the user's end of turn; %d barge-ins so far",
+                         turn, latency_ms, barge_ins,
+                         extra={"fields": {"turn": turn, "latency_ms": round(latency_ms), "barge_ins": barge_ins}})
+            case call.StartTimer(timer, seconds):
+                self._cancel_timer(timer)
+                self._timers[timer] = asyncio.get_running_loop().call_later(seconds, self._timer_fired, timer)
+            case call.CancelTimer(timer):
+                self._cancel_timer(timer)
+            case call.HangUp(reason):
+                if self._hangup is None or self._hangup.done():
+                    self._hangup = self._spawn(self._hang_up(reason), "hang-up")
+            case call.ForgetRestoredBed():
+                if self.controller.active is not None:
+                    log.info("no user came back within %.0f s: dropping the restored bed", self.cfg.idle_timeout_s)
+                    self._call_ended()
+
+    def _timer_fired(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        self._feed(call.TimerFired(timer))
+
+    def _cancel_timer(self, timer: Timer) -> None:
+        handle = self._timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _on_playback(self, event: PlaybackEvent) -> None:
+        if isinstance(event, ReplyStartedPlaying):
+            self._feed(call.PlaybackStarted(event.reply_id))
+        else:
+            self._feed(call.PlaybackStopped())
+
+    # -- the Voice Agent session: starts with the first user, ends when the last has gone --
+
+    def _start_session(self, number: int, new_bed: bool) -> None:
+        self.client = bridge.VoiceAgentClient(
+            self.cfg.voice_agent_url,
+            self.cfg.assemblyai_api_key,
+            session_settings(self.cfg, self.tools.definitions()),
+            self,
+            bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
+                                 input_backlog_ms=self.cfg.input_backlog_ms, tool_timeout_s=self.cfg.tool_timeout_s),
+        )
+        log.info("starting a Voice Agent session (call %d)", number)
+        if new_bed and self.controller.active is None:
+            self._pick_bed()  # one ambient pick per call
+        self._session_task = self._spawn(self._run_session(self.client), "session")
+
+    async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
+        try:
+            await client.run()
+        finally:
+            if self.client is client:
+                self.client = None
+                self.log_ctx.fields["session_id"] = None
+                self.log_ctx.fields["reply_id"] = None
+                self._feed(call.SessionClosed())
+
+    def _send_audio(self, pcm: bytes) -> None:
+        client = self.client
+        if client is not None:
+            client.send_audio(pcm)
+
+    async def _end_call(self) -> None:
+        await self._end_session()
+        self._call_ended()
+
+    async def _end_session(self) -> None:
+        client, task = self.client, self._session_task
+        if client is not None:
+            await client.end(timeout=1.5)
+        if task is not None:
             try:
-                await room.connect(self.cfg.livekit_url, token, rtc.RoomOptions(auto_subscribe=True))
-            except rtc.ConnectError as e:
-                msg = self.log_ctx.redact(str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-                if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature", "invalid api key")):
-                    raise FatalError(EXIT_LIVEKIT_AUTH,
-                                     f"LiveKit rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET ({msg})") from None
-                delay = retry.failed()
-                if delay is None:
-                    raise FatalError(EXIT_LIVEKIT_UNREACHABLE,
-                                     f"cannot join LiveKit at {self.cfg.livekit_url}: {msg}") from None
-                log.warning("cannot join LiveKit at %s (%s); retrying in %.1f s", self.cfg.livekit_url, msg, delay)
-                await asyncio.sleep(delay)
-                continue
-            retry.succeeded()
-            self.room = room
-            self._disconnected.clear()
-            log.info("joined room %s as %s", self.cfg.room_name, self.cfg.agent_identity)
-            pub = await room.local_participant.publish_track(
-                self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
-            self.track_sid = pub.sid
-            self.mixer.on_air = True
-            self.controller.register(room, lambda coro, name: self._spawn(coro, name, isolated=True))
-            if self._restored and not self._in_room.is_set():
-                self._spawn(self._forget_restored_bed_if_nobody_comes(), "restored-bed")
-            self._in_room.set()
-            self._state = ""
-            await self._update_state()
-            self._scan_participants()
-            await self._disconnected.wait()
-            self._release_all_inputs()
-            if self._stop.is_set():
-                break
-            reason = self._disconnect_reason
-            if self._hung_up:
-                self._hung_up = False
-                await self._wait_for_empty_room()
-                continue
-            if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
-                raise FatalError(EXIT_DUPLICATE_IDENTITY,
-                                 f"another participant joined room {self.cfg.room_name} as "
-                                 f"{self.cfg.agent_identity!r}; this worker was disconnected (duplicate identity)")
-            if reason in (rtc.DisconnectReason.ROOM_DELETED, rtc.DisconnectReason.PARTICIPANT_REMOVED):
-                raise FatalError(EXIT_ROOM_DELETED,
-                                 f"removed from room {self.cfg.room_name} "
-                                 f"({rtc.DisconnectReason.Name(reason).lower()})")
-            log.warning("disconnected from the room (%s); rejoining",
-                        rtc.DisconnectReason.Name(reason) if reason is not None else "unknown")
-            await asyncio.sleep(0.5)
-
-    async def _wait_for_empty_room(self) -> None:
-        """After hanging up, be back for the next call: rejoin once nobody from this call
-        is left in the room (at once after delete_room: the room is gone)."""
-        from livekit import api
-
-        while not self._stop.is_set():
-            try:
-                async with server_api(self.cfg) as lk:
-                    res = await lk.room.list_participants(api.ListParticipantsRequest(room=self.cfg.room_name))
-                if not any(p.identity != self.cfg.agent_identity for p in res.participants):
-                    break
-            except Exception as e:
-                if "not_found" in str(e).lower() or "404" in str(e):
-                    break
-                log.debug("cannot list the room's participants yet: %s", one_line(e))
-            await asyncio.sleep(2.0)
-        log.info("call ended; rejoining %s for the next one", self.cfg.room_name)
-
-    def _wire_room(self, room: Any) -> None:
-        self._disconnect_reason = None
-
-        def on_disconnected(reason: int) -> None:
-            self._disconnect_reason = reason
-            self._disconnected.set()
-
-        room.on("disconnected", on_disconnected)
-        room.on("track_subscribed", lambda track, pub, p: self._scan_participants())
-        room.on("track_unsubscribed", self._on_track_unsubscribed)
-        room.on("participant_disconnected", self._on_participant_disconnected)
-        room.on("reconnecting", lambda: log.warning("LiveKit connection interrupted; resuming"))
-        room.on("reconnected", lambda: log.info("LiveKit connection resumed"))
-        room.register_text_stream_handler(TOPIC_CHAT, self._on_chat)
-
-    async def _forget_restored_bed_if_nobody_comes(self) -> None:
-        """A restored bed belongs to a call; if no user shows up, that call is over."""
-        await asyncio.sleep(self.cfg.idle_timeout_s)
-        if self._calls == 0 and self.controller.active is not None:
-            log.info("no user came back within %.0f s: dropping the restored bed", self.cfg.idle_timeout_s)
-            self._call_ended()
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
 
     def _call_ended(self) -> None:
         """A call ended normally: its runtime bed goes with it."""
@@ -628,265 +432,22 @@ class Worker:
             log.info("ambient: %s", source or "silence (no clip picked)")
         self._bed_source = source
 
-    # -- agent state --
+    def _start_thinking(self) -> None:
+        choice = self.thinking.pick(self._rng)  # a new pick every thinking phase
+        if choice is not None:
+            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.thinking_volume
+            self.output.start_thinking(choice.sound.name, choice.sound.samples, volume)
 
-    def _desired_state(self) -> str:
-        client = self.client
-        if client is None or not client.protocol.ever_ready:
-            return "initializing"
-        if self._playing is not None:
-            return "speaking"
-        if self._turn_ended_at is not None or self._tools_running:
-            return "thinking"
-        return "listening"
+    def _drop_reply(self, reply_id: str, reason: str) -> None:
+        st = self.output.interrupt(reply_id)
+        self.captions.agent_done(reply_id, cut_at=st.played if st is not None else 0)
+        if st is not None:
+            log.info("reply %s interrupted (%s) after %.2f s of %.2f s received",
+                     reply_id, reason, st.played / SAMPLE_RATE, st.received / SAMPLE_RATE)
 
-    @property
-    def _tools_running(self) -> bool:
-        client = self.client
-        return client is not None and bool(client.tools_running)
+    # -- text typed in the frontend (read and checked by the room link) --
 
-    async def _update_state(self) -> None:
-        # One update at a time, re-reading the desired state once in: two set_attributes in
-        # flight can complete out of order and leave the older state published.
-        async with self._state_lock:
-            while True:
-                state = self._desired_state()
-                room = self.room
-                if state == self._state or room is None or not room.isconnected():
-                    return
-                try:
-                    await room.local_participant.set_attributes({AGENT_STATE: state})
-                    self._state = state
-                    log.debug("%s -> %s", AGENT_STATE, state)
-                except Exception as e:  # state is cosmetic; never fatal
-                    self._state = ""
-                    log.debug("could not set %s=%s: %s", AGENT_STATE, state, e)
-                    return
-
-    def _state_changed(self) -> None:
-        if self.room is not None and self._desired_state() != self._state:
-            self._spawn(self._update_state(), "agent-state")
-
-    def _on_playback_event(self, name: str, reply_id: str | None, delay: float) -> None:
-        """From the audio thread: a reply became audible, or reply audio stopped."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(loop.call_later, delay, self._playback_changed, name, reply_id)
-
-    def _playback_changed(self, name: str, reply_id: str | None) -> None:
-        if name == "playing":
-            self._playing, self._audible = reply_id, True
-            self._turn_ended_at = None
-        elif name == "idle":
-            self._audible = False
-            client = self.client
-            if client is None or client.protocol.current_reply is None \
-                    or client.protocol.current_reply != self._playing:
-                self._playing = None  # the reply is over; else a stall mid-reply: still speaking
-        self._state_changed()
-
-    # -- users and their microphones --
-
-    def _eligible(self, participant: Any) -> bool:
-        from livekit import rtc
-
-        if participant.identity == self.cfg.agent_identity:
-            return False
-        if self.cfg.user_identity:
-            return participant.identity == self.cfg.user_identity
-        return participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
-                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
-
-    def _scan_participants(self) -> None:
-        """(Re)consider every subscribed microphone. Idempotent: safe to call after any
-        room event, including the ones the SDK re-emits after a reconnect."""
-        from livekit import rtc
-
-        room = self.room
-        if room is None:
-            return
-        for p in room.remote_participants.values():
-            if not self._eligible(p):
-                continue
-            for pub in p.track_publications.values():
-                track = pub.track
-                if track is None or track.kind != rtc.TrackKind.KIND_AUDIO \
-                        or pub.source != rtc.TrackSource.SOURCE_MICROPHONE:
-                    continue
-                current = self._inputs.get(p.identity)
-                if current is not None and current.track_sid == track.sid:
-                    continue  # already bridged
-                if current is None and self._inputs and not self.cfg.mix_participants:
-                    continue  # someone else is the user
-                if current is None and len(self._inputs) >= MAX_MIXED_INPUTS:
-                    continue  # a meeting this big is not one conversation; never unbounded
-                self._attach(p.identity, track)
-
-    def _attach(self, identity: str, track: Any) -> None:
-        from livekit import rtc
-
-        self._release_input(identity)
-        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=10)
-        inp = _Input(identity, track.sid, stream)
-        self._inputs[identity] = inp
-        if self.cfg.mix_participants:
-            inp.mix_source = _frames(stream)
-            self._room_mix().add_stream(inp.mix_source)
-            log.info("mixing the microphone of %s (%d in the mix)", identity, len(self._inputs))
-        else:
-            inp.task = self._spawn(self._pump(stream, identity), f"mic-{identity}", isolated=True)
-            log.info("bridging the microphone of %s", identity)
-        self._user_arrived()
-
-    def _room_mix(self) -> Any:
-        from livekit import rtc
-
-        if self._room_mixer is None:
-            self._room_mixer = rtc.AudioMixer(SAMPLE_RATE, 1, blocksize=SAMPLE_RATE // 50, stream_timeout_ms=40)
-            self._mix_task = self._spawn(self._pump(self._room_mixer, None), "mic-mix")
-        return self._room_mixer
-
-    async def _pump(self, source: Any, identity: str | None) -> None:
-        try:
-            async for item in source:
-                frame = getattr(item, "frame", item)
-                client = self.client
-                if client is not None:
-                    client.send_audio(bytes(frame.data))
-        finally:
-            if identity is not None:
-                await source.aclose()
-
-    def _on_track_unsubscribed(self, track: Any, publication: Any, participant: Any) -> None:
-        inp = self._inputs.get(participant.identity)
-        if inp is not None and inp.track_sid == track.sid:
-            self._release_input(participant.identity)
-            self._after_departure()
-
-    def _on_participant_disconnected(self, participant: Any) -> None:
-        if participant.identity in self._inputs:
-            log.info("%s left", participant.identity)
-            self._release_input(participant.identity)
-            self._after_departure()
-
-    def _release_input(self, identity: str) -> None:
-        inp = self._inputs.pop(identity, None)
-        if inp is None:
-            return
-        if inp.task is not None:
-            inp.task.cancel()  # the pump closes its stream
-        else:
-            self._room_mixer.remove_stream(inp.mix_source)
-            self._spawn(inp.stream.aclose(), "mic-close")
-
-    def _release_all_inputs(self) -> None:
-        for identity in list(self._inputs):
-            self._release_input(identity)
-
-    def _after_departure(self) -> None:
-        self._scan_participants()  # the next user, if someone is waiting
-        if not self._inputs:
-            self._start_idle_timer()
-
-    # -- the Voice Agent session: starts with the first user, ends when the last has gone --
-
-    def _user_arrived(self) -> None:
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            self._idle_task = None
-        if self._session_task is not None and not self._session_task.done():
-            return
-        self._calls += 1
-        self.client = bridge.VoiceAgentClient(
-            self.cfg.voice_agent_url,
-            self.cfg.assemblyai_api_key,
-            session_settings(self.cfg, self.tools.definitions()),
-            self,
-            bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
-                                 input_backlog_ms=self.cfg.input_backlog_ms, tool_timeout_s=self.cfg.tool_timeout_s),
-        )
-        log.info("starting a Voice Agent session (call %d)", self._calls)
-        if self._calls > 1 and self.controller.active is None:
-            self._pick_bed()  # one ambient pick per call
-        self._session_task = self._spawn(self._run_session(self.client), "session")
-
-    def _start_idle_timer(self) -> None:
-        if self._idle_task is None and self._session_task is not None and not self._session_task.done():
-            self._idle_task = self._spawn(self._idle_then_end(), "idle")
-
-    async def _idle_then_end(self) -> None:
-        await asyncio.sleep(self.cfg.idle_timeout_s)
-        self._idle_task = None
-        if not self._inputs:
-            log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
-            await self._end_session()
-            self._call_ended()
-
-    async def _end_session(self) -> None:
-        client, task = self.client, self._session_task
-        if client is not None:
-            await client.end(timeout=1.5)
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 1.0)
-            except (asyncio.TimeoutError, Exception):
-                pass
-
-    async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
-        try:
-            await client.run()
-        finally:
-            if self.client is client:
-                self.client = None
-                self._playing = None
-                self._turn_ended_at = None
-                self.log_ctx.fields["session_id"] = None
-                self.log_ctx.fields["reply_id"] = None
-                self._state_changed()
-
-    # -- text typed in the frontend --
-
-    def _on_chat(self, reader: Any, sender: str) -> None:
-        """Who sent it and how big it says it is are checked before a byte is read."""
-        refusal = None
-        if sender not in self._inputs:
-            refusal = "not the bridged user"
-        elif (reader.info.size or 0) > MAX_CHAT_BYTES:
-            refusal = f"{reader.info.size} bytes, over the {MAX_CHAT_BYTES}-byte limit"
-        elif not self._chat_rate.allow(sender):
-            refusal = "too many messages"
-        if refusal is not None:
-            reader.close()
-            if self._input_errors.allow(f"chat:{sender}"):
-                log.info("ignoring chat from %s (%s)", sender[:64], refusal)
-            return
-        self._spawn(self._read_chat(reader, sender), "chat", isolated=True)
-
-    async def _read_chat(self, reader: Any, sender: str) -> None:
-        """Text typed in the frontend becomes the user's turn. Read with a cap: a stream that
-        grows past it (whatever its header said) is closed and dropped."""
-        from livekit import rtc
-
-        parts: list[str] = []
-        size = 0
-        try:
-            async for chunk in reader:
-                size += len(chunk.encode())
-                if size > MAX_CHAT_BYTES:
-                    reader.close()
-                    log.info("ignoring chat from %s (over %d bytes)", sender[:64], MAX_CHAT_BYTES)
-                    return
-                parts.append(chunk)
-        except rtc.StreamError as e:  # aborted by its sender, or cut by a disconnect
-            log.info("chat from %s was not completed (%s)", sender[:64], one_line(e))
-            return
-        text = "".join(parts).strip()
-        if not text:
-            return
-        if len(text) > MAX_CHAT_CHARS:
-            log.warning("chat message from %s truncated to %d characters", sender[:64], MAX_CHAT_CHARS)
-            text = text[:MAX_CHAT_CHARS]
+    async def _on_chat(self, sender: str, text: str) -> None:
         client = self.client
         if client is None:
             log.warning("chat message from %s dropped: no Voice Agent session", sender)
@@ -899,111 +460,43 @@ class Worker:
     # -- bridge.BridgeEvents: called on the event loop by the bridge --
 
     def on_event(self, event: bridge.BridgeEvent) -> None:
+        """Logging context and captions here; the call's decisions in self.call."""
         match event:
             case bridge.SessionReady(session_id, resumed):
-                self.on_session_ready(session_id, resumed)
+                self.log_ctx.fields["session_id"] = session_id
+                log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
             case bridge.SpeechStarted():
-                self.on_speech_started()
-            case bridge.SpeechStopped():
-                self.on_speech_stopped()
+                log.debug("user started speaking")
             case bridge.UserTranscript(text, item_id, final):
-                self.on_user_transcript(text, item_id, final)
+                who = self.link.caption_speaker()
+                if who is not None and text:
+                    self.captions.user(who[0], who[1], item_id, text, final)
             case bridge.ReplyStarted(reply_id):
-                self.on_reply_started(reply_id)
-            case bridge.ReplyAudio(reply_id, pcm):
-                self.on_reply_audio(reply_id, pcm)
+                self.log_ctx.fields["reply_id"] = reply_id
             case bridge.AgentTranscriptDelta(reply_id, delta, start_ms):
-                self.on_agent_transcript_delta(reply_id, delta, start_ms)
-            case bridge.AgentTranscript(reply_id, text, interrupted):
-                self.on_agent_transcript(reply_id, text, interrupted)
-            case bridge.ReplyInterrupted(reply_id, reason):
-                self.on_interrupt(reply_id, reason)
-            case bridge.ReplyDone(reply_id, status):
-                self.on_reply_done(reply_id, status)
+                self.captions.agent_word(reply_id, delta, self._word_position(reply_id, start_ms))
+            case bridge.AgentTranscript(reply_id, text):
+                st = self.output.reply_stats(reply_id)
+                self.captions.agent_text(reply_id, text, st.received if st is not None else 0)
+            case bridge.ReplyDone(reply_id):
+                self.captions.agent_done(reply_id)
+                if self.log_ctx.fields["reply_id"] == reply_id:
+                    self.log_ctx.fields["reply_id"] = None
             case bridge.SessionLost():
-                self.on_session_lost()
+                # The reply in flight is abandoned: close its caption once its audio has played.
+                self.captions.all_done()
             case bridge.SessionEnded():
-                self.on_session_ended()
+                log.info("Voice Agent session ended")
+        if isinstance(event, CALL_EVENTS):
+            self._feed(event)
 
-    def on_session_ready(self, session_id: str, resumed: bool) -> None:
-        self.log_ctx.fields["session_id"] = session_id
-        log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
-        self._state_changed()
-
-    def on_speech_started(self) -> None:
-        log.debug("user started speaking")
-        self.mixer.stop_thinking()
-        self._turn_ended_at = None
-        self._state_changed()
-
-    def on_speech_stopped(self) -> None:
-        self._turn_ended_at = time.monotonic()
-        choice = self.thinking.pick(self._rng)  # a new pick every thinking phase
-        if choice is not None:
-            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.thinking_volume
-            self.mixer.start_thinking(choice.sound.name, choice.sound.samples, volume)
-        self._state_changed()
-
-    def _user_caption_identity(self) -> tuple[str, str | None] | None:
-        if len(self._inputs) != 1:
-            return None  # nobody, or a mix of several people: no single speaker to attribute
-        inp = next(iter(self._inputs.values()))
-        return inp.identity, inp.track_sid
-
-    def on_user_transcript(self, text: str, item_id: str | None, final: bool) -> None:
-        who = self._user_caption_identity()
-        if who is not None and text:
-            self.captions.user(who[0], who[1], item_id, text, final)
-
-    def on_reply_started(self, reply_id: str) -> None:
-        self.log_ctx.fields["reply_id"] = reply_id
-
-    def on_reply_audio(self, reply_id: str, pcm: bytes) -> None:
-        if self._turn_ended_at is not None:
-            self._turns += 1
-            latency_ms = (time.monotonic() - self._turn_ended_at) * 1000
-            barge_ins = self.client.protocol.counters["barge_ins"] if self.client is not None else 0
-            log.info("turn %d: first reply audio %.0f ms after the user's end of turn; %d barge-ins so far",
-                     self._turns, latency_ms, barge_ins,
-                     extra={"fields": {"turn": self._turns, "latency_ms": round(latency_ms), "barge_ins": barge_ins}})
-            self._turn_ended_at = None
-        self.mixer.push_reply(reply_id, pcm)
-
-    def on_agent_transcript_delta(self, reply_id: str, delta: str, start_ms: float | None) -> None:
+    def _word_position(self, reply_id: str, start_ms: float | None) -> int:
+        """Where a word starts in its reply's audio, in samples: the service's start_ms, else
+        the end of the audio received so far."""
         if start_ms is not None:
-            position = int(start_ms * SAMPLE_RATE / 1000)
-        else:
-            st = self.mixer.reply_stats(reply_id)
-            position = st.received if st is not None else 0
-        self.captions.agent_word(reply_id, delta, position)
-
-    def on_agent_transcript(self, reply_id: str, text: str, interrupted: bool) -> None:
-        st = self.mixer.reply_stats(reply_id)
-        self.captions.agent_text(reply_id, text, st.received if st is not None else 0)
-
-    def on_interrupt(self, reply_id: str, reason: str) -> None:
-        st = self.mixer.interrupt(reply_id)
-        played = st.played if st is not None else 0
-        self.captions.agent_done(reply_id, cut_at=played)
-        if st is not None:
-            log.info("reply %s interrupted (%s) after %.2f s of %.2f s received",
-                     reply_id, reason, st.played / SAMPLE_RATE, st.received / SAMPLE_RATE)
-
-    def on_reply_done(self, reply_id: str, status: str) -> None:
-        self.captions.agent_done(reply_id)
-        if not self._audible and self._playing == reply_id:
-            self._playing = None  # its audio had already finished playing
-        if self.log_ctx.fields["reply_id"] == reply_id:
-            self.log_ctx.fields["reply_id"] = None
-        self._state_changed()
-
-    def on_session_lost(self) -> None:
-        # The reply in flight is abandoned: close its caption once its audio has played,
-        # and let the state follow the audio, not a reply that will never be "done".
-        self.captions.all_done()
-        if not self._audible:
-            self._playing = None
-        self._state_changed()
+            return int(start_ms * SAMPLE_RATE / 1000)
+        st = self.output.reply_stats(reply_id)
+        return st.received if st is not None else 0
 
     # -- tools --
 
@@ -1013,23 +506,18 @@ class Worker:
         import tools as tools_mod
 
         log.info("tool %s called (%s)", name, call_id)
-        choice = self.thinking.pick(self._rng) if name != "end_call" else None
-        if choice is not None:
-            volume = choice.clip.volume if choice.clip.volume is not None else self.cfg.thinking_volume
-            self.mixer.start_thinking(choice.sound.name, choice.sound.samples, volume)
-        self._state_changed_soon()
-        user = next(iter(self._inputs), None)
-        ctx = tools_mod.ToolContext(self.cfg.room_name, user, call_id, self._play_cue_for_tool, self._end_call_from_tool)
+        self._feed(call.ToolStarted(call_id, name))
+
+        async def end_call(reason: str | None) -> None:
+            self._feed(call.HangUpRequested(reason or "end_call", call_id))
+
+        ctx = tools_mod.ToolContext(self.cfg.room_name, self.link.user(), call_id, self._play_cue_for_tool, end_call)
         try:
             return await self.tools.call(name, arguments, ctx)
         except (tools_mod.ToolCallError, tools_mod.ToolFailed) as e:
             raise bridge.ToolError(str(e)) from None  # meant for the agent; anything else is not
         finally:
-            self._state_changed_soon()
-
-    def _state_changed_soon(self) -> None:
-        # The bridge counts a tool as running until its task ends: look again next tick.
-        asyncio.get_running_loop().call_soon(self._state_changed)
+            self._feed(call.ToolFinished(call_id))
 
     async def _play_cue_for_tool(self, clip: str, volume: float | None) -> bool:
         import sounds
@@ -1040,40 +528,21 @@ class Worker:
         except sounds.SoundError as e:
             log.warning("tool cue %s cannot be played: %s", clip, e)
             return False
-        return await self.mixer.play_cue(sound.name, sound.samples,
-                                         self.cfg.thinking_volume if volume is None else volume)
-
-    async def _end_call_tool(self) -> dict[str, Any]:
-        """The built-in end_call tool: answer at once, hang up after the goodbye."""
-        await self._end_call_from_tool("the agent ended the call")
-        return {"ok": True, "note": "The call will end once your current reply has been heard. Say goodbye now if "
-                                    "you have not."}
-
-    async def _end_call_from_tool(self, reason: str | None) -> None:
-        if self._hangup is None or self._hangup.done():
-            self._hangup = self._spawn(self._hang_up(reason or "end_call"), "hang-up")
+        return await self.output.play_cue(sound.name, sound.samples,
+                                          self.cfg.thinking_volume if volume is None else volume)
 
     async def _hang_up(self, reason: str) -> None:
-        """Let the agent finish: the reply that called the tool, and a goodbye it may speak
-        after the tool's result, must be fully heard in the room. Then fade the bed, end the
-        session and end the call for everyone (or only leave)."""
-        await asyncio.sleep(0.2)  # the tool.result goes out first
-        grace_s = 2.0
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < grace_s:
-            client = self.client
-            busy = client is not None and client.protocol.current_reply is not None
-            if busy or self.mixer.snapshot()["reply_queued_ms"] or self._playing is not None:
-                quiet_since = time.monotonic()
-            await asyncio.sleep(0.05)
-        await self.mixer.wait_reply_played()
+        """The call decided (call.HangUp) that the agent has finished: the reply that called
+        end_call, and a goodbye spoken after the tool's result. Once every reply sample has
+        been heard, fade the bed, end the session and end the call for everyone (or only
+        leave)."""
+        await self.output.wait_for_playout()
         log.info("hanging up (%s): %s", reason, "deleting the room" if self.cfg.end_call_action == "delete_room"
                  else "leaving the room")
         self.mixer.stop_bed(500)
         await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.cfg.output_queue_ms / 1000))
         self._call_ended()
-        self._hung_up = True
-        room = self.room
+        self.link.hung_up = True
         if self.cfg.end_call_action == "delete_room":
             from livekit import api
 
@@ -1083,17 +552,27 @@ class Worker:
                 return
             except Exception as e:
                 log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, one_line(e))
-        if room is not None and room.isconnected():
-            await room.disconnect()
-
-    def on_session_ended(self) -> None:
-        log.info("Voice Agent session ended")
+        await self.link.leave()
 
 
-async def _frames(stream: Any) -> Any:
-    """AudioStream events -> frames, for rtc.AudioMixer."""
-    async for event in stream:
-        yield event.frame
+# The bridge events the call state machine takes (the rest are for logs and captions).
+CALL_EVENTS = (bridge.SessionReady, bridge.SessionLost, bridge.SpeechStarted, bridge.SpeechStopped,
+               bridge.ReplyStarted, bridge.ReplyAudio, bridge.ReplyInterrupted, bridge.ReplyDone,
+               bridge.ToolResultSent)
+
+
+def control_settings(cfg: Config) -> control.ControlSettings:
+    return control.ControlSettings(
+        identities=frozenset(cfg.control_identities),
+        ambient_dir=Path(cfg.ambient_dir) if cfg.ambient_dir else None,
+        state_dir=Path(cfg.state_dir) if cfg.state_dir else None,
+        max_upload_bytes=int(cfg.control_max_upload_mb * 1024 * 1024),
+        max_audio_s=cfg.control_max_audio_s,
+        calls_per_minute=cfg.control_rate_per_min,
+        default_volume=cfg.ambient_volume,
+        bed_target_lufs=cfg.ambient_target_lufs,
+        cue_target_lufs=cfg.cue_target_lufs,
+    )
 
 
 def _rss_kb() -> int | None:
@@ -1107,7 +586,7 @@ def _rss_kb() -> int | None:
     return None
 
 
-def load_tool_registry(cfg: Config, end_call_cb: Callable[[], Any]) -> Any:
+def load_tool_registry(cfg: Config) -> Any:
     """The tools the agent is offered: the built-in end_call, and TOOLS_MODULE's."""
     import tools as tools_mod
 
@@ -1118,10 +597,12 @@ def load_tool_registry(cfg: Config, end_call_cb: Callable[[], Any]) -> Any:
         except tools_mod.ToolError as e:
             raise ConfigError(f"TOOLS_MODULE: {e}") from None
     if cfg.end_call_tool:
-        async def end_call() -> dict[str, Any]:
+        async def end_call(ctx: tools_mod.ToolContext) -> dict[str, Any]:
             """End the call when the conversation is over. Say goodbye first, then call this: the line is closed
             once your goodbye has been heard."""
-            return await end_call_cb()
+            await ctx.end_call("the agent ended the call")
+            return {"ok": True, "note": "The call will end once your current reply has been heard. Say goodbye now "
+                                        "if you have not."}
 
         loaded.append(tools_mod.make_tool(end_call, "end_call"))
     return tools_mod.ToolRegistry(loaded)
