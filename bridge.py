@@ -38,8 +38,7 @@ from logs import one_line
 
 log = logging.getLogger("bridge")
 
-SAMPLE_RATE = 24000
-BYTES_PER_SAMPLE = 2
+from pcm import BYTES_PER_SAMPLE, SAMPLE_RATE  # noqa: F401  (bridge.SAMPLE_RATE: the API's rate)
 
 # --- session settings ---------------------------------------------------------------
 

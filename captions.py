@@ -5,6 +5,11 @@ User text goes out with the user's identity and microphone track (each interim u
 a new stream of the same segment, carrying the full text so far); agent text goes out word
 by word as its audio is actually played, in one stream per reply that is closed final,
 and cut where an interruption cut the audio. One task writes everything, in order.
+
+The writer does not poll: it sleeps until the next word's audio is due, computed from how
+much of the reply has been handed to the output and how much is still queued (which plays
+out in real time), and is woken by whatever changes that: new text, new reply audio,
+playback starting or stopping, a reply done or cut.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from audio_output import AudioOutput
 from bridge import wait_event
 from logs import one_line
+from pcm import SAMPLE_RATE
 from room import RoomLink
 
 log = logging.getLogger("worker")
@@ -55,7 +61,7 @@ class Captions:
     """See the module's docstring. The ``user``/``agent_*`` methods are called from bridge
     events and never block; ``run()`` is the writer task."""
 
-    TICK_S = 0.05
+    RETRY_S = 0.05  # words due while the room is not connected: looked at again this often
     MAX_CHARS = 4000  # a caption longer than this shows its end
     MAX_WORDS = 2000  # words held for one agent caption
     MAX_SEGMENTS = 16  # agent captions open at once; the oldest is closed first
@@ -77,6 +83,11 @@ class Captions:
     def open_segments(self) -> int:
         return len(self._agent)
 
+    def wake(self) -> None:
+        """Something the writer waits on changed: reply audio arrived, playback started or
+        stopped."""
+        self._wake.set()
+
     # -- called from bridge events (never block) --
 
     def user(self, identity: str, track_sid: str | None, item_id: str | None, text: str, final: bool) -> None:
@@ -96,6 +107,7 @@ class Captions:
         seg = self._segment(reply_id)
         if seg.cut is None and len(seg.words) < self.MAX_WORDS:
             seg.words.append((position, text[:200]))
+            self._wake.set()
 
     def agent_text(self, reply_id: str, text: str, received: int) -> None:
         """The full reply text. Used only if no word-level deltas came: words are then
@@ -108,16 +120,19 @@ class Captions:
             at = text.index(word, offset)
             seg.words.append((int(received * at / max(1, len(text))), (" " if at else "") + word))
             offset = at + len(word)
+        self._wake.set()
 
     def agent_done(self, reply_id: str, cut_at: int | None = None) -> None:
         seg = self._segment(reply_id)
         seg.done = True
         if cut_at is not None and seg.cut is None:
             seg.cut = cut_at
+        self._wake.set()
 
     def all_done(self) -> None:
         for seg in self._agent.values():
             seg.done = True
+        self._wake.set()
 
     def _segment(self, reply_id: str) -> _AgentSegment:
         seg = self._agent.get(reply_id)
@@ -132,7 +147,7 @@ class Captions:
 
     async def run(self) -> None:
         while True:
-            await wait_event(self._wake, self.TICK_S)
+            await wait_event(self._wake, self._next_wake_s())
             self._wake.clear()
             try:
                 while self._pending:
@@ -169,6 +184,28 @@ class Captions:
                 if seg.writer is not None:
                     await seg.writer.aclose(attributes=_attributes(True, seg.segment_id, self.link.track_sid))
                 del self._agent[rid]
+
+    def _next_wake_s(self) -> float | None:
+        """Seconds until something is due by the audio clock (None: nothing until woken)."""
+        soonest: float | None = None
+        now = time.monotonic()
+        for seg in self._agent.values():
+            st = self.output.reply_stats(seg.reply_id)
+            played = st.played if st is not None else 0
+            queued = (st.received - played) if st is not None else 0
+            due = seg.created + self.STALE_S - now
+            if seg.shown < len(seg.words):
+                at = seg.words[seg.shown][0]
+                if at <= (played if seg.cut is None else min(played, seg.cut)):
+                    due = 0.0 if self.link.connected else self.RETRY_S
+                elif queued > 0 and (seg.cut is None or at <= seg.cut):
+                    # The queued audio plays out in real time: the word's start, or the end of
+                    # what has arrived so far (then look again).
+                    due = min(due, (min(at, played + queued) - played) / SAMPLE_RATE)
+            if seg.done and seg.cut is None and queued > 0:
+                due = min(due, queued / SAMPLE_RATE)  # all heard: the rest of the text, then close
+            soonest = due if soonest is None else min(soonest, due)
+        return None if soonest is None else max(0.0, soonest)
 
     async def _show(self, seg: _AgentSegment, due: list[tuple[int, str]]) -> None:
         if seg.writer is None and due:

@@ -27,11 +27,11 @@ from exits import (
     FatalError,
 )
 from logs import LogContext, LogLimiter, one_line
+from pcm import SAMPLE_RATE
 from tokens import mint_token, server_api
 
 log = logging.getLogger("worker")
 
-SAMPLE_RATE = 24000  # the Voice Agent API's input: PCM16 24 kHz mono (bridge.SAMPLE_RATE)
 AGENT_STATE = "lk.agent.state"
 TOPIC_CHAT = "lk.chat"
 MAX_CHAT_CHARS = 4000

@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pcm import SAMPLE_RATE  # every sound is decoded to the one rate the process plays
+
 __all__ = [
     "SAMPLE_RATE",
     "MAX_FILE_BYTES",
@@ -75,7 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24000
 MAX_FILE_BYTES = 200_000_000
 MAX_DURATION_S = 30 * 60
 PEAK_CEILING = 0.99

@@ -57,6 +57,7 @@ from audio_output import AudioOutput, MixerOutput, PlaybackEvent, ReplyStartedPl
 from call import Call, CallSettings, Timer  # noqa: E402
 from captions import Captions  # noqa: E402
 from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
+from pcm import SAMPLE_RATE  # noqa: E402
 from room import RoomLink  # noqa: E402
 from systemd import SystemdNotifier  # noqa: E402
 from tokens import (  # noqa: E402
@@ -72,7 +73,6 @@ from tokens import (  # noqa: E402
 
 log = logging.getLogger("worker")
 
-SAMPLE_RATE = 24000
 
 
 # --- the worker: the I/O around one room's calls ----------------------------------------------------
@@ -328,6 +328,7 @@ class Worker:
                 self.output.stop_thinking()
             case call.PlayReply(reply_id, pcm):
                 self.output.push_reply(reply_id, pcm)
+                self.captions.wake()  # its words can become due
             case call.DropReply(reply_id, reason):
                 self._drop_reply(reply_id, reason)
             case call.LogTurn(turn, latency_ms):
@@ -358,6 +359,7 @@ class Worker:
             handle.cancel()
 
     def _on_playback(self, event: PlaybackEvent) -> None:
+        self.captions.wake()
         if isinstance(event, ReplyStartedPlaying):
             self._feed(call.PlaybackStarted(event.reply_id))
         else:
