@@ -324,12 +324,7 @@ class Controller:
 
     async def handle(self, method: str, caller: str, payload: str | dict[str, Any]) -> dict[str, Any]:
         """Check the caller, parse, dispatch. Raises ControlError for the caller."""
-        self.counters["calls"] += 1
-        if caller not in self.s.identities:
-            self._denied(method, caller)
-        if not self.limiter.allow(caller):
-            self.counters["rate_limited"] += 1
-            raise ControlError(ERR_RATE, "too many control calls; slow down")
+        self._admit(method, caller)
         try:
             args = payload if isinstance(payload, dict) else (json.loads(payload) if payload.strip() else {})
         except ValueError:
@@ -352,6 +347,15 @@ class Controller:
             raise
         log.info("control: %s from %s: %s", method, caller, _summary(args))
         return result
+
+    def _admit(self, what: str, caller: str) -> None:
+        """Every call, RPC or upload: only CONTROL_IDENTITIES, and at a bounded rate."""
+        self.counters["calls"] += 1
+        if caller not in self.s.identities:
+            self._denied(what, caller)
+        if not self.limiter.allow(caller):
+            self.counters["rate_limited"] += 1
+            raise ControlError(ERR_RATE, "too many control calls; slow down")
 
     def _denied(self, what: str, caller: str) -> None:
         self.counters["denied"] += 1
@@ -552,12 +556,7 @@ class Controller:
     async def _upload(self, reader: Any, caller: str) -> dict[str, Any]:
         """Check the caller, the action and the declared size before reading a byte, then read
         at most the upload limit, then hand the bytes to mix_audio or play."""
-        self.counters["calls"] += 1
-        if caller not in self.s.identities:
-            self._denied("upload", caller)
-        if not self.limiter.allow(caller):
-            self.counters["rate_limited"] += 1
-            raise ControlError(ERR_RATE, "too many control calls; slow down")
+        self._admit("upload", caller)
         info = reader.info
         attrs = dict(info.attributes or {})
         action = attrs.pop("action", "mix_audio")

@@ -119,7 +119,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 from logs import LogContext, one_line, setup_logging
 from systemd import SystemdNotifier
+from backoff import Backoff
 from config import ConfigError, gather_env
+import exits
 from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 
 log = logging.getLogger("dispatch")
@@ -1282,7 +1284,7 @@ class Dispatcher:
         from livekit.protocol import agent
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-        attempt = 0
+        retry = Backoff(self.BACKOFF_INITIAL_S, self.BACKOFF_MAX_S, rng=self._rng)  # no give-up: calls go on
         ever_registered = False
         while not self.core.draining:
             registered_at: float | None = None
@@ -1337,10 +1339,8 @@ class Dispatcher:
                 log.warning("lost the connection to LiveKit; %d calls go on; reconnecting", self.core.job_count)
                 self.notifier.notify(f"STATUS=reconnecting to LiveKit, {self.core.job_count} calls in progress")
                 if time.monotonic() - registered_at >= self.STABLE_S:
-                    attempt = 0
-            delay = min(self.BACKOFF_MAX_S, self.BACKOFF_INITIAL_S * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
-            attempt += 1
-            await asyncio.sleep(delay)
+                    retry.succeeded()
+            await asyncio.sleep(retry.failed() or self.BACKOFF_INITIAL_S)
         # Draining without a connection: no new job can come; the calls end on their own.
         await asyncio.Event().wait()
 
@@ -1447,8 +1447,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exits.exit_now(main())

@@ -6,6 +6,10 @@ Library modules (bridge.py, the call logic) raise their own errors; the composit
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
@@ -51,3 +55,13 @@ class FatalError(Exception):
 
 def exit_code_help() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once everything it owns is closed: flush the logs and
+    the streams, then skip the interpreter's teardown of the LiveKit native library, which
+    can crash on its way out (seen as SIGSEGV after a kick)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

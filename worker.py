@@ -810,10 +810,4 @@ def report_fatal(cfg: Config, log_ctx: LogContext, message: str, code: int) -> N
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything we own is closed by now. Skip the interpreter's teardown of the LiveKit
-    # native library, which can crash on its way out (seen as SIGSEGV after a kick).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exits.exit_now(main())
