@@ -1179,36 +1179,7 @@ class VoiceAgentClient:
                         rng=self._rng)
         try:
             while not self._ending:
-                code: int | None = None
-                reason = ""
-                status: int | None = None
-                got_ready = False
-                self._ready_at = None
-                try:
-                    async with websockets.connect(
-                        self.url,
-                        additional_headers={"Authorization": f"Bearer {self._api_key}"},
-                        max_size=self.options.max_message_bytes * 4,
-                        open_timeout=self.options.open_timeout_s,
-                        ping_interval=20,
-                        ping_timeout=20,
-                        close_timeout=2,
-                        user_agent_header="livekit-voice-agent-bridge",
-                    ) as ws:
-                        self._ws = ws
-                        self.connects += 1
-                        log.debug("connected to the Voice Agent API (connection %d)", self.connects)
-                        got_ready = await self._serve(ws)
-                        code, reason = _close_info(ws)
-                except InvalidStatus as e:
-                    status = e.response.status_code
-                    log.warning("Voice Agent API refused the connection: HTTP %s", status)
-                except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
-                    log.warning("cannot reach the Voice Agent API at %s: %s", self.url, one_line(e))
-                except ConnectionClosed as e:
-                    code, reason = _close_info_exc(e)
-                finally:
-                    self._ws = None
+                got_ready, code, reason, status = await self._connect_and_serve()
                 if self._ending or self.protocol.ended:
                     break
                 now = time.monotonic()
@@ -1240,6 +1211,41 @@ class VoiceAgentClient:
                 t.cancel()
             if self._tool_tasks:
                 await asyncio.gather(*self._tool_tasks, return_exceptions=True)
+
+    async def _connect_and_serve(self) -> tuple[bool, int | None, str, int | None]:
+        """One socket, from connecting to its close: (the session got ready on it, the close
+        code and reason received, the HTTP status of a refused handshake)."""
+        code: int | None = None
+        reason = ""
+        status: int | None = None
+        got_ready = False
+        self._ready_at = None
+        try:
+            async with websockets.connect(
+                self.url,
+                additional_headers={"Authorization": f"Bearer {self._api_key}"},
+                max_size=self.options.max_message_bytes * 4,
+                open_timeout=self.options.open_timeout_s,
+                ping_interval=20,
+                ping_timeout=20,
+                close_timeout=2,
+                user_agent_header="livekit-voice-agent-bridge",
+            ) as ws:
+                self._ws = ws
+                self.connects += 1
+                log.debug("connected to the Voice Agent API (connection %d)", self.connects)
+                got_ready = await self._serve(ws)
+                code, reason = _close_info(ws)
+        except InvalidStatus as e:
+            status = e.response.status_code
+            log.warning("Voice Agent API refused the connection: HTTP %s", status)
+        except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
+            log.warning("cannot reach the Voice Agent API at %s: %s", self.url, one_line(e))
+        except ConnectionClosed as e:
+            code, reason = _close_info_exc(e)
+        finally:
+            self._ws = None
+        return got_ready, code, reason, status
 
     async def _serve(self, ws: websockets.ClientConnection) -> bool:
         """Run one socket until it closes. Returns True if the session got ready on it."""

@@ -237,6 +237,8 @@ SERVE_VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
+# Over 60 lines on purpose: a few lines per variable, read top to bottom like the table of
+# SERVE_VARIABLES; split up, one setting's checks would be far from the others'.
 def load_serve_settings(env: Mapping[str, str]) -> ServeSettings:
     def get(name: str, default: str = "") -> str:
         return (env.get(name) or default).strip()
@@ -1150,6 +1152,7 @@ class Dispatcher:
         self._finished: asyncio.Event | None = None
         self._fatal: FatalError | None = None
         self._ready_sent = False
+        self._registered_at: float | None = None  # when the worker registered on the current socket
         self._rng = random.Random()
 
     # -- effects --
@@ -1281,13 +1284,12 @@ class Dispatcher:
 
     async def _connection_loop(self) -> None:
         import websockets
-        from livekit.protocol import agent
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
         retry = Backoff(self.BACKOFF_INITIAL_S, self.BACKOFF_MAX_S, rng=self._rng)  # no give-up: calls go on
         ever_registered = False
         while not self.core.draining:
-            registered_at: float | None = None
+            self._registered_at = None
             try:
                 async with websockets.connect(
                     self.url,
@@ -1300,22 +1302,7 @@ class Dispatcher:
                     sender = asyncio.create_task(self._send_loop(ws, self._out), name="agent-send")
                     try:
                         self._apply(self.core.connection_opened(time.monotonic()))
-                        async for frame in ws:
-                            if isinstance(frame, str):
-                                log.warning("LiveKit sent a text frame on /agent; ignored")
-                                continue
-                            msg = agent.ServerMessage()
-                            try:
-                                msg.ParseFromString(frame)
-                            except Exception:  # protobuf's DecodeError
-                                log.warning("undecodable message from LiveKit (%d bytes); ignored", len(frame))
-                                continue
-                            was = self.core.registered
-                            self._apply(self.core.receive(msg, time.monotonic()))
-                            if self.core.registered and not was:
-                                registered_at = time.monotonic()
-                                self._registered(ever_registered)
-                                ever_registered = True
+                        await self._read_messages(ws, ever_registered)
                     finally:
                         sender.cancel()
             except InvalidStatus as e:
@@ -1333,6 +1320,8 @@ class Dispatcher:
             finally:
                 self._ws, self._out = None, None
                 self._apply(self.core.connection_lost(time.monotonic()))
+            registered_at = self._registered_at
+            ever_registered = ever_registered or registered_at is not None
             if self.core.draining:
                 break
             if registered_at is not None:
@@ -1343,6 +1332,28 @@ class Dispatcher:
             await asyncio.sleep(retry.failed() or self.BACKOFF_INITIAL_S)
         # Draining without a connection: no new job can come; the calls end on their own.
         await asyncio.Event().wait()
+
+    async def _read_messages(self, ws: Any, again: bool) -> None:
+        """Feed the core every message of one socket until it closes; ``self._registered_at``
+        says when the worker registered on it (``again``: it had registered before)."""
+        from livekit.protocol import agent
+
+        async for frame in ws:
+            if isinstance(frame, str):
+                log.warning("LiveKit sent a text frame on /agent; ignored")
+                continue
+            msg = agent.ServerMessage()
+            try:
+                msg.ParseFromString(frame)
+            except Exception:  # protobuf's DecodeError
+                log.warning("undecodable message from LiveKit (%d bytes); ignored", len(frame))
+                continue
+            was = self.core.registered
+            self._apply(self.core.receive(msg, time.monotonic()))
+            if self.core.registered and not was:
+                self._registered_at = time.monotonic()
+                self._registered(again)
+                again = True
 
     def _registered(self, again: bool) -> None:
         c = self.core
