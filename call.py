@@ -279,10 +279,13 @@ class Call:
                 self.users.discard(identity)
                 return self._maybe_start_idle_timer()
             case RoomJoined(restored_bed):
+                out: list[Action] = []
                 if restored_bed and not self.restored_bed_pending and self.calls == 0:
                     self.restored_bed_pending = True
-                    return [StartTimer(Timer.RESTORED_BED, self.settings.idle_timeout_s)]
-                return []
+                    out.append(StartTimer(Timer.RESTORED_BED, self.settings.idle_timeout_s))
+                # Back after a disconnect with the session open: if nobody is found in the room
+                # (the users are reported right after this), the call ends after the timeout.
+                return out + self._maybe_start_idle_timer()
             case RoomLeft():
                 self.users.clear()  # the idle timer waits for a departure seen in the room
                 return []

@@ -135,6 +135,19 @@ def test_a_disconnect_forgets_the_users_without_starting_the_idle_timer():
     assert c.handle(UserJoined("alice"), 2.0) == [], "rejoined: the same call goes on"
 
 
+def test_a_session_left_open_by_a_disconnect_ends_if_nobody_is_there_after_the_rejoin():
+    """Bug: the users are forgotten at a disconnect without starting the idle timer, so a call
+    whose user left while the agent was away kept its (billed) session open for good."""
+    c = in_call(idle_timeout_s=30.0)
+    c.handle(RoomLeft(), 1.0)
+    assert of(c.handle(RoomJoined(), 5.0), StartTimer) == [StartTimer(Timer.IDLE, 30.0)]
+    assert c.handle(TimerFired(Timer.IDLE), 35.0) == [EndCall("idle")]
+    c = in_call(idle_timeout_s=30.0)
+    c.handle(RoomLeft(), 1.0)
+    c.handle(RoomJoined(), 5.0)
+    assert c.handle(UserJoined("alice"), 5.0) == [CancelTimer(Timer.IDLE)], "the user is still there"
+
+
 def test_a_restored_bed_is_forgotten_if_nobody_comes_back_within_the_idle_timeout():
     c = Call(CallSettings(idle_timeout_s=30.0))
     assert c.handle(RoomJoined(restored_bed=True), 0.0) == [StartTimer(Timer.RESTORED_BED, 30.0), ShowState(INITIALIZING)]
