@@ -164,26 +164,24 @@ def _session_extra(v: str) -> dict[str, Any] | None:
     if not isinstance(extra, dict):
         raise ValueError(f"must be a JSON object ({{...}}), got a JSON {type(extra).__name__}")
     for path, variable in SESSION_EXTRA_OWNED.items():
-        if _has_path(extra, path):
+        if _at_path(extra, path) is not _MISSING:
             raise ValueError(f"sets {path}, which has a setting of its own: use {variable}")
     for path in SESSION_EXTRA_OBJECTS:
-        if _has_path(extra, path) and not isinstance(_get_path(extra, path), dict):
+        value = _at_path(extra, path)
+        if value is not _MISSING and not isinstance(value, dict):
             raise ValueError(f"{path} must be a JSON object")
     return extra
 
 
-def _has_path(obj: dict[str, Any], path: str) -> bool:
+_MISSING = object()
+
+
+def _at_path(obj: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of nested objects, or _MISSING."""
     node: Any = obj
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _get_path(obj: dict[str, Any], path: str) -> Any:
-    node: Any = obj
-    for part in path.split("."):
+            return _MISSING
         node = node[part]
     return node
 
