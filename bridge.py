@@ -1360,8 +1360,8 @@ class VoiceAgentClient:
             self._deliver(ToolResultSent(call.call_id, False))
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """True if ``event`` is set within ``timeout``. Unlike ``asyncio.wait_for`` on Python
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """True if ``event`` is set within ``timeout`` (None: however long it takes). Unlike ``asyncio.wait_for`` on Python
     3.11, a cancellation arriving as the event fires is never swallowed (that race left a
     sender task running after its socket was gone, and hung the worker)."""
     try:
