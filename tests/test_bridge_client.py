@@ -250,7 +250,7 @@ async def test_burst_of_malformed_frames_is_counted_and_survived(standin):
         await standin.send_raw(json.dumps({"type": "future.event", "n": 1}))
     reply = await standin.trigger_reply(seconds=0.3)
     await standin.wait_for(lambda: reply.done_at is not None, 5, "a reply after the garbage")
-    await asyncio.sleep(0.2)
+    await standin.wait_for(lambda: client.counters["malformed_frames"] >= 10 * len(bad), 5, "the garbage counted")
     assert client.counters["malformed_frames"] == 10 * len(bad)
     assert client.counters["unknown_events"] == 5
     assert client.protocol.ready and not task.done()
@@ -429,7 +429,7 @@ async def test_tool_calls_beyond_the_concurrency_cap_are_answered_at_once(standi
     task = await running(client)
     await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
     first = [asyncio.create_task(standin.call_tool("slow", {})) for _ in range(2)]
-    await asyncio.sleep(0.2)
+    await standin.wait_for(lambda: client.tools_running == 2, 5, "the two slow tools running")
     t0 = time.monotonic()
     third = await standin.call_tool("lookup", {"id": 1})
     assert third["is_error"] is True and "already running" in json.loads(third["result"])["error"]
