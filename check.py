@@ -9,7 +9,8 @@ import sys
 from typing import Callable, Mapping
 
 import bridge
-from config import Config, ConfigError, load_bank, load_config, session_settings
+from config import Config, load_bank, load_config, session_settings
+from environment import ConfigError
 from logs import LogContext, one_line
 from tokens import server_api
 

@@ -9,19 +9,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import bridge
+from environment import ConfigError
 
 log = logging.getLogger("worker")
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting. ``str()`` is one line naming the variable."""
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
@@ -395,19 +391,6 @@ def load_config(env: Mapping[str, str], *, optional: tuple[str, ...] = ()) -> Co
     if cfg.output_queue_ms < 2 * cfg.mix_frame_ms:
         raise ConfigError(f"OUTPUT_QUEUE_MS must be at least two mixer frames ({2 * cfg.mix_frame_ms} ms)")
     return cfg
-
-
-def gather_env(cli: Mapping[str, str | None] | None = None, cwd: Path | None = None) -> dict[str, str]:
-    """Flags win over the real environment, which wins over ./.env."""
-    from dotenv import dotenv_values
-
-    merged: dict[str, str] = {}
-    dotenv_path = (cwd or Path.cwd()) / ".env"
-    if dotenv_path.is_file():
-        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    merged.update(os.environ)
-    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
-    return merged
 
 
 

@@ -120,7 +120,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 from logs import LogContext, one_line, setup_logging
 from systemd import SystemdNotifier
 from backoff import Backoff
-from config import ConfigError, gather_env
+from environment import ConfigError, gather_env
 import exits
 from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 

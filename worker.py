@@ -38,14 +38,13 @@ import control  # noqa: E402
 import exits  # noqa: E402
 from config import (  # noqa: E402
     Config,
-    ConfigError,
     env_name,
-    gather_env,
     load_banks,
     load_config,
     log_session_config,
     session_settings,
 )
+from environment import ConfigError, gather_env  # noqa: E402
 from exits import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_INTERNAL,

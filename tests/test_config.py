@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import config
+import environment
 import mixer
 from harness import REPO
 
@@ -98,14 +99,14 @@ def test_bad_ambient_file_is_a_config_error(tmp_path):
 
 def test_flags_override_env_and_env_overrides_dotenv(tmp_path):
     (tmp_path / ".env").write_text("ROOM_NAME=from-dotenv\nGREETING=from dotenv\n")
-    env = config.gather_env({"GREETING": None}, cwd=tmp_path)
+    env = environment.gather_env({"GREETING": None}, cwd=tmp_path)
     assert env["ROOM_NAME"] == "from-dotenv"
     import os
 
     os.environ["ROOM_NAME"] = "from-env"
     try:
-        assert config.gather_env({}, cwd=tmp_path)["ROOM_NAME"] == "from-env"
-        assert config.gather_env({"ROOM_NAME": "from-flag"}, cwd=tmp_path)["ROOM_NAME"] == "from-flag"
+        assert environment.gather_env({}, cwd=tmp_path)["ROOM_NAME"] == "from-env"
+        assert environment.gather_env({"ROOM_NAME": "from-flag"}, cwd=tmp_path)["ROOM_NAME"] == "from-flag"
     finally:
         del os.environ["ROOM_NAME"]
 

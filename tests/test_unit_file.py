@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import config
+import environment
 import worker
 from harness import REPO
 
@@ -104,7 +105,7 @@ def merged_settings(monkeypatch, entries, instance: str, files: dict[str, Path],
     args = worker.build_parser().parse_args(exec_args(entries, instance))
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
     monkeypatch.setattr(os, "environ", systemd_env(entries, instance, files))
-    return config.load_config(config.gather_env(cli, cwd=cwd))
+    return config.load_config(environment.gather_env(cli, cwd=cwd))
 
 
 @pytest.fixture(scope="module")
