@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""LiveKit room <-> AssemblyAI Voice Agent API bridge: the composition root.
+"""LiveKit room <-> AssemblyAI Voice Agent API bridge: the command line and the composition root.
 
 Reads the configuration (flags > environment > ./.env > defaults), joins the room as
-the agent participant, publishes ONE audio track fed by the mixer (reply + ambient bed
-+ cues), bridges the user's microphone to the Voice Agent API and its replies back,
-and shuts down cleanly on SIGTERM/SIGINT.
+the agent participant (room.py), publishes ONE audio track fed by the mixer (reply +
+ambient bed + cues), bridges the user's microphone to the Voice Agent API (bridge.py) and
+its replies back, and shuts down cleanly on SIGTERM/SIGINT. ``Worker`` is the I/O around
+the call's state machine (call.py): it feeds it events and carries out its actions.
+ARCHITECTURE.md has the whole layout.
 
     python worker.py            run the worker
     python worker.py --help     every setting, with its environment variable and default
