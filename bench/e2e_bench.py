@@ -132,8 +132,10 @@ GAP_FRACTION = 0.25  # a bed window below this fraction of the bed's level is a 
 WIN, HOP = 480, 240  # 20 ms windows, 10 ms hop (reply onset / silence)
 DESIGNS = {
     "ours": {},
+    "minimal": {},  # bench/minimal_bridge.py, not the worker: see MinimalBridge
     "naive": {"OUTPUT_QUEUE_MS": "1000", "BARGE_IN_CLEAR_QUEUE": "1"},
 }
+BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -196,6 +198,49 @@ def realtime_share(before: dict, after: dict) -> dict[str, Any]:
             rt += used
             names[name] = names.get(name, 0) + 1
     return {"rt_fraction": rt / total if total > 0 else None, "rt_threads": names}
+
+
+# Threads of a worker, grouped by what they are (comm names; Python names its writer
+# thread "mixer-writer", every other Python thread is "python").
+THREAD_GROUPS = (
+    ("python: event loop and other Python threads", ("python",)),
+    ("mixer-writer: our audio thread", ("mixer-writer",)),
+    ("tokio-rt-worker: the SDK's Rust runtime", ("tokio-rt-worker",)),
+    ("livekit-audio: the SDK's capture runtime", ("livekit-audio",)),
+    ("AudioSourceCapt: the native 10 ms output clock", ("AudioSourceCapt",)),
+    ("WebRTC encode/transport (AudioEncoderQue, SyntheticAudioD, network, worker, ...)", None),
+)
+
+
+def thread_groups(before: dict, after: dict, seconds: float) -> dict[str, float]:
+    """Cores used per thread group between two thread_cpu() snapshots; also every thread
+    name on its own under "by_name" (threads that came and went in between are missed)."""
+    groups = {label: 0.0 for label, _ in THREAD_GROUPS}
+    by_name: dict[str, float] = {}
+    for tid, (name, policy, cpu) in after.items():
+        used = (cpu - before.get(tid, (name, policy, 0.0))[2]) / seconds
+        by_name[name] = by_name.get(name, 0.0) + used
+        label = next((lb for lb, names in THREAD_GROUPS if names is not None and name in names),
+                     THREAD_GROUPS[-1][0])
+        groups[label] += used
+    out: dict[str, Any] = {k: round(v, 4) for k, v in groups.items()}
+    out["by_name"] = {k: round(v, 4) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
+    return out
+
+
+class MinimalBridge(WorkerProcess):
+    """``bench/minimal_bridge.py`` as a process, configured and logged like the worker."""
+
+    def start(self, *args: str) -> "MinimalBridge":
+        WorkerProcess.started.append(self)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
+        out = open(self.output_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "minimal_bridge.py"), *args],
+                                     env={**base, **self.env}, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return self
 
 
 class BenchPriority:
@@ -661,6 +706,7 @@ class Bench:
         self.tracker = BedTracker(worker_loop_of(self.bed))
         self.t_start = time.monotonic()
         self._rooms = 0
+        self.designs = [d for d in DESIGNS if d in args.designs.split(",")]
 
     def progress(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -678,9 +724,10 @@ class Bench:
                 env[key] = value
         return env
 
-    def start_worker(self, env: dict[str, str], name: str) -> WorkerProcess:
+    def start_worker(self, env: dict[str, str], name: str, design: str = "ours") -> WorkerProcess:
+        kind = MinimalBridge if design == "minimal" else WorkerProcess
         with self.priority.normal():
-            w = WorkerProcess(env, self.tmp / name).start()
+            w = kind(env, self.tmp / name).start()
         self.workers.append(w)
         return w
 
@@ -704,7 +751,8 @@ class Bench:
         standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, seed=self.args.seed + index,
                                          reply_freq_hz=ANSWER_HZ, reply_seconds=0.5, default_min_silence_ms=500))
         await standin.start()
-        worker = self.start_worker(self.env(standin, room, **DESIGNS[design]), f"{design}-{index}")
+        worker = self.start_worker(self.env(standin, room, **DESIGNS[design]), f"{design}-{index}", design)
+        minimal = design == "minimal"
         user = RoomUser(self.server, room)
         out: dict[str, Any] = {"design": design, "room": room, "failures": []}
         try:
@@ -713,11 +761,11 @@ class Bench:
             heard = await user.wait_heard(timeout=30)
             await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 30, "the session")
             sess = standin.sessions[0]
-            queue_ms = queue_ms_of(worker) or int(DESIGNS[design].get("OUTPUT_QUEUE_MS", 100))
-            settle = queue_ms / 1000 + 0.35
-            out["queue_ms"], out["scheduling"] = queue_ms, scheduling_of(worker)
+            queue_ms = 1000 if minimal else queue_ms_of(worker) or int(DESIGNS[design].get("OUTPUT_QUEUE_MS", 100))
+            settle = (0.1 if minimal else queue_ms / 1000) + 0.35
+            out["queue_ms"], out["scheduling"] = queue_ms, "normal" if minimal else scheduling_of(worker)
             await asyncio.sleep(1.0 + queue_ms / 1000)
-            c0 = await counters(worker)
+            c0 = None if minimal else await counters(worker)
             in0 = await inbound_stats(user)
             th0, srv0, self0 = thread_cpu(worker.proc.pid), proc_cpu_s(self.server.proc.pid), self_cpu_s()
             machine, cpu0, t0 = MachineMeter(), proc_cpu_s(worker.proc.pid), time.monotonic()
@@ -752,10 +800,11 @@ class Bench:
             out["machine"] = machine.stop()
             th1, srv1, self1 = thread_cpu(worker.proc.pid), proc_cpu_s(self.server.proc.pid), self_cpu_s()
             out["threads"] = realtime_share(th0, th1)
+            out["thread_groups"] = thread_groups(th0, th1, t1 - t0)
             out["server_cores"] = (srv1 - srv0) / (t1 - t0) if srv0 is not None and srv1 is not None else None
             out["bench_cores"] = (self1 - self0) / (t1 - t0)
             out["listener"] = inbound_delta(in0, await inbound_stats(user), t1 - t0)
-            c1 = await counters(worker)
+            c1 = None if minimal else await counters(worker)
             out["peak_rss_mb"] = (proc_status_kb(worker.proc.pid, "VmHWM") or 0) / 1024
             out["cpu_s_per_min"] = (cpu1 - cpu0) / (t1 - t0) * 60 if cpu0 is not None and cpu1 is not None else None
             out["conversation_s"] = t1 - t0
@@ -795,11 +844,12 @@ class Bench:
         per = max(1, math.ceil(turns / rounds))
         sessions = []
         index = 0
+        designs = self.designs
         for rnd_i in range(rounds):
-            order = ["ours", "naive"] if rnd_i % 2 == 0 else ["naive", "ours"]
+            order = designs if rnd_i % 2 == 0 else designs[::-1]
             for design in order:
                 index += 1
-                self.progress(f"session {index}/{2 * rounds}: {design}, {per} replies + {per} barge-ins")
+                self.progress(f"session {index}/{len(designs) * rounds}: {design}, {per} replies + {per} barge-ins")
                 try:
                     sessions.append(await self.session(design, per, per, index))
                 except Exception as e:  # noqa: BLE001 - report and go on
@@ -1008,7 +1058,7 @@ class Bench:
             "level_seconds": level_s, "startups": startups, "cpus": os.cpu_count(), "load_start": loadavg(),
             "host": platform.node(), "python": platform.python_version(),
             "media_ip": os.environ.get("VOICE_AGENT_TEST_IP"), "logs": str(self.tmp),
-            "bench_priority": self.priority.note, "worker_env": a.worker_env,
+            "bench_priority": self.priority.note, "worker_env": a.worker_env, "designs": self.designs,
         }
         with self.priority.normal():
             res["worker_rev"] = git_describe()
@@ -1021,7 +1071,7 @@ class Bench:
         t0 = time.monotonic()
         try:
             if "scenarios" not in a.skip:
-                self.progress(f"1-4/6 ours vs naive: {turns} replies and {turns} barge-ins per design, "
+                self.progress(f"1-4/6 {' vs '.join(self.designs)}: {turns} replies and {turns} barge-ins per design, "
                               f"{rounds} round(s)")
                 res["sessions"] = await self.scenarios(turns, rounds)
             if "density" not in a.skip:
@@ -1111,32 +1161,42 @@ def report(res: dict[str, Any]) -> str:
     sessions = [s for s in res.get("sessions", []) if "error" not in s]
     if res.get("sessions") is not None:
         add("")
-        by = {d: [s for s in sessions if s["design"] == d] for d in DESIGNS}
-        q = {d: "/".join(str(v) for v in sorted({s.get("queue_ms") for s in by[d]})) for d in DESIGNS}
-        sch = ", ".join(sorted({s.get("scheduling", "?") for s in sessions}))
-        add(f"1-4. ours = defaults (output queue {q['ours']} ms, as the worker logged it) vs naive = "
-            "OUTPUT_QUEUE_MS=1000 + BARGE_IN_CLEAR_QUEUE=1")
-        add(f"     {len(by['ours'])} + {len(by['naive'])} sessions, alternating; one room, one worker, one user each; "
-            f"worker audio thread: {sch}. Medians [min-max] n.")
+        designs = [d for d in res.get("designs", DESIGNS) if d in DESIGNS]
+        by = {d: [s for s in sessions if s["design"] == d] for d in designs}
+        q = {d: "/".join(str(v) for v in sorted({s.get("queue_ms") for s in by[d]})) for d in designs}
+        sch = ", ".join(sorted({s.get("scheduling", "?") for s in by.get("ours", [])}))
+        add(f"1-4. ours = the worker's defaults (output queue {q.get('ours', '?')} ms, as it logged it); minimal = "
+            "bench/minimal_bridge.py (reply chunks captured straight into a 1000 ms AudioSource queue, clear_queue() on "
+            "barge-in, no mixer, no bed); naive = the worker with OUTPUT_QUEUE_MS=1000 + BARGE_IN_CLEAR_QUEUE=1")
+        add(f"     {' + '.join(f'{len(by[d])} {d}' for d in designs)} sessions, order alternating per round; one room, "
+            f"one bridge process, one user each; ours' audio thread: {sch}. Medians [min-max] n.")
         fig: dict[str, dict[str, dict[str, Any]]] = {}
-        for d in DESIGNS:
+        for d in designs:
             ss = by[d]
             fig.setdefault("lat", {})[d] = stats([v for s in ss for v in s["latency_ms"]])
             fig.setdefault("barge", {})[d] = stats([b["to_silence_ms"] for s in ss for b in s["barge_ins"]])
             fig.setdefault("cpu", {})[d] = stats([s["cpu_s_per_min"] for s in ss])
+            fig.setdefault("cores", {})[d] = stats([s["cpu_s_per_min"] / 60 for s in ss if s["cpu_s_per_min"] is not None])
             fig.setdefault("rss", {})[d] = stats([s["peak_rss_mb"] for s in ss])
             fig.setdefault("skip", {})[d] = stats([b["skip_ms"] for s in ss for b in s["barge_ins"]])
             fig.setdefault("dip", {})[d] = stats([b["bed_min_local"] * 100 for s in ss for b in s["barge_ins"]
                                                   if b.get("bed_min_local") is not None])
-        w0, w1 = 50, 31
-        add(f"   {'figure':<{w0}} {'ours':<{w1}} {'naive':<{w1}} naive/ours")
+        w0, w1 = 50, 27
+        ratios = []
+        if "ours" in designs and BASELINE in designs:
+            ratios.append(("ours", BASELINE))
+        if "ours" in designs and "naive" in designs:
+            ratios.append(("naive", "ours"))
+        add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
+            + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 
         def row(label: str, key: str, unit: str, digits: int = 0) -> None:
-            a, b = fig[key]["ours"], fig[key]["naive"]
-            add(f"   {label:<{w0}} {fmt(a, unit, digits):<{w1}} {fmt(b, unit, digits):<{w1}} {ratio(a, b)}")
+            cells = " ".join(f"{fmt(fig[key][d], unit, digits):<{w1}}" for d in designs)
+            add(f"   {label:<{w0}} {cells} " + " ".join(f"{ratio(fig[key][b], fig[key][a]):<{len(a) + len(b) + 10}}"
+                                                      for a, b in ratios))
 
         def line(label: str, f: Callable[[str], str]) -> None:
-            add(f"   {label:<{w0}} {f('ours'):<{w1}} {f('naive'):<{w1}}")
+            add(f"   {label:<{w0}} " + " ".join(f"{f(d):<{w1}}" for d in designs))
 
         def bed_sum(d: str, key: str) -> float:
             return _sum([s["bed"][key] for s in by[d]])
@@ -1158,6 +1218,7 @@ def report(res: dict[str, Any]) -> str:
              lambda d: f"{sum(b['skip_ms'] + b['insert_ms'] > 5 for s in by[d] for b in s['barge_ins'])}"
                        f" of {sum(len(s['barge_ins']) for s in by[d])}")
         row("  deepest bed dip within 1.5 s of a barge-in", "dip", "%")
+
         def listened(d: str) -> list[dict[str, Any]]:
             return [s["listener"] for s in by[d] if s.get("listener")]
 
@@ -1171,16 +1232,33 @@ def report(res: dict[str, Any]) -> str:
              lambda d: ", ".join(f"{s['listener']['jb_delay_ms']:.0f}" for s in by[d]
                                  if s.get("listener") and s["listener"]["jb_delay_ms"] is not None) + " ms")
         row("4 worker CPU per minute of conversation", "cpu", " s", 2)
+        row("4 ... the same in cores (whole process)", "cores", "", 3)
         row("4 worker peak RSS (VmHWM)", "rss", " MB")
         line("4 underruns (worker counters, during turns)",
-             lambda d: f"{_sum([s['underruns'] for s in by[d]]):.0f} ({_sum([s['underrun_ms'] for s in by[d]]):.0f}"
-                       f" ms); {sum(s['underrun_warnings'] for s in by[d])} log warnings")
+             lambda d: "n/a (no counters)" if d == BASELINE else
+             f"{_sum([s['underruns'] for s in by[d]]):.0f} ({_sum([s['underrun_ms'] for s in by[d]]):.0f}"
+             f" ms); {sum(s['underrun_warnings'] for s in by[d])} log warnings")
         line("  worker CPU on real-time threads",
              lambda d: ", ".join(f"{s['threads']['rt_fraction'] * 100:.0f}%" for s in by[d]
                                  if s.get("threads", {}).get("rt_fraction") is not None) or "n/a")
         line("  machine busy / other processes (cores)",
              lambda d: ", ".join(f"{s['machine'].get('busy_cores', '?')}/{max(0.0, s.get('other_cores') or 0):.2f}"
                                  for s in by[d]))
+        add("")
+        add("   4 worker CPU per thread group, cores (median over sessions; /proc/<pid>/task/*/stat over the turns)")
+        for label, _ in THREAD_GROUPS:
+            vals = {d: stats([s["thread_groups"][label] for s in by[d] if s.get("thread_groups")]) for d in designs}
+            cells = " ".join(f"{fmt(vals[d], '', 3):<{w1}}" for d in designs)
+            add(f"   {label[:w0]:<{w0}} {cells} "
+                + " ".join(f"{ratio(vals[b], vals[a]):<{len(a) + len(b) + 10}}" for a, b in ratios))
+        for d in designs:
+            names: dict[str, list[float]] = {}
+            for s in by[d]:
+                for k, v in s.get("thread_groups", {}).get("by_name", {}).items():
+                    names.setdefault(k, []).append(v)
+            if names:
+                add(f"   {d} by thread name: " + ", ".join(f"{k} {statistics.median(v):.3f}"
+                                                           for k, v in sorted(names.items(), key=lambda kv: -statistics.median(kv[1]))))
         rt_names: dict[str, int] = {}
         for s in sessions:
             for k, v in s.get("threads", {}).get("rt_threads", {}).items():
@@ -1188,7 +1266,7 @@ def report(res: dict[str, Any]) -> str:
         if rt_names:
             add("   worker threads at real-time priority: "
                 + ", ".join(f"{k}" + (f" x{v}" if v > 1 else "") for k, v in sorted(rt_names.items())))
-        for d in DESIGNS:
+        for d in designs:
             fails = [f for s in by[d] for f in s["failures"]]
             missing = sum(v is None for s in by[d] for v in s["latency_ms"]) + \
                 sum(b["to_silence_ms"] is None for s in by[d] for b in s["barge_ins"])
@@ -1304,6 +1382,8 @@ def main() -> None:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for every worker (repeatable), e.g. OUTPUT_QUEUE_MS=40; the naive "
                          "design keeps its own OUTPUT_QUEUE_MS and BARGE_IN_CLEAR_QUEUE")
+    ap.add_argument("--designs", default=",".join(DESIGNS),
+                    help=f"designs to compare in scenarios 1-4 (default {','.join(DESIGNS)}); ours is always needed")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="write the raw numbers here")
     args = ap.parse_args()
