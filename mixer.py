@@ -21,13 +21,14 @@ import asyncio
 import collections
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import numpy as np
+
+import scheduling
 
 log = logging.getLogger("mixer")
 
@@ -604,40 +605,6 @@ class MixerCore:
 # --- the writer ---------------------------------------------------------------------------
 
 
-def _name_os_thread(name: str) -> None:
-    """Set the calling thread's OS name (Linux comm, 15 bytes); Python 3.11 does not."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
-
-
-def _raise_thread_priority(mode: str = "realtime") -> str:
-    """Give the calling (audio) thread real-time scheduling if we may, else a higher
-    priority, else leave it: on a busy host this is what keeps the queue from running
-    dry. Needs CAP_SYS_NICE (root, or AmbientCapabilities=CAP_SYS_NICE under systemd).
-    LiveKit's own media threads start from this thread (its first call is made here), so
-    they inherit the same scheduling: measured, that is what keeps several workers on one
-    host from starving each other's output (bench/README.md)."""
-
-    tid = threading.get_native_id()
-    if mode == "normal":
-        return "normal"
-    if mode == "realtime":
-        try:
-            os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(10))
-            return "SCHED_RR"
-        except (OSError, AttributeError):
-            pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, -10)
-        return "nice -10"
-    except (OSError, AttributeError):
-        return "normal"
-
-
 class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
@@ -693,8 +660,8 @@ class Mixer:
     def _thread_main(self) -> None:
         from livekit import rtc
 
-        _name_os_thread("mixer-writer")  # so per-thread CPU figures (/proc, top -H) can tell it apart
-        self.priority = _raise_thread_priority(self.priority_mode)
+        scheduling.name_thread("mixer-writer")
+        self.priority = scheduling.raise_audio_thread(self.priority_mode)
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -706,13 +673,7 @@ class Mixer:
             self._error = e
             self._source_ready.set()
             return
-        if self.priority == "SCHED_RR":
-            # Then stand above them: with equal real-time priorities, a busy media thread
-            # could hold a core for a whole round-robin slice (100 ms) before we run.
-            try:
-                os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR, os.sched_param(12))
-            except OSError:
-                pass
+        scheduling.audio_thread_above_media(self.priority)
         self._source_ready.set()
         try:
             loop.run_until_complete(self._write_loop(rtc))

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 import bridge
 import control
+import scheduling
 from bridge import (
     EXIT_CONFIG,
     EXIT_DUPLICATE_IDENTITY,
@@ -1661,28 +1662,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(control_client(cfg, args.method, args.payload, args.identity or "operator", args.file))
     log_ctx = setup_logging(cfg, cfg.log_level, cfg.log_format)
     if cfg.audio_priority != "normal":
-        raise_priority(cfg.audio_priority)
+        scheduling.raise_main_thread(cfg.audio_priority)
     return asyncio.run(_run(cfg, log_ctx))
-
-
-def raise_priority(mode: str) -> None:
-    """Real-time audio on a shared host. The audio thread (SCHED_RR 12) and LiveKit's media
-    threads (10) need the GIL too: if the event loop's thread holds it and is preempted by
-    anything, they wait (priority inversion, measured as 100-200 ms stalls with several
-    workers on a host). So in "realtime" mode the main thread is real-time as well, below
-    the audio (SCHED_RR 5); in "nice" mode the process gets nice -10. Needs CAP_SYS_NICE
-    (root, or the systemd unit's AmbientCapabilities=); harmless without it."""
-    if mode == "realtime":
-        try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(5))
-            return
-        except (OSError, AttributeError):
-            pass
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > -10:
-            os.setpriority(os.PRIO_PROCESS, 0, -10)
-    except OSError:
-        log.debug("running at normal CPU priority (no CAP_SYS_NICE)")
 
 
 async def control_client(cfg: Config, method: str | None, payload: str, identity: str, file: str | None) -> int:
