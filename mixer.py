@@ -1388,12 +1388,7 @@ class Mixer:
         MixerCore.rerender). Done between two ticks of the source, so that the whole queue
         is ours to replace before it takes the next block."""
         n = self.core.frame
-        now = time.monotonic()
-        tick = self._next_tick(now)
-        if self._phase is not None and tick - now < 0.002:
-            await asyncio.sleep(tick + 0.0005 - now)  # let the tick pass first
-            now = time.monotonic()
-            tick = self._next_tick(now)
+        tick = await self._between_ticks()
         blocks = round((self._handed_until - tick) / TICK_S)
         if blocks <= 0:
             return  # nothing queued: the next frames mixed carry the change
@@ -1434,6 +1429,22 @@ class Mixer:
         else:
             self.fills += 1
         self.heartbeat = time.monotonic()
+
+    async def _between_ticks(self, margin: float = 0.002) -> float:
+        """Wait (3 ms at most) until the source's last tick has surely run (a tick can run a
+        little late) and its next one is not about to: the moment to replace its queue.
+        Returns the time of the next tick, which takes the first block handed over then."""
+        now = time.monotonic()
+        if self._phase is None:
+            return self._next_tick(now)
+        prev = self._phase + TICK_S * math.floor((now - self._phase) / TICK_S)
+        if now - prev < margin:
+            await asyncio.sleep(prev + margin - now)
+            return prev + TICK_S
+        if prev + TICK_S - now < margin:
+            await asyncio.sleep(prev + TICK_S + margin - now)
+            return prev + 2 * TICK_S
+        return prev + TICK_S
 
     def _drain_locked(self) -> list[tuple[str, str | None, int]]:
         items, self.core.events = self.core.events, []

@@ -11,12 +11,19 @@ speak into a real-time microphone and record what they hear with arrival times. 
 time is ``time.monotonic()`` in this process: the stand-in's records and the listener's
 arrival times share one clock. A user joins once its worker has logged "ready: in room".
 
-Two designs of the same worker, back to back in the same run (alternating order per
-round), each in fresh rooms with fresh processes:
+Designs, back to back in the same run (the order reversed every other round), each in
+fresh rooms with fresh processes:
 
-* **ours**  = the worker's defaults (the output queue the worker reports in its log).
-* **naive** = ``OUTPUT_QUEUE_MS=1000`` and ``BARGE_IN_CLEAR_QUEUE=1``: LiveKit's default
-  1000 ms queue, and ``clear_queue()`` on barge-in (which also throws away queued bed).
+* **ours**    = the worker's defaults (the output queue the worker reports in its log).
+* **minimal** = ``bench/minimal_bridge.py``: no mixer, no bed; each reply chunk captured
+  straight into an ``AudioSource`` with the SDK's default 1000 ms queue, ``clear_queue()``
+  on barge-in, written like the provider's tutorial. Every figure of ours is also given
+  as a ratio ours/minimal.
+* **naive**   = the worker with ``OUTPUT_QUEUE_MS=1000`` and ``BARGE_IN_CLEAR_QUEUE=1``:
+  LiveKit's default queue, replies wait behind it, and ``clear_queue()`` on barge-in
+  (which also throws away queued bed).
+* **ours-normal** = ours with ``AUDIO_PRIORITY=normal``: what real-time scheduling costs
+  (full runs; ``--designs`` picks any of them).
 
 Signals (tones at multiples of 50 Hz, so 20 ms windows hold whole periods): the bed is a
 3 s loop of a 300 Hz tone plus seeded noise band-limited to 1.4-4 kHz
@@ -29,7 +36,10 @@ Figures
 1. Reply latency: the stand-in sends the first reply chunk (``ReplyRecord.first_audio_at``)
    -> the listener has the first 20 ms window (hop 10 ms) whose 1000 Hz amplitude exceeds
    0.1; the time of a window is the arrival of the 10 ms frame that completes it, so the
-   figure carries about +5..20 ms of detection delay, the same for both designs.
+   figure carries about +5..20 ms of detection delay, the same for every design.
+   1b. The same for a late API (the stand-in's ``first_chunk_ms=40``,
+   ``chunk_gap_ms=(1, LATE_GAP_MS)``), and the silence heard inside such a reply: 10 ms
+   steps below the threshold between its first and last audible windows.
 2. Barge-in to silence: the stand-in decides the user interrupted (``interrupted_at``; the
    user speaks 0.6 s over a 4 s reply, 0.4-1.0 s after they started to hear it) -> the
    first window after which the 1000 Hz amplitude stays below 0.05 (until the next
@@ -50,14 +60,17 @@ Figures
    turns; 60 = one full core), the share of it on real-time (SCHED_FIFO/RR) threads
    (``/proc/<pid>/task``), and peak RSS (``VmHWM``), per session; underruns from the
    worker's counters (``SIGUSR1`` dumps them at info level) and its ``audio underrun``
-   warnings. Also what the server, this process and everything else used meanwhile.
+   warnings. Also what the server, this process and everything else used meanwhile; CPU
+   per thread group (our Python, our audio thread, the SDK's runtimes, WebRTC); and the
+   calls a host could hold at HOST_LOAD of its cores at that CPU per call.
 5. Density: 1, 2, 4, 6, 8 rooms at once (1, 2, 4 with --quick), one worker process (ours)
    and one user each; every user holds a conversation (0.5 s utterance, a 0.8 s answer,
    0.6-0.9 s pause) for ~20 s (10 s; one room alone runs 28 s to get ~10 turns). Per
    level: reply latency (user turn answered -> heard, as in 1), underruns, bed gaps and
    discontinuities, listeners' jitter buffers, worker CPU, and what the livekit-server,
    this bench process (all users and stand-ins live here), other processes and the whole
-   machine used, plus this process's event-loop lag. A level "breaks" on underruns, gaps,
+   machine used, plus this process's event-loop lag. The observers (this process and the
+   server) are counted apart: the calls per host the workers alone imply are printed. A level "breaks" on underruns, gaps,
    failed or unheard turns, or a latency median > 2x the one-room median; the ramp stops
    after two broken levels in a row.
 6. Startup (ours, ``STARTUP_CHECK=1``, ``NOTIFY_SOCKET`` bound here): process start
@@ -129,12 +142,16 @@ NOISE_BAND = (1400.0, 4000.0)
 BED_SECONDS = 3.0
 REPLY_ON, REPLY_OFF = 0.10, 0.05  # reply tones have amplitude 0.5
 GAP_FRACTION = 0.25  # a bed window below this fraction of the bed's level is a gap
+LATE_GAP_MS = 80  # the late API's second reply chunk comes this late
 WIN, HOP = 480, 240  # 20 ms windows, 10 ms hop (reply onset / silence)
 DESIGNS = {
     "ours": {},
     "minimal": {},  # bench/minimal_bridge.py, not the worker: see MinimalBridge
     "naive": {"OUTPUT_QUEUE_MS": "1000", "BARGE_IN_CLEAR_QUEUE": "1"},
+    "ours-normal": {"AUDIO_PRIORITY": "normal"},  # what real-time scheduling costs (full runs only)
 }
+QUICK_DESIGNS = ("ours", "minimal", "naive")
+HOST_LOAD = 0.8  # a host is "full" at this share of its cores busy (audio needs headroom)
 BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -614,6 +631,17 @@ def onset(times: np.ndarray, amp: np.ndarray, t0: float, t1: float, thr: float =
     return float(times[sel[0]]) if len(sel) else None
 
 
+def holes_ms(times: np.ndarray, amp: np.ndarray, t_onset: float, duration_s: float) -> float:
+    """Silence inside a reply heard from t_onset: 10 ms steps (20 ms windows) below the
+    onset threshold before the reply's last audible window (its audio lasts duration_s)."""
+    sel = np.nonzero((times >= t_onset) & (times <= t_onset + duration_s + 0.6))[0]
+    if not len(sel):
+        return 0.0
+    above = sel[amp[sel] > REPLY_ON]
+    inside = sel[(sel >= above[0]) & (sel <= above[-1])] if len(above) else sel[:0]
+    return float(np.sum(amp[inside] <= REPLY_ON)) * HOP * 1000 / SR
+
+
 def gone(times: np.ndarray, amp: np.ndarray, t0: float, t1: float, thr: float = REPLY_OFF) -> float | None:
     """Time of the first window after t0 from which amp stays below thr until t1."""
     sel = np.nonzero((times > t0) & (times <= t1))[0]
@@ -706,7 +734,9 @@ class Bench:
         self.tracker = BedTracker(worker_loop_of(self.bed))
         self.t_start = time.monotonic()
         self._rooms = 0
-        self.designs = [d for d in DESIGNS if d in args.designs.split(",")]
+        wanted = args.designs.split(",") if args.designs else (QUICK_DESIGNS if args.quick else list(DESIGNS))
+        self.designs = [d for d in DESIGNS if d in wanted]
+        self.n_late = 1 if args.quick else 3
 
     def progress(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -778,6 +808,19 @@ class Bench:
                     await asyncio.sleep(settle + self.rnd.uniform(0.0, 0.4))
                 except (TimeoutError, AssertionError, RuntimeError) as e:
                     out["failures"].append(f"latency turn {i}: {e}")
+            late_replies = []
+            for i in range(self.n_late):
+                # A late API: the reply's first chunk is 40 ms, its second comes LATE_GAP_MS late.
+                standin.options.first_chunk_ms, standin.options.chunk_gap_ms = 40, (1, LATE_GAP_MS)
+                try:
+                    r = await standin.trigger_reply(seconds=1.0, freq_hz=REPLY_HZ, session=sess)
+                    await wait(lambda r=r: r.done_at, 15, "reply done")
+                    late_replies.append(r)
+                    await asyncio.sleep(settle + self.rnd.uniform(0.0, 0.4))
+                except (TimeoutError, AssertionError, RuntimeError) as e:
+                    out["failures"].append(f"late reply {i}: {e}")
+                finally:
+                    standin.options.first_chunk_ms, standin.options.chunk_gap_ms = None, None
             for i in range(n_barge):
                 try:
                     r = await standin.trigger_reply(seconds=4.0, freq_hz=REPLY_HZ, session=sess)
@@ -827,6 +870,11 @@ class Bench:
         for r in lat_replies:
             t = onset(rt, ra, r.first_audio_at, r.first_audio_at + 3.0)
             out["latency_ms"].append(None if t is None else (t - r.first_audio_at) * 1000)
+        out["late"] = []
+        for r in late_replies:
+            t = onset(rt, ra, r.first_audio_at, r.first_audio_at + 3.0)
+            out["late"].append({"latency_ms": None if t is None else (t - r.first_audio_at) * 1000,
+                                "holes_ms": None if t is None else holes_ms(rt, ra, t, r.duration_s)})
         bed = analyse_bed(cap, self.tracker, t0, t1 - 0.2)
         out["bed"] = bed.summary()
         out["barge_ins"] = []
@@ -1178,6 +1226,8 @@ def report(res: dict[str, Any]) -> str:
             fig.setdefault("cpu", {})[d] = stats([s["cpu_s_per_min"] for s in ss])
             fig.setdefault("cores", {})[d] = stats([s["cpu_s_per_min"] / 60 for s in ss if s["cpu_s_per_min"] is not None])
             fig.setdefault("rss", {})[d] = stats([s["peak_rss_mb"] for s in ss])
+            fig.setdefault("late_lat", {})[d] = stats([x["latency_ms"] for s in ss for x in s.get("late", [])])
+            fig.setdefault("late_holes", {})[d] = stats([x["holes_ms"] for s in ss for x in s.get("late", [])])
             fig.setdefault("skip", {})[d] = stats([b["skip_ms"] for s in ss for b in s["barge_ins"]])
             fig.setdefault("dip", {})[d] = stats([b["bed_min_local"] * 100 for s in ss for b in s["barge_ins"]
                                                   if b.get("bed_min_local") is not None])
@@ -1187,6 +1237,8 @@ def report(res: dict[str, Any]) -> str:
             ratios.append(("ours", BASELINE))
         if "ours" in designs and "naive" in designs:
             ratios.append(("naive", "ours"))
+        if "ours" in designs and "ours-normal" in designs:
+            ratios.append(("ours-normal", "ours"))
         add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
             + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 
@@ -1202,6 +1254,8 @@ def report(res: dict[str, Any]) -> str:
             return _sum([s["bed"][key] for s in by[d]])
 
         row("1 reply latency: first chunk sent -> heard", "lat", " ms")
+        row(f"1b late API (2nd chunk {LATE_GAP_MS} ms late): latency", "late_lat", " ms")
+        row("1b ... silence inside the reply (10 ms steps)", "late_holes", " ms")
         row("2 barge-in (stand-in interrupts) -> reply silent", "barge", " ms")
         line("3 bed gaps: 20 ms windows < -12 dB of bed level",
              lambda d: f"{bed_sum(d, 'gap_windows'):.0f} of {bed_sum(d, 'windows'):.0f}, longest "
@@ -1234,6 +1288,8 @@ def report(res: dict[str, Any]) -> str:
         row("4 worker CPU per minute of conversation", "cpu", " s", 2)
         row("4 ... the same in cores (whole process)", "cores", "", 3)
         row("4 worker peak RSS (VmHWM)", "rss", " MB")
+        line(f"4 implied calls per {res['cpus']}-core host ({HOST_LOAD:.0%} busy)",
+             lambda d: f"{res['cpus'] * HOST_LOAD / fig['cores'][d]['median']:.0f}" if fig["cores"][d].get("n") else "n/a")
         line("4 underruns (worker counters, during turns)",
              lambda d: "n/a (no counters)" if d == BASELINE else
              f"{_sum([s['underruns'] for s in by[d]]):.0f} ({_sum([s['underrun_ms'] for s in by[d]]):.0f}"
@@ -1329,9 +1385,19 @@ def report(res: dict[str, Any]) -> str:
         one = next((lv for lv in levels if "error" not in lv and lv["rooms"] == 1), None)
         if one and stats(one["worker_cpu_s_per_min"]).get("n"):
             per = stats(one["worker_cpu_s_per_min"])["median"]
-            add(f"   arithmetic, not measured: one worker used {per:.1f} CPU s per minute ({per / 60:.2f} cores), so "
+            add(f"   arithmetic, not measured: one worker used {per:.1f} CPU s per minute ({per / 60:.3f} cores), so "
                 f"{res['cpus']} cores with nothing else running would hold at most ~{res['cpus'] * 60 / per:.0f} "
-                "rooms before the CPU runs out")
+                f"rooms before the CPU runs out, ~{res['cpus'] * HOST_LOAD * 60 / per:.0f} at {HOST_LOAD:.0%} busy")
+        # Observers counted apart: what the workers alone used at the highest level that held.
+        held = [lv for lv in levels if "error" not in lv and not density_reasons(lv, base)]
+        if held:
+            top = held[-1]
+            workers = sum(v for v in top["worker_cpu_s_per_min"] if v is not None) / 60
+            observers = top["bench_cores"] + (top["server_cores"] or 0)
+            add(f"   measured, observers counted apart: at {top['rooms']} rooms (the most that held) the workers used "
+                f"{workers:.2f} cores ({workers / top['rooms']:.3f} per call) while the users, listeners and stand-ins "
+                f"(bench) and the livekit-server used {observers:.2f}; without them {res['cpus']} cores at "
+                f"{HOST_LOAD:.0%} would hold ~{res['cpus'] * HOST_LOAD / (workers / top['rooms']):.0f} calls")
         bound = [lv["rooms"] for lv in levels if "error" not in lv
                  and (lv["bench_cores"] > 0.8 or lv["loop_lag"]["p99_ms"] > 20)]
         if bound:
@@ -1382,8 +1448,9 @@ def main() -> None:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for every worker (repeatable), e.g. OUTPUT_QUEUE_MS=40; the naive "
                          "design keeps its own OUTPUT_QUEUE_MS and BARGE_IN_CLEAR_QUEUE")
-    ap.add_argument("--designs", default=",".join(DESIGNS),
-                    help=f"designs to compare in scenarios 1-4 (default {','.join(DESIGNS)}); ours is always needed")
+    ap.add_argument("--designs", default=None,
+                    help=f"designs to compare in scenarios 1-4, of {','.join(DESIGNS)} (default: all; "
+                         f"{','.join(QUICK_DESIGNS)} with --quick)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="write the raw numbers here")
     args = ap.parse_args()

@@ -681,12 +681,14 @@ def col(run: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 
 async def run_late(bed: np.ndarray, rng: random.Random, cushion_ms: float, gap_ms: float, reps: int,
-                   first_ms: float = 40.0) -> dict[str, Any]:
+                   first_ms: float = 40.0, cushion_max_ms: float | None = None) -> dict[str, Any]:
     """Replies whose first chunk (first_ms) is followed by the rest only gap_ms after it
     was due (a late API; gap 0: the rest comes right behind it, a burst), with the reply
-    cushion at cushion_ms. Observed: first chunk received -> first sample out; holes inside
-    the reply (stretches > 2 ms without a loud sample of the 440 Hz tone)."""
-    mixer = Mixer(MixerSettings(reply_cushion_ms=cushion_ms))
+    cushion starting at cushion_ms and adapting up to cushion_max_ms (None: fixed).
+    Observed: first chunk received -> first sample out; holes inside the reply (stretches
+    > 2 ms without a loud sample of the 440 Hz tone)."""
+    top = cushion_ms if cushion_max_ms is None else cushion_max_ms
+    mixer = Mixer(MixerSettings(reply_cushion_ms=cushion_ms, reply_cushion_max_ms=top))
     source = mixer.start()
     tap = Tap(source)
     mixer.set_bed("bed", bed, fade_ms=20)
@@ -717,7 +719,8 @@ async def run_late(bed: np.ndarray, rng: random.Random, cushion_ms: float, gap_m
         holes = gaps[gaps > RATE * 2 // 1000]
         out.append({"latency_ms": (obs.time_of(onset) - t_rec) * 1000, "holes_ms": float(holes.sum()) * 1000 / RATE,
                     "zeros_ms": obs.zeros_between(onset, last) * 1000 / RATE})
-    return {"cushion_ms": cushion_ms, "gap_ms": gap_ms, "first_ms": first_ms, "replies": out}
+    return {"cushion_ms": cushion_ms, "cushion_max_ms": top, "gap_ms": gap_ms, "first_ms": first_ms, "replies": out,
+            "cushion_end_ms": mixer.core.cushion_ms}
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -762,8 +765,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                                 seconds=sweep_s, load=load))
     late_reps = 3 if quick else 8
     progress(f"6/6 a late API and the reply cushion ({late_reps} replies per point)")
-    results["late"] = [await run_late(bed, rng, cushion, gap, late_reps)
-                       for gap in (0.0, 80.0) for cushion in (0.0, 40.0, 80.0)]
+    results["late"] = [await run_late(bed, rng, cushion, gap, late_reps, cushion_max_ms=top)
+                       for gap in (0.0, 80.0) for cushion, top in ((0.0, None), (40.0, None), (80.0, None), (0.0, 60.0))]
     results["elapsed_s"] = time.monotonic() - t_all
     return results
 
@@ -887,11 +890,15 @@ def report(res: dict[str, Any]) -> str:
     if res.get("late"):
         out.append("")
         out.append("6. A late API: the reply's first chunk (40 ms), then the rest gap ms after it was due; "
-                   "with the reply cushion (MixerSettings.reply_cushion_ms)")
+                   "with the reply cushion (MixerSettings.reply_cushion_ms, fixed or adapting up to "
+                   "reply_cushion_max_ms: the default is 0 -> 60)")
         rows = []
         for run in res["late"]:
             rs = run["replies"]
-            rows.append([f"{run['gap_ms']:.0f}", f"{run['cushion_ms']:.0f}",
+            top = run.get("cushion_max_ms", run["cushion_ms"])
+            cushion = f"{run['cushion_ms']:.0f}" if top == run["cushion_ms"] else \
+                f"{run['cushion_ms']:.0f}->{top:.0f} (ended {run.get('cushion_end_ms', 0):.0f})"
+            rows.append([f"{run['gap_ms']:.0f}", cushion,
                          fmt_stats(stats([r["latency_ms"] for r in rs]), 0),
                          fmt_stats(stats([r["holes_ms"] for r in rs]), 0),
                          fmt_stats(stats([r.get("zeros_ms") for r in rs]), 0)])
