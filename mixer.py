@@ -1133,7 +1133,7 @@ class Mixer:
         # writer); up to batch_ms more right after a hand-over.
         self.queue_ms = queue_ms
         # The source's own queue: a regular hand-over overfills it by one 10 ms block, so
-        # that capture completes at the source's next tick (see _sync).
+        # that capture completes at the source's next tick (see _check_clock).
         self.source_queue_ms = max(10, queue_ms + self.batch_ms - 10)
         history = (self.source_queue_ms + 10 + frame_ms) // frame_ms + 4
         self.core = MixerCore(settings, history_frames=history)
@@ -1181,7 +1181,11 @@ class Mixer:
         self._cleared = False  # clear_queue() ran while a capture was pending
         self.writer_cpu_s = 0.0  # CPU seconds used so far by the writer thread (for the bench)
         self.misses = 0  # flushes during which the output took blocks being mixed again
-        self.races = 0  # flushes a tick of the output may have split (a 10 ms repeat or gap)
+        self.races = 0  # re-mixes a tick of the output split before the queue was cleared (fixed up)
+        self.gaps = 0  # re-mixes whose hand-over may have come after a tick (a 10 ms gap, likely)
+        self.clock_fixes = 0  # hand-overs that showed the writer's idea of the queue off by a block
+        self._offsets: collections.deque[float] = collections.deque(maxlen=16)  # see _check_clock
+        self._lateness: collections.deque[float] = collections.deque(maxlen=8)
         self._dispatchers: dict[asyncio.AbstractEventLoop, _Dispatcher] = {}
         self._ended_at: dict[str, float] = {}  # when each reply's last sample handed over is heard
         self._quiet_at = 0.0  # when the reply audio handed over so far has been heard
@@ -1260,23 +1264,68 @@ class Mixer:
         blocks = -(-(self._end_pos - pos) // BLOCK)
         return self._handed_until - blocks * TICK_S
 
-    def _sync(self, t_done: float) -> None:
-        """A capture that overfilled the source's queue completed at a tick (the tick that
-        brought the queue back to source_queue_ms): refine where the ticks fall, and where
-        the queue runs out."""
-        candidate = t_done % TICK_S
+    def _check_clock(self, t_call: float, t_done: float, expected: float) -> None:
+        """A regular hand-over overfills the source's queue by a block, so its capture
+        completes at the tick that brings the queue back to source_queue_ms: ``expected``,
+        if the writer's idea of the queue is right (if that is already past, at once).
+        Compare, and learn where the ticks fall and how much is queued. A completion is
+        reported a little after its tick (a callback), sometimes much later (the callback
+        waited for the GIL: any amount), never before it."""
+        if self._cleared:  # clear_queue() ran meanwhile: it says nothing
+            return
+        high = (self.source_queue_ms + 10) / 1000
+        waited = t_done - t_call >= 0.001  # an immediate completion takes ~0.3 ms
         if self._phase is None:
-            self._phase = candidate
-        else:
-            diff = (candidate - self._phase + TICK_S / 2) % TICK_S - TICK_S / 2
-            # Completions arrive after their tick (a callback, maybe a wait for the GIL):
-            # the earliest is the best estimate; drift allowed slowly.
-            self._phase = (self._phase + (diff if diff < 0 else min(diff, 2e-5))) % TICK_S
-        tick = t_done - ((t_done - self._phase) % TICK_S)
-        if t_done - tick < 0.002:  # a prompt completion: trust it for the depth too
-            self._handed_until = tick + (self.source_queue_ms + 10) / 1000
-        else:
-            self._handed_until = self._next_tick(self._handed_until - TICK_S / 2)
+            if waited:  # it waited for a tick: that tick was just now (a first guess)
+                self._phase = t_done % TICK_S
+                self._handed_until = t_done + high
+            return
+        overfilled = expected - t_call >= 0.001  # meant to wait for a tick
+        late = t_done - max(expected, t_call)
+        if late < -0.0015:
+            # Done before its tick: less was queued than thought. If it waited for an
+            # earlier tick the queue is known again; if it did not wait at all, at most
+            # this much is queued (the next hand-over tells more).
+            self.clock_fixes += 1
+            self._lateness.clear()
+            if waited:
+                tick = t_done - ((t_done - self._phase) % TICK_S)
+                self._handed_until = min(self._handed_until, tick + high)
+            else:
+                self._handed_until = min(self._handed_until, self._next_tick(t_call) + high - TICK_S)
+            return
+        if overfilled and late <= 0.002:
+            # On time: where the ticks fall, to a fraction of a ms. The earliest of the
+            # recent completions (the second earliest: one could be a stray) is the best.
+            self._offsets.append(late)
+            shift = sorted(self._offsets)[1] if len(self._offsets) > 1 else late
+            if abs(shift) > 5e-5:
+                self._shift_clock(shift)
+        if not waited and not overfilled:
+            return
+        # Consistently late by the same amount (three in a row, within a ms): the ticks fall
+        # later than thought (a first guess off), or a whole tick late: a block more is
+        # queued than thought (a flush that a tick split). A wait for the GIL is late by
+        # any amount, never the same three times.
+        self._lateness.append(late)
+        last = list(self._lateness)[-3:]
+        if len(last) == 3 and min(last) > 0.002 and max(last) - min(last) < 0.001:
+            low = min(last)
+            blocks = int((low + 0.0015) // TICK_S)
+            self.clock_fixes += 1
+            self._handed_until += blocks * TICK_S
+            if low - blocks * TICK_S > 0.0015:
+                self._shift_clock(low - blocks * TICK_S)
+            self._lateness.clear()
+
+    def _shift_clock(self, shift: float) -> None:
+        """The ticks fall ``shift`` later than thought (earlier if negative): the same ticks,
+        better placed, and what was learned relative to the old guess moves with them."""
+        self._phase = (self._phase + shift) % TICK_S
+        self._handed_until += shift
+        for q in (self._offsets, self._lateness):
+            for i in range(len(q)):
+                q[i] -= shift
 
     # -- the writer --
 
@@ -1286,18 +1335,22 @@ class Mixer:
         high = (self.source_queue_ms + 10) / 1000  # queued right after a regular hand-over
         # Prime: fill the queue in one hand-over that overfills it by a block, so the
         # capture returns at a tick and the source's clock is known from the start.
-        await self._hand_over(rtc, round(high * SAMPLE_RATE) // n, expect_tick=True)
+        await self._hand_over(rtc, round(high * SAMPLE_RATE) // n)
         while not self._stop.is_set():
             if self._flush_requested or self._fill_requested:
                 await self._urgent(rtc)
+            # Until the source's clock is known (a few completions), one frame at a time:
+            # each waits for a tick, which tells where the ticks fall.
+            frames = self.batch_frames if len(self._offsets) >= 6 else 1
+            batch_s = frames * n / SAMPLE_RATE
             now = time.monotonic()
             queued = self._queued_s(now)
             behind = queued + batch_s < high - 0.005  # no tick to wait for: hand over now
             if behind or (queued + batch_s <= high + 1e-4 and self._next_tick(now) - now <= 0.0035):
-                await self._hand_over(rtc, self.batch_frames, expect_tick=not behind)
+                await self._hand_over(rtc, frames)
                 continue
             # Sleep until just before the tick after which one more batch fits: that
-            # capture then completes at the tick (_sync), a few ms later.
+            # capture then completes at the tick (_check_clock), a few ms later.
             wake = self._handed_until - (high - batch_s) - 0.003
             hold = None
             if self.start_reply_at_once:
@@ -1336,7 +1389,7 @@ class Mixer:
             except RuntimeError:  # closing
                 pass
 
-    async def _hand_over(self, rtc: Any, frames: int, expect_tick: bool) -> None:
+    async def _hand_over(self, rtc: Any, frames: int) -> None:
         """Mix ``frames`` frames and hand them to the source in one capture."""
         n = self.core.frame
         frame, buf = self._frame_of(rtc, frames * n)
@@ -1355,6 +1408,7 @@ class Mixer:
                     log.warning("audio underrun: the published track was starved for %.0f ms (queue %d ms; "
                                 "%d underruns so far)", gap_ms, self.queue_ms, counters.underruns)
             self._handed_until = max(self._handed_until, tick) + frames * n / SAMPLE_RATE
+            expected = self._handed_until - (self.source_queue_ms + 10) / 1000  # see _check_clock
             self._end_pos = self.core.samples_out
             counters.queue_ms = max(0.0, (self._handed_until - now) * 1000)
             posts = self._timed_locked(items)
@@ -1362,8 +1416,7 @@ class Mixer:
         t_call = time.monotonic()
         await self.source.capture_frame(frame)
         t_done = time.monotonic()
-        if expect_tick and not self._cleared and t_done - t_call > 0.0007:
-            self._sync(t_done)
+        self._check_clock(t_call, t_done, expected)
         self._deliver(posts, None)
         self.heartbeat = time.monotonic()
         self.writer_cpu_s = time.thread_time()
@@ -1416,8 +1469,13 @@ class Mixer:
         buf[:] = data[len(data) - keep:]
         self.source.clear_queue()
         cleared = time.monotonic()
-        # One hand-off: the queue is whole again after a single call.
+        # One hand-off: the queue is whole again after a single call. Both are SDK calls that
+        # release the GIL: a thread that takes it in between and holds it past the source's
+        # next tick makes that tick play silence (counted, a likely gap: gaps).
         await self.source.capture_frame(frame)
+        if self._phase is not None and self._next_tick(time.monotonic() - 0.0004) > self._next_tick(cleared):
+            self.gaps += 1
+        self._lateness.clear()  # the queue is now what the writer handed over: older evidence is void
         if self._phase is not None and self._next_tick(cleared + 0.0002) - self._next_tick(checked) > TICK_S / 2:
             # A tick fell between the check and the hand-off: it played a block we handed
             # over again, or silence. Either way the queue now runs out a block later.
@@ -1777,6 +1835,8 @@ class Mixer:
                 "flushes": self.flushes,
                 "fills": self.fills,
                 "flush_races": self.races,
+                "flush_gaps": self.gaps,
+                "clock_fixes": self.clock_fixes,
                 "reply_holes": c.reply_holes,
                 "reply_hole_ms": round(c.reply_hole_ms, 1),
                 "reply_cushion_ms": round(self.core.cushion_ms, 1),

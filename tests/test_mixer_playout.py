@@ -233,7 +233,9 @@ async def test_a_bursty_then_late_api_never_starves_the_track():
     out = Output(heard)
     since = out.index_at(heard[0][0] + 0.3)  # the bed is playing
     zeros = np.convolve(out.data[since:] == 0, np.ones(24), "valid") == 24
-    assert mixer.core.counters.underruns == 0 and not zeros.any(), "the track ran dry"
+    assert mixer.core.counters.underruns == 0 and not zeros.any(), \
+        f"the track ran dry {np.flatnonzero(zeros)[:1] / RATE} s in (fills {mixer.fills}, races {mixer.races}, " \
+        f"misses {mixer.misses})"
     assert mixer.core.counters.reply_holes >= 2, "the API's lateness was not noticed"
     assert mixer.core.cushion_ms > 0
     positions = bed_positions(heard, bed, heard[0][0] + 0.5)
@@ -294,3 +296,53 @@ async def test_play_returns_a_handle_to_await_or_stop():
         assert mixer.core.voices == []
     finally:
         await mixer.aclose()
+
+
+async def test_reply_starts_and_barge_ins_keep_the_bed_whole_while_the_main_thread_holds_the_gil():
+    """The writer replaces the source's queue at every reply start and barge-in; it must
+    know exactly how much of it has played, also when the completions it learns the
+    source's clock from come late because it waited for the GIL (another task on the main
+    thread parses JSON in bursts), or the bed skips or repeats a block there."""
+    import json
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE // 2) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    doc = json.dumps([{"type": "transcript.partial", "text": "okay, let me check"}] * 6000)  # ~5 ms to parse
+    started: list[float] = []
+    done = asyncio.Event()
+
+    async def load() -> None:
+        while not done.is_set():
+            json.loads(doc)
+            await asyncio.sleep(0.037)
+
+    async def body() -> None:
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        started.append(time.monotonic())
+        for i in range(8):
+            await asyncio.sleep(0.07 + 0.013 * i)
+            mixer.push_reply(f"r{i}", reply.tobytes())
+            await asyncio.sleep(0.19 + 0.007 * i)
+            mixer.interrupt(f"r{i}")
+            await asyncio.sleep(0.2)
+        done.set()
+        await loader
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    assert mixer.fills >= 8 and mixer.flushes >= 8
+    out = Output(heard)
+    since = out.index_at(started[0])
+    zeros = np.flatnonzero(np.convolve(out.data[since:] == 0, np.ones(24), "valid") == 24)
+    assert not len(zeros), f"hard silence in the output {(zeros[0] + since) / RATE - (started[0] - out.t0):.3f} s " \
+        f"in ({len(zeros)} samples; {mixer.snapshot()}, misses {mixer.misses})"
+    positions = bed_positions(heard, bed, started[0])
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
