@@ -138,6 +138,9 @@ class Voice:
         self.retiring = False
         self.on_done: Callable[[bool], None] | None = None  # called where the frame is mixed
         self.handle: PlayHandle | None = None  # Mixer's handle on it, if any
+        # Started after frames already handed over: it may be mixed into them (rerender_voices)
+        # until a frame of its own is mixed.
+        self.early = False
 
     def read(self, n: int) -> np.ndarray:  # pragma: no cover - every kind overrides it
         raise NotImplementedError
@@ -737,6 +740,11 @@ class MixerCore:
         return bool(self.reply.queued) and self._tail is None and self._last_reply_end < self.frame \
             and not self._held(self.clock())
 
+    def wants_voices(self) -> bool:
+        """A bed (from silence), the thinking cue or a cue was started and has no frame of
+        its own yet: it could be mixed into frames already handed over (rerender_voices)."""
+        return any(v.early for v in self.voices)
+
     def reply_queued_ms(self) -> float:
         return self.reply.queued * 1000 / SAMPLE_RATE
 
@@ -757,6 +765,7 @@ class MixerCore:
         bed = LoopVoice(name, samples, loop=True, kind="bed", volume=self.bed_volume, ducked=True)
         bed.fade.value = 0.0
         bed.fade.to(1.0, fade, "power")
+        bed.early = first  # a crossfade starts with the old bed's fade-out, in the next frame
         self.voices.append(bed)
         return bed
 
@@ -785,6 +794,7 @@ class MixerCore:
                           volume=self.s.thinking_volume if volume is None else volume, yields=True)
         voice.fade.value = 0.0
         voice.fade.to(1.0, self._ms(self.s.cue_fade_ms), "power")
+        voice.early = True
         self.voices.append(voice)
         return voice
 
@@ -801,6 +811,7 @@ class MixerCore:
         voice.fade.value = 0.0
         voice.fade.to(1.0, self._ms(5))
         voice.on_done = on_done
+        voice.early = True
         self.voices.append(voice)
         return voice
 
@@ -939,6 +950,7 @@ class MixerCore:
         n = self.frame
         slot.has_ducked = slot.has_plain = slot.has_yielding = False
         for v in self.voices:
+            v.early = False
             samples = v.read(n)
             g = v.gain.render(n)
             f = v.fade.render(n)
@@ -991,6 +1003,60 @@ class MixerCore:
         slot.out[:] = mix
 
     # -- mixing again what was handed over but not yet played --
+
+    def rerender_voices(self, frames: int) -> tuple[np.ndarray, int]:
+        """The last ``frames`` frames were handed to the output but not yet played. Mix the
+        voices started since (``wants_voices``) into them, from the first, as if they had
+        started in time: a cue, the thinking cue, a bed is heard at once instead of behind
+        the queue. The thinking cue is not, where those frames carry the reply (it would
+        stop at once). Returns the frames' samples and the position from which they changed."""
+        n = self.frame
+        frames = min(frames, len(self._history))
+        hist = self._history
+        i0 = len(hist) - frames
+        early = [v for v in self.voices if v.early]
+        for v in early:
+            v.early = False
+        if frames <= 0 or not early:
+            return np.zeros(0, np.int16), self.samples_out
+        if any(hist[i].reply_end for i in range(i0, len(hist))):
+            early = [v for v in early if not v.yields]
+            if not early:
+                return np.zeros(0, np.int16), self.samples_out
+        first = hist[i0]
+        self.ducker.state = first.duck_before
+        self.limiter.gain = first.limiter_before
+        for i in range(i0, len(hist)):
+            slot = hist[i]
+            for v in early:
+                if v.done:
+                    continue
+                samples = v.read(n)
+                gain = v.gain.render(n) * v.fade.render(n)
+                if v.ducked:
+                    target, has = slot.ducked, slot.has_ducked
+                    slot.has_ducked = True
+                elif v.yields:
+                    target, has = slot.yielding, slot.has_yielding
+                    slot.has_yielding = True
+                else:
+                    target, has = slot.plain, slot.has_plain
+                    slot.has_plain = True
+                if has:
+                    target += samples * gain
+                else:
+                    np.multiply(samples, gain, out=target)
+                if v.done:  # a short cue ended in these frames
+                    self.voices.remove(v)
+                    self.finished.append((v, v.completed, slot.pos + n))
+                    if v.on_done is not None:
+                        try:
+                            v.on_done(v.completed)
+                        except Exception:
+                            log.exception("voice completion callback failed")
+            duck = self.ducker.render(n, slot.reply_end > 0)
+            self._finish(slot, duck)
+        return np.concatenate([hist[i].out for i in range(i0, len(hist))]), first.pos
 
     def rerender(self, frames: int, mode: str) -> tuple[np.ndarray, int]:
         """The last ``frames`` frames were handed to the output but not yet played (they
@@ -1157,6 +1223,7 @@ class Mixer:
         self._fill_requested = False
         self.flushes = 0
         self.fills = 0
+        self.voice_fills = 0
         self.cleared_ms: list[float] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -1435,6 +1502,10 @@ class Mixer:
                 fill = self.core.wants_fill()
             if fill:
                 await self._rerender(rtc, "fill")
+            with self._lock:
+                voices = self.core.wants_voices()
+            if voices:
+                await self._rerender(rtc, "voices")
 
     async def _rerender(self, rtc: Any, mode: str) -> None:
         """Replace what the source still has queued by the same frames mixed again (see
@@ -1451,7 +1522,8 @@ class Mixer:
                 recent = list(self.core._history)[-frames:]
                 if not any(f.reply_end for f in recent):
                     return  # the reply had not reached the queue: dropping the buffer was enough
-            data, changed = self.core.rerender(frames, mode)
+            data, changed = self.core.rerender_voices(frames) if mode == "voices" \
+                else self.core.rerender(frames, mode)
             if not len(data):
                 return
             posts = self._timed_locked(self._drain_locked())
@@ -1463,7 +1535,7 @@ class Mixer:
             self.misses += 1
         keep = (blocks - late) * BLOCK
         if keep <= 0:
-            self._deliver(posts, changed)
+            self._deliver(posts, None if mode == "voices" else changed)
             return
         frame, buf = self._frame_of(rtc, keep)
         buf[:] = data[len(data) - keep:]
@@ -1481,11 +1553,13 @@ class Mixer:
             # over again, or silence. Either way the queue now runs out a block later.
             self.races += 1
             self._handed_until += TICK_S
-        self._deliver(posts, changed)
+        self._deliver(posts, None if mode == "voices" else changed)
         if mode == "drop":
             self.flushes += 1
-        else:
+        elif mode == "fill":
             self.fills += 1
+        else:
+            self.voice_fills += 1
         self.heartbeat = time.monotonic()
 
     async def _between_ticks(self, margin: float = 0.002) -> float:
@@ -1621,6 +1695,13 @@ class Mixer:
     def set_bed(self, name: str, samples: np.ndarray, volume: float | None = None, fade_ms: int | None = None) -> None:
         with self._lock:
             self.core.set_bed(name, samples, volume, fade_ms)
+        self._started()
+
+    def _started(self) -> None:
+        """A voice started: mix it into the queued frames (the writer does, at once)."""
+        if self.start_reply_at_once and not self._fill_requested:
+            self._fill_requested = True
+            self._wake()
 
     def set_bed_volume(self, volume: float, ramp_ms: int | None = None) -> None:
         with self._lock:
@@ -1635,7 +1716,9 @@ class Mixer:
         handle when called on an event loop (the one already playing, if any)."""
         with self._lock:
             voice = self.core.start_thinking(name, samples, volume)
-            return self._handle_locked(voice)
+            handle = self._handle_locked(voice)
+        self._started()
+        return handle
 
     def stop_thinking(self) -> None:
         with self._lock:
@@ -1652,6 +1735,7 @@ class Mixer:
                 voice = self.core.play_cue(name, sound, volume, loop=loop)
                 handle = self._handle_locked(voice)
             assert handle is not None
+            self._started()
             return handle
         with self._lock:
             stream = self.core.add_stream(name, volume)
@@ -1834,6 +1918,7 @@ class Mixer:
                 "barge_ins": c.barge_ins,
                 "flushes": self.flushes,
                 "fills": self.fills,
+                "voice_fills": self.voice_fills,
                 "flush_races": self.races,
                 "flush_gaps": self.gaps,
                 "clock_fixes": self.clock_fixes,

@@ -354,3 +354,30 @@ def test_the_jitter_cushion_grows_with_a_late_api_and_holds_the_next_reply():
     now[0] = 0.061
     assert c.wants_fill() and run(c, 1).any()
     assert c.cushion_ms == pytest.approx(50), "each reply takes 10 ms off the cushion"
+
+
+def test_a_cue_started_after_frames_were_handed_over_is_mixed_into_them_as_if_in_time():
+    cue = sine(1500, 0.3, 0.3)
+    late, in_time = bed_core(), bed_core()
+    run(late, 20)
+    late.play_cue("ding", cue, 0.8)
+    assert late.wants_voices()
+    again, changed = late.rerender_voices(12)
+    after = run(late, 30)
+    run(in_time, 8)
+    in_time.play_cue("ding", cue, 0.8)
+    expected = run(in_time, 42)
+    assert changed == 8 * FRAME and not late.wants_voices()
+    assert np.array_equal(again.astype(np.float32) / 32767, expected[:12 * FRAME])
+    assert np.array_equal(after, expected[12 * FRAME:])
+    assert late.cues == [] and in_time.cues == []
+
+
+def test_a_voice_mixed_once_is_not_mixed_again_into_earlier_frames():
+    c = bed_core()
+    run(c, 20)
+    c.start_thinking("tick", sine(2000, 0.3, 0.5), volume=0.5)
+    run(c, 1)  # it has a frame of its own now: mixing it into earlier ones would repeat it
+    assert not c.wants_voices()
+    data, _ = c.rerender_voices(10)
+    assert len(data) == 0

@@ -346,3 +346,34 @@ async def test_reply_starts_and_barge_ins_keep_the_bed_whole_while_the_main_thre
     positions = bed_positions(heard, bed, started[0])
     steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
     assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
+async def test_a_cue_starts_at_once_over_a_queued_bed():
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    ding = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE // 5) / RATE)).astype(np.float32)
+    started: list[float] = []
+
+    async def body() -> None:
+        await asyncio.sleep(0.5)
+        for i in range(3):
+            await asyncio.sleep(0.11 + 0.013 * i)
+            started.append(time.monotonic())
+            assert await mixer.play(ding, name="ding") is True
+            await asyncio.sleep(0.2)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    for t_start in started:
+        onset = out.first_tone(t_start - 0.05)
+        assert onset is not None, "the cue was never heard"
+        delay = out.time_of(onset) - t_start
+        assert delay < 0.04, f"the cue left the source {delay * 1000:.0f} ms after it was started"
+    positions = bed_positions(heard, bed, started[0] - 0.3)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
