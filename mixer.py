@@ -28,7 +28,8 @@ How the writer feeds the output, and why (README, *Latency and benchmarks*):
   anew (``_rerender``): at barge-in without the reply (a 5 ms fade; the bed goes on
   sample for sample), and when a reply starts (or resumes after running dry) with the
   reply mixed in from the first frame not yet played, so it does not wait behind the
-  queued bed. Everything else (a cue, a volume change) takes effect with the next batch.
+  queued bed; and when a cue, the thinking cue or a bed (from silence) starts, with it
+  mixed in. Everything else (a volume change, a stop) takes effect with the next batch.
 
 Playback is reported as typed events (``ReplyStartedPlaying``, ``ReplyAudioStopped``)
 delivered on the listener's event loop at the moment the audio leaves the source;
