@@ -634,7 +634,9 @@ def onset(times: np.ndarray, amp: np.ndarray, t0: float, t1: float, thr: float =
 def holes_ms(times: np.ndarray, amp: np.ndarray, t_onset: float, duration_s: float) -> float:
     """Silence inside a reply heard from t_onset: 10 ms steps (20 ms windows) below the
     onset threshold before the reply's last audible window (its audio lasts duration_s)."""
-    sel = np.nonzero((times >= t_onset) & (times <= t_onset + duration_s + 0.6))[0]
+    # A hole lasts at most the API's lateness (LATE_GAP_MS) plus a cushion: the window ends
+    # well before the next reply, which the bench triggers after this one is done + settle.
+    sel = np.nonzero((times >= t_onset) & (times <= t_onset + duration_s + 0.25))[0]
     if not len(sel):
         return 0.0
     above = sel[amp[sel] > REPLY_ON]
