@@ -546,11 +546,13 @@ class MixerSettings:
     max_reply_backlog_s: float = 120.0  # reply audio held ahead of playback, at most
     # The jitter cushion: a reply's first sample waits until this much of it has arrived,
     # or this long since its first chunk arrived, whichever comes first. It starts at
-    # reply_cushion_ms (0: replies start at once) and adapts: when a reply runs dry and its
-    # audio resumes later (the API was late: a hole the listener hears), the cushion grows
-    # to that hole, up to reply_cushion_max_ms; each new reply takes 10 ms off it again.
+    # reply_cushion_ms (0: replies start at once) and can adapt: when a reply runs dry and
+    # its audio resumes later (the API was late: a hole the listener hears), the cushion
+    # grows to that hole, up to reply_cushion_max_ms; each new reply takes 10 ms off it
+    # again. Off by default (README, "The jitter cushion"): an API that sends faster than
+    # real time needs none; holes are counted either way (counters.reply_holes).
     reply_cushion_ms: float = 0.0
-    reply_cushion_max_ms: float = 60.0
+    reply_cushion_max_ms: float = 0.0
 
 
 class _Frame:

@@ -891,7 +891,7 @@ def report(res: dict[str, Any]) -> str:
         out.append("")
         out.append("6. A late API: the reply's first chunk (40 ms), then the rest gap ms after it was due; "
                    "with the reply cushion (MixerSettings.reply_cushion_ms, fixed or adapting up to "
-                   "reply_cushion_max_ms: the default is 0 -> 60)")
+                   "reply_cushion_max_ms; the default is a fixed 0)")
         rows = []
         for run in res["late"]:
             rs = run["replies"]

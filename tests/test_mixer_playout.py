@@ -207,8 +207,8 @@ async def test_a_reply_starts_at_once_over_a_queued_bed_without_a_click():
 async def test_a_bursty_then_late_api_never_starves_the_track():
     """Reply chunks in bursts faster than real time, then gaps longer than the audio
     queued: the reply has holes (the API was late) but the track never runs dry, the
-    bed goes on, and the jitter cushion grows to the hole."""
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    bed goes on, and an adaptive jitter cushion grows to the hole."""
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0, reply_cushion_max_ms=60))
     mixer.start()
     bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
     mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
