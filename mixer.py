@@ -15,14 +15,14 @@
 
 How the writer feeds the output, and why (README, *Latency and benchmarks*):
 
-* In batches: it mixes and captures ``batch_ms`` (50 ms) at a time, not one 10 ms frame.
+* In batches: it mixes and captures ``batch_ms`` (100 ms) at a time, not one 10 ms frame.
   Each ``capture_frame`` is a round trip through the SDK (a protobuf request, a task on
   its Rust runtime, a callback that takes the GIL and wakes two event loops); at 100 a
   second that, not the mixing, was most of a call's CPU.
 * It keeps between ``queue_ms`` and ``queue_ms + batch_ms`` queued in the source: the
   least is what rides out a stall of this thread. The source's native queue is sized so
   that a regular capture overfills it by one 10 ms block and completes at the source's
-  next 10 ms tick, which tells the writer where that clock is (``_sync``); it then knows,
+  next 10 ms tick, which tells the writer where that clock is (``_check_clock``); it knows,
   at any moment, how much of what it handed over has not been played yet.
 * What must change now flushes the queue and hands it the same frames again, mixed
   anew (``_rerender``): at barge-in without the reply (a 5 ms fade; the bed goes on
