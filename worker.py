@@ -38,6 +38,7 @@ import backoff  # noqa: E402  (after the version check: the modules below need 3
 import bridge  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
+import scheduling  # noqa: E402
 from config import (  # noqa: E402
     Config,
     env_name,
@@ -731,29 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(control.call(cfg.livekit_url, mint_token(cfg, identity, name=identity), cfg.agent_identity,
                                         args.method, args.payload, args.file))
     log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format)
-    if cfg.audio_priority != "normal":
-        raise_priority(cfg.audio_priority)
+    scheduling.raise_main_thread(cfg.audio_priority)
     return asyncio.run(_run(cfg, log_ctx))
-
-
-def raise_priority(mode: str) -> None:
-    """Real-time audio on a shared host. The audio thread (SCHED_RR 12) and LiveKit's media
-    threads (10) need the GIL too: if the event loop's thread holds it and is preempted by
-    anything, they wait (priority inversion, measured as 100-200 ms stalls with several
-    workers on a host). So in "realtime" mode the main thread is real-time as well, below
-    the audio (SCHED_RR 5); in "nice" mode the process gets nice -10. Needs CAP_SYS_NICE
-    (root, or the systemd unit's AmbientCapabilities=); harmless without it."""
-    if mode == "realtime":
-        try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(5))
-            return
-        except (OSError, AttributeError):
-            pass
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > -10:
-            os.setpriority(os.PRIO_PROCESS, 0, -10)
-    except OSError:
-        log.debug("running at normal CPU priority (no CAP_SYS_NICE)")
 
 
 async def _run(cfg: Config, log_ctx: LogContext) -> int:

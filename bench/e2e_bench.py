@@ -11,12 +11,19 @@ speak into a real-time microphone and record what they hear with arrival times. 
 time is ``time.monotonic()`` in this process: the stand-in's records and the listener's
 arrival times share one clock. A user joins once its worker has logged "ready: in room".
 
-Two designs of the same worker, back to back in the same run (alternating order per
-round), each in fresh rooms with fresh processes:
+Designs, back to back in the same run (the order reversed every other round), each in
+fresh rooms with fresh processes:
 
-* **ours**  = the worker's defaults (the output queue the worker reports in its log).
-* **naive** = ``OUTPUT_QUEUE_MS=1000`` and ``BARGE_IN_CLEAR_QUEUE=1``: LiveKit's default
-  1000 ms queue, and ``clear_queue()`` on barge-in (which also throws away queued bed).
+* **ours**    = the worker's defaults (the output queue the worker reports in its log).
+* **minimal** = ``bench/minimal_bridge.py``: no mixer, no bed; each reply chunk captured
+  straight into an ``AudioSource`` with the SDK's default 1000 ms queue, ``clear_queue()``
+  on barge-in, written like the provider's tutorial. Every figure of ours is also given
+  as a ratio ours/minimal.
+* **naive**   = the worker with ``OUTPUT_QUEUE_MS=1000`` and ``BARGE_IN_CLEAR_QUEUE=1``:
+  LiveKit's default queue, replies wait behind it, and ``clear_queue()`` on barge-in
+  (which also throws away queued bed).
+* **ours-normal** = ours with ``AUDIO_PRIORITY=normal``: what real-time scheduling costs
+  (full runs; ``--designs`` picks any of them).
 
 Signals (tones at multiples of 50 Hz, so 20 ms windows hold whole periods): the bed is a
 3 s loop of a 300 Hz tone plus seeded noise band-limited to 1.4-4 kHz
@@ -29,7 +36,10 @@ Figures
 1. Reply latency: the stand-in sends the first reply chunk (``ReplyRecord.first_audio_at``)
    -> the listener has the first 20 ms window (hop 10 ms) whose 1000 Hz amplitude exceeds
    0.1; the time of a window is the arrival of the 10 ms frame that completes it, so the
-   figure carries about +5..20 ms of detection delay, the same for both designs.
+   figure carries about +5..20 ms of detection delay, the same for every design.
+   1b. The same for a late API (the stand-in's ``first_chunk_ms=40``,
+   ``chunk_gap_ms=(1, LATE_GAP_MS)``), and the silence heard inside such a reply: 10 ms
+   steps below the threshold between its first and last audible windows.
 2. Barge-in to silence: the stand-in decides the user interrupted (``interrupted_at``; the
    user speaks 0.6 s over a 4 s reply, 0.4-1.0 s after they started to hear it) -> the
    first window after which the 1000 Hz amplitude stays below 0.05 (until the next
@@ -50,14 +60,17 @@ Figures
    turns; 60 = one full core), the share of it on real-time (SCHED_FIFO/RR) threads
    (``/proc/<pid>/task``), and peak RSS (``VmHWM``), per session; underruns from the
    worker's counters (``SIGUSR1`` dumps them at info level) and its ``audio underrun``
-   warnings. Also what the server, this process and everything else used meanwhile.
+   warnings. Also what the server, this process and everything else used meanwhile; CPU
+   per thread group (our Python, our audio thread, the SDK's runtimes, WebRTC); and the
+   calls a host could hold at HOST_LOAD of its cores at that CPU per call.
 5. Density: 1, 2, 4, 6, 8 rooms at once (1, 2, 4 with --quick), one worker process (ours)
    and one user each; every user holds a conversation (0.5 s utterance, a 0.8 s answer,
    0.6-0.9 s pause) for ~20 s (10 s; one room alone runs 28 s to get ~10 turns). Per
    level: reply latency (user turn answered -> heard, as in 1), underruns, bed gaps and
    discontinuities, listeners' jitter buffers, worker CPU, and what the livekit-server,
    this bench process (all users and stand-ins live here), other processes and the whole
-   machine used, plus this process's event-loop lag. A level "breaks" on underruns, gaps,
+   machine used, plus this process's event-loop lag. The observers (this process and the
+   server) are counted apart: the calls per host the workers alone imply are printed. A level "breaks" on underruns, gaps,
    failed or unheard turns, or a latency median > 2x the one-room median; the ramp stops
    after two broken levels in a row.
 6. Startup (ours, ``STARTUP_CHECK=1``, ``NOTIFY_SOCKET`` bound here): process start
@@ -129,11 +142,17 @@ NOISE_BAND = (1400.0, 4000.0)
 BED_SECONDS = 3.0
 REPLY_ON, REPLY_OFF = 0.10, 0.05  # reply tones have amplitude 0.5
 GAP_FRACTION = 0.25  # a bed window below this fraction of the bed's level is a gap
+LATE_GAP_MS = 80  # the late API's second reply chunk comes this late
 WIN, HOP = 480, 240  # 20 ms windows, 10 ms hop (reply onset / silence)
 DESIGNS = {
     "ours": {},
+    "minimal": {},  # bench/minimal_bridge.py, not the worker: see MinimalBridge
     "naive": {"OUTPUT_QUEUE_MS": "1000", "BARGE_IN_CLEAR_QUEUE": "1"},
+    "ours-normal": {"AUDIO_PRIORITY": "normal"},  # what real-time scheduling costs (full runs only)
 }
+QUICK_DESIGNS = ("ours", "minimal", "naive")
+HOST_LOAD = 0.8  # a host is "full" at this share of its cores busy (audio needs headroom)
+BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -196,6 +215,49 @@ def realtime_share(before: dict, after: dict) -> dict[str, Any]:
             rt += used
             names[name] = names.get(name, 0) + 1
     return {"rt_fraction": rt / total if total > 0 else None, "rt_threads": names}
+
+
+# Threads of a worker, grouped by what they are (comm names; Python names its writer
+# thread "mixer-writer", every other Python thread is "python").
+THREAD_GROUPS = (
+    ("python: event loop and other Python threads", ("python",)),
+    ("mixer-writer: our audio thread", ("mixer-writer",)),
+    ("tokio-rt-worker: the SDK's Rust runtime", ("tokio-rt-worker",)),
+    ("livekit-audio: the SDK's capture runtime", ("livekit-audio",)),
+    ("AudioSourceCapt: the native 10 ms output clock", ("AudioSourceCapt",)),
+    ("WebRTC encode/transport (AudioEncoderQue, SyntheticAudioD, network, worker, ...)", None),
+)
+
+
+def thread_groups(before: dict, after: dict, seconds: float) -> dict[str, float]:
+    """Cores used per thread group between two thread_cpu() snapshots; also every thread
+    name on its own under "by_name" (threads that came and went in between are missed)."""
+    groups = {label: 0.0 for label, _ in THREAD_GROUPS}
+    by_name: dict[str, float] = {}
+    for tid, (name, policy, cpu) in after.items():
+        used = (cpu - before.get(tid, (name, policy, 0.0))[2]) / seconds
+        by_name[name] = by_name.get(name, 0.0) + used
+        label = next((lb for lb, names in THREAD_GROUPS if names is not None and name in names),
+                     THREAD_GROUPS[-1][0])
+        groups[label] += used
+    out: dict[str, Any] = {k: round(v, 4) for k, v in groups.items()}
+    out["by_name"] = {k: round(v, 4) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
+    return out
+
+
+class MinimalBridge(WorkerProcess):
+    """``bench/minimal_bridge.py`` as a process, configured and logged like the worker."""
+
+    def start(self, *args: str) -> "MinimalBridge":
+        WorkerProcess.started.append(self)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
+        out = open(self.output_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "minimal_bridge.py"), *args],
+                                     env={**base, **self.env}, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return self
 
 
 class BenchPriority:
@@ -569,6 +631,19 @@ def onset(times: np.ndarray, amp: np.ndarray, t0: float, t1: float, thr: float =
     return float(times[sel[0]]) if len(sel) else None
 
 
+def holes_ms(times: np.ndarray, amp: np.ndarray, t_onset: float, duration_s: float) -> float:
+    """Silence inside a reply heard from t_onset: 10 ms steps (20 ms windows) below the
+    onset threshold before the reply's last audible window (its audio lasts duration_s)."""
+    # A hole lasts at most the API's lateness (LATE_GAP_MS) plus a cushion: the window ends
+    # well before the next reply, which the bench triggers after this one is done + settle.
+    sel = np.nonzero((times >= t_onset) & (times <= t_onset + duration_s + 0.25))[0]
+    if not len(sel):
+        return 0.0
+    above = sel[amp[sel] > REPLY_ON]
+    inside = sel[(sel >= above[0]) & (sel <= above[-1])] if len(above) else sel[:0]
+    return float(np.sum(amp[inside] <= REPLY_ON)) * HOP * 1000 / SR
+
+
 def gone(times: np.ndarray, amp: np.ndarray, t0: float, t1: float, thr: float = REPLY_OFF) -> float | None:
     """Time of the first window after t0 from which amp stays below thr until t1."""
     sel = np.nonzero((times > t0) & (times <= t1))[0]
@@ -661,6 +736,9 @@ class Bench:
         self.tracker = BedTracker(worker_loop_of(self.bed))
         self.t_start = time.monotonic()
         self._rooms = 0
+        wanted = args.designs.split(",") if args.designs else (QUICK_DESIGNS if args.quick else list(DESIGNS))
+        self.designs = [d for d in DESIGNS if d in wanted]
+        self.n_late = 1 if args.quick else 3
 
     def progress(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -678,9 +756,10 @@ class Bench:
                 env[key] = value
         return env
 
-    def start_worker(self, env: dict[str, str], name: str) -> WorkerProcess:
+    def start_worker(self, env: dict[str, str], name: str, design: str = "ours") -> WorkerProcess:
+        kind = MinimalBridge if design == "minimal" else WorkerProcess
         with self.priority.normal():
-            w = WorkerProcess(env, self.tmp / name).start()
+            w = kind(env, self.tmp / name).start()
         self.workers.append(w)
         return w
 
@@ -704,7 +783,8 @@ class Bench:
         standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, seed=self.args.seed + index,
                                          reply_freq_hz=ANSWER_HZ, reply_seconds=0.5, default_min_silence_ms=500))
         await standin.start()
-        worker = self.start_worker(self.env(standin, room, **DESIGNS[design]), f"{design}-{index}")
+        worker = self.start_worker(self.env(standin, room, **DESIGNS[design]), f"{design}-{index}", design)
+        minimal = design == "minimal"
         user = RoomUser(self.server, room)
         out: dict[str, Any] = {"design": design, "room": room, "failures": []}
         try:
@@ -713,11 +793,11 @@ class Bench:
             heard = await user.wait_heard(timeout=30)
             await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 30, "the session")
             sess = standin.sessions[0]
-            queue_ms = queue_ms_of(worker) or int(DESIGNS[design].get("OUTPUT_QUEUE_MS", 100))
-            settle = queue_ms / 1000 + 0.35
-            out["queue_ms"], out["scheduling"] = queue_ms, scheduling_of(worker)
+            queue_ms = 1000 if minimal else queue_ms_of(worker) or int(DESIGNS[design].get("OUTPUT_QUEUE_MS", 100))
+            settle = (0.1 if minimal else queue_ms / 1000) + 0.35
+            out["queue_ms"], out["scheduling"] = queue_ms, "normal" if minimal else scheduling_of(worker)
             await asyncio.sleep(1.0 + queue_ms / 1000)
-            c0 = await counters(worker)
+            c0 = None if minimal else await counters(worker)
             in0 = await inbound_stats(user)
             th0, srv0, self0 = thread_cpu(worker.proc.pid), proc_cpu_s(self.server.proc.pid), self_cpu_s()
             machine, cpu0, t0 = MachineMeter(), proc_cpu_s(worker.proc.pid), time.monotonic()
@@ -730,6 +810,19 @@ class Bench:
                     await asyncio.sleep(settle + self.rnd.uniform(0.0, 0.4))
                 except (TimeoutError, AssertionError, RuntimeError) as e:
                     out["failures"].append(f"latency turn {i}: {e}")
+            late_replies = []
+            for i in range(self.n_late):
+                # A late API: the reply's first chunk is 40 ms, its second comes LATE_GAP_MS late.
+                standin.options.first_chunk_ms, standin.options.chunk_gap_ms = 40, (1, LATE_GAP_MS)
+                try:
+                    r = await standin.trigger_reply(seconds=1.0, freq_hz=REPLY_HZ, session=sess)
+                    await wait(lambda r=r: r.done_at, 15, "reply done")
+                    late_replies.append(r)
+                    await asyncio.sleep(settle + self.rnd.uniform(0.0, 0.4))
+                except (TimeoutError, AssertionError, RuntimeError) as e:
+                    out["failures"].append(f"late reply {i}: {e}")
+                finally:
+                    standin.options.first_chunk_ms, standin.options.chunk_gap_ms = None, None
             for i in range(n_barge):
                 try:
                     r = await standin.trigger_reply(seconds=4.0, freq_hz=REPLY_HZ, session=sess)
@@ -752,10 +845,11 @@ class Bench:
             out["machine"] = machine.stop()
             th1, srv1, self1 = thread_cpu(worker.proc.pid), proc_cpu_s(self.server.proc.pid), self_cpu_s()
             out["threads"] = realtime_share(th0, th1)
+            out["thread_groups"] = thread_groups(th0, th1, t1 - t0)
             out["server_cores"] = (srv1 - srv0) / (t1 - t0) if srv0 is not None and srv1 is not None else None
             out["bench_cores"] = (self1 - self0) / (t1 - t0)
             out["listener"] = inbound_delta(in0, await inbound_stats(user), t1 - t0)
-            c1 = await counters(worker)
+            c1 = None if minimal else await counters(worker)
             out["peak_rss_mb"] = (proc_status_kb(worker.proc.pid, "VmHWM") or 0) / 1024
             out["cpu_s_per_min"] = (cpu1 - cpu0) / (t1 - t0) * 60 if cpu0 is not None and cpu1 is not None else None
             out["conversation_s"] = t1 - t0
@@ -778,6 +872,11 @@ class Bench:
         for r in lat_replies:
             t = onset(rt, ra, r.first_audio_at, r.first_audio_at + 3.0)
             out["latency_ms"].append(None if t is None else (t - r.first_audio_at) * 1000)
+        out["late"] = []
+        for r in late_replies:
+            t = onset(rt, ra, r.first_audio_at, r.first_audio_at + 3.0)
+            out["late"].append({"latency_ms": None if t is None else (t - r.first_audio_at) * 1000,
+                                "holes_ms": None if t is None else holes_ms(rt, ra, t, r.duration_s)})
         bed = analyse_bed(cap, self.tracker, t0, t1 - 0.2)
         out["bed"] = bed.summary()
         out["barge_ins"] = []
@@ -795,11 +894,12 @@ class Bench:
         per = max(1, math.ceil(turns / rounds))
         sessions = []
         index = 0
+        designs = self.designs
         for rnd_i in range(rounds):
-            order = ["ours", "naive"] if rnd_i % 2 == 0 else ["naive", "ours"]
+            order = designs if rnd_i % 2 == 0 else designs[::-1]
             for design in order:
                 index += 1
-                self.progress(f"session {index}/{2 * rounds}: {design}, {per} replies + {per} barge-ins")
+                self.progress(f"session {index}/{len(designs) * rounds}: {design}, {per} replies + {per} barge-ins")
                 try:
                     sessions.append(await self.session(design, per, per, index))
                 except Exception as e:  # noqa: BLE001 - report and go on
@@ -1008,7 +1108,7 @@ class Bench:
             "level_seconds": level_s, "startups": startups, "cpus": os.cpu_count(), "load_start": loadavg(),
             "host": platform.node(), "python": platform.python_version(),
             "media_ip": os.environ.get("VOICE_AGENT_TEST_IP"), "logs": str(self.tmp),
-            "bench_priority": self.priority.note, "worker_env": a.worker_env,
+            "bench_priority": self.priority.note, "worker_env": a.worker_env, "designs": self.designs,
         }
         with self.priority.normal():
             res["worker_rev"] = git_describe()
@@ -1021,7 +1121,7 @@ class Bench:
         t0 = time.monotonic()
         try:
             if "scenarios" not in a.skip:
-                self.progress(f"1-4/6 ours vs naive: {turns} replies and {turns} barge-ins per design, "
+                self.progress(f"1-4/6 {' vs '.join(self.designs)}: {turns} replies and {turns} barge-ins per design, "
                               f"{rounds} round(s)")
                 res["sessions"] = await self.scenarios(turns, rounds)
             if "density" not in a.skip:
@@ -1111,37 +1211,53 @@ def report(res: dict[str, Any]) -> str:
     sessions = [s for s in res.get("sessions", []) if "error" not in s]
     if res.get("sessions") is not None:
         add("")
-        by = {d: [s for s in sessions if s["design"] == d] for d in DESIGNS}
-        q = {d: "/".join(str(v) for v in sorted({s.get("queue_ms") for s in by[d]})) for d in DESIGNS}
-        sch = ", ".join(sorted({s.get("scheduling", "?") for s in sessions}))
-        add(f"1-4. ours = defaults (output queue {q['ours']} ms, as the worker logged it) vs naive = "
-            "OUTPUT_QUEUE_MS=1000 + BARGE_IN_CLEAR_QUEUE=1")
-        add(f"     {len(by['ours'])} + {len(by['naive'])} sessions, alternating; one room, one worker, one user each; "
-            f"worker audio thread: {sch}. Medians [min-max] n.")
+        designs = [d for d in res.get("designs", DESIGNS) if d in DESIGNS]
+        by = {d: [s for s in sessions if s["design"] == d] for d in designs}
+        q = {d: "/".join(str(v) for v in sorted({s.get("queue_ms") for s in by[d]})) for d in designs}
+        sch = ", ".join(sorted({s.get("scheduling", "?") for s in by.get("ours", [])}))
+        add(f"1-4. ours = the worker's defaults (output queue {q.get('ours', '?')} ms, as it logged it); minimal = "
+            "bench/minimal_bridge.py (reply chunks captured straight into a 1000 ms AudioSource queue, clear_queue() on "
+            "barge-in, no mixer, no bed); naive = the worker with OUTPUT_QUEUE_MS=1000 + BARGE_IN_CLEAR_QUEUE=1")
+        add(f"     {' + '.join(f'{len(by[d])} {d}' for d in designs)} sessions, order alternating per round; one room, "
+            f"one bridge process, one user each; ours' audio thread: {sch}. Medians [min-max] n.")
         fig: dict[str, dict[str, dict[str, Any]]] = {}
-        for d in DESIGNS:
+        for d in designs:
             ss = by[d]
             fig.setdefault("lat", {})[d] = stats([v for s in ss for v in s["latency_ms"]])
             fig.setdefault("barge", {})[d] = stats([b["to_silence_ms"] for s in ss for b in s["barge_ins"]])
             fig.setdefault("cpu", {})[d] = stats([s["cpu_s_per_min"] for s in ss])
+            fig.setdefault("cores", {})[d] = stats([s["cpu_s_per_min"] / 60 for s in ss if s["cpu_s_per_min"] is not None])
             fig.setdefault("rss", {})[d] = stats([s["peak_rss_mb"] for s in ss])
+            fig.setdefault("late_lat", {})[d] = stats([x["latency_ms"] for s in ss for x in s.get("late", [])])
+            fig.setdefault("late_holes", {})[d] = stats([x["holes_ms"] for s in ss for x in s.get("late", [])])
             fig.setdefault("skip", {})[d] = stats([b["skip_ms"] for s in ss for b in s["barge_ins"]])
             fig.setdefault("dip", {})[d] = stats([b["bed_min_local"] * 100 for s in ss for b in s["barge_ins"]
                                                   if b.get("bed_min_local") is not None])
-        w0, w1 = 50, 31
-        add(f"   {'figure':<{w0}} {'ours':<{w1}} {'naive':<{w1}} naive/ours")
+        w0, w1 = 50, 27
+        ratios = []
+        if "ours" in designs and BASELINE in designs:
+            ratios.append(("ours", BASELINE))
+        if "ours" in designs and "naive" in designs:
+            ratios.append(("naive", "ours"))
+        if "ours" in designs and "ours-normal" in designs:
+            ratios.append(("ours-normal", "ours"))
+        add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
+            + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 
         def row(label: str, key: str, unit: str, digits: int = 0) -> None:
-            a, b = fig[key]["ours"], fig[key]["naive"]
-            add(f"   {label:<{w0}} {fmt(a, unit, digits):<{w1}} {fmt(b, unit, digits):<{w1}} {ratio(a, b)}")
+            cells = " ".join(f"{fmt(fig[key][d], unit, digits):<{w1}}" for d in designs)
+            add(f"   {label:<{w0}} {cells} " + " ".join(f"{ratio(fig[key][b], fig[key][a]):<{len(a) + len(b) + 10}}"
+                                                      for a, b in ratios))
 
         def line(label: str, f: Callable[[str], str]) -> None:
-            add(f"   {label:<{w0}} {f('ours'):<{w1}} {f('naive'):<{w1}}")
+            add(f"   {label:<{w0}} " + " ".join(f"{f(d):<{w1}}" for d in designs))
 
         def bed_sum(d: str, key: str) -> float:
             return _sum([s["bed"][key] for s in by[d]])
 
         row("1 reply latency: first chunk sent -> heard", "lat", " ms")
+        row(f"1b late API (2nd chunk {LATE_GAP_MS} ms late): latency", "late_lat", " ms")
+        row("1b ... silence inside the reply (10 ms steps)", "late_holes", " ms")
         row("2 barge-in (stand-in interrupts) -> reply silent", "barge", " ms")
         line("3 bed gaps: 20 ms windows < -12 dB of bed level",
              lambda d: f"{bed_sum(d, 'gap_windows'):.0f} of {bed_sum(d, 'windows'):.0f}, longest "
@@ -1158,6 +1274,7 @@ def report(res: dict[str, Any]) -> str:
              lambda d: f"{sum(b['skip_ms'] + b['insert_ms'] > 5 for s in by[d] for b in s['barge_ins'])}"
                        f" of {sum(len(s['barge_ins']) for s in by[d])}")
         row("  deepest bed dip within 1.5 s of a barge-in", "dip", "%")
+
         def listened(d: str) -> list[dict[str, Any]]:
             return [s["listener"] for s in by[d] if s.get("listener")]
 
@@ -1171,16 +1288,35 @@ def report(res: dict[str, Any]) -> str:
              lambda d: ", ".join(f"{s['listener']['jb_delay_ms']:.0f}" for s in by[d]
                                  if s.get("listener") and s["listener"]["jb_delay_ms"] is not None) + " ms")
         row("4 worker CPU per minute of conversation", "cpu", " s", 2)
+        row("4 ... the same in cores (whole process)", "cores", "", 3)
         row("4 worker peak RSS (VmHWM)", "rss", " MB")
+        line(f"4 implied calls per {res['cpus']}-core host ({HOST_LOAD:.0%} busy)",
+             lambda d: f"{res['cpus'] * HOST_LOAD / fig['cores'][d]['median']:.0f}" if fig["cores"][d].get("n") else "n/a")
         line("4 underruns (worker counters, during turns)",
-             lambda d: f"{_sum([s['underruns'] for s in by[d]]):.0f} ({_sum([s['underrun_ms'] for s in by[d]]):.0f}"
-                       f" ms); {sum(s['underrun_warnings'] for s in by[d])} log warnings")
+             lambda d: "n/a (no counters)" if d == BASELINE else
+             f"{_sum([s['underruns'] for s in by[d]]):.0f} ({_sum([s['underrun_ms'] for s in by[d]]):.0f}"
+             f" ms); {sum(s['underrun_warnings'] for s in by[d])} log warnings")
         line("  worker CPU on real-time threads",
              lambda d: ", ".join(f"{s['threads']['rt_fraction'] * 100:.0f}%" for s in by[d]
                                  if s.get("threads", {}).get("rt_fraction") is not None) or "n/a")
         line("  machine busy / other processes (cores)",
              lambda d: ", ".join(f"{s['machine'].get('busy_cores', '?')}/{max(0.0, s.get('other_cores') or 0):.2f}"
                                  for s in by[d]))
+        add("")
+        add("   4 worker CPU per thread group, cores (median over sessions; /proc/<pid>/task/*/stat over the turns)")
+        for label, _ in THREAD_GROUPS:
+            vals = {d: stats([s["thread_groups"][label] for s in by[d] if s.get("thread_groups")]) for d in designs}
+            cells = " ".join(f"{fmt(vals[d], '', 3):<{w1}}" for d in designs)
+            add(f"   {label[:w0]:<{w0}} {cells} "
+                + " ".join(f"{ratio(vals[b], vals[a]):<{len(a) + len(b) + 10}}" for a, b in ratios))
+        for d in designs:
+            names: dict[str, list[float]] = {}
+            for s in by[d]:
+                for k, v in s.get("thread_groups", {}).get("by_name", {}).items():
+                    names.setdefault(k, []).append(v)
+            if names:
+                add(f"   {d} by thread name: " + ", ".join(f"{k} {statistics.median(v):.3f}"
+                                                           for k, v in sorted(names.items(), key=lambda kv: -statistics.median(kv[1]))))
         rt_names: dict[str, int] = {}
         for s in sessions:
             for k, v in s.get("threads", {}).get("rt_threads", {}).items():
@@ -1188,7 +1324,7 @@ def report(res: dict[str, Any]) -> str:
         if rt_names:
             add("   worker threads at real-time priority: "
                 + ", ".join(f"{k}" + (f" x{v}" if v > 1 else "") for k, v in sorted(rt_names.items())))
-        for d in DESIGNS:
+        for d in designs:
             fails = [f for s in by[d] for f in s["failures"]]
             missing = sum(v is None for s in by[d] for v in s["latency_ms"]) + \
                 sum(b["to_silence_ms"] is None for s in by[d] for b in s["barge_ins"])
@@ -1251,9 +1387,19 @@ def report(res: dict[str, Any]) -> str:
         one = next((lv for lv in levels if "error" not in lv and lv["rooms"] == 1), None)
         if one and stats(one["worker_cpu_s_per_min"]).get("n"):
             per = stats(one["worker_cpu_s_per_min"])["median"]
-            add(f"   arithmetic, not measured: one worker used {per:.1f} CPU s per minute ({per / 60:.2f} cores), so "
+            add(f"   arithmetic, not measured: one worker used {per:.1f} CPU s per minute ({per / 60:.3f} cores), so "
                 f"{res['cpus']} cores with nothing else running would hold at most ~{res['cpus'] * 60 / per:.0f} "
-                "rooms before the CPU runs out")
+                f"rooms before the CPU runs out, ~{res['cpus'] * HOST_LOAD * 60 / per:.0f} at {HOST_LOAD:.0%} busy")
+        # Observers counted apart: what the workers alone used at the highest level that held.
+        held = [lv for lv in levels if "error" not in lv and not density_reasons(lv, base)]
+        if held:
+            top = held[-1]
+            workers = sum(v for v in top["worker_cpu_s_per_min"] if v is not None) / 60
+            observers = top["bench_cores"] + (top["server_cores"] or 0)
+            add(f"   measured, observers counted apart: at {top['rooms']} rooms (the most that held) the workers used "
+                f"{workers:.2f} cores ({workers / top['rooms']:.3f} per call) while the users, listeners and stand-ins "
+                f"(bench) and the livekit-server used {observers:.2f}; without them {res['cpus']} cores at "
+                f"{HOST_LOAD:.0%} would hold ~{res['cpus'] * HOST_LOAD / (workers / top['rooms']):.0f} calls")
         bound = [lv["rooms"] for lv in levels if "error" not in lv
                  and (lv["bench_cores"] > 0.8 or lv["loop_lag"]["p99_ms"] > 20)]
         if bound:
@@ -1304,6 +1450,9 @@ def main() -> None:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for every worker (repeatable), e.g. OUTPUT_QUEUE_MS=40; the naive "
                          "design keeps its own OUTPUT_QUEUE_MS and BARGE_IN_CLEAR_QUEUE")
+    ap.add_argument("--designs", default=None,
+                    help=f"designs to compare in scenarios 1-4, of {','.join(DESIGNS)} (default: all; "
+                         f"{','.join(QUICK_DESIGNS)} with --quick)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="write the raw numbers here")
     args = ap.parse_args()

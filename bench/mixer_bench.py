@@ -240,7 +240,7 @@ def bench_core(bed: np.ndarray, batches: int, frames: int) -> dict[str, Any]:
                 core.push_reply(f"r{b}", reply_soft)
             elif kind == "loud":
                 core.push_reply(f"r{b}", reply_loud)
-                core.cues = []
+                core.voices = [v for v in core.voices if v.kind != "cue"]
                 core.play_cue("cue", cue, 0.5)
             lim0 = core.limiter.active_samples
             t = time.perf_counter()
@@ -389,8 +389,12 @@ class Probe:
         source.clear_queue = clear_queue
 
     def max_gap_ms(self, t0: float, t1: float) -> float | None:
+        """The writer's longest stall: the longest interval between two capture returns
+        beyond its regular one (a batch)."""
         r = [t for t in self.returns if t0 <= t <= t1]
-        return None if len(r) < 2 else float(np.max(np.diff(r))) * 1000
+        if len(r) < 2:
+            return None
+        return max(0.0, float(np.max(np.diff(r))) * 1000 - getattr(self.mixer, "batch_ms", 10))
 
 
 async def wait_stats(mixer: Mixer, reply_id: str, attr: str, timeout: float) -> Any:
@@ -599,7 +603,9 @@ async def run_turns(
     await mixer.aclose()
 
     # -- analysis, after the run --
-    clears = list(zip(probe.clears, cleared))
+    # Every clear_queue() (flushes and fills call it too); the naive design's, with what
+    # they threw away (Mixer.cleared_ms, one per clear: a naive mixer neither flushes nor fills).
+    clears = list(zip(probe.clears, cleared)) if naive else [(t, 0.0) for t in probe.clears]
     handed_t = np.array([h[0] for h in probe.handed])
     out_turns = []
     for t in live:
@@ -617,7 +623,7 @@ async def run_turns(
             loud = np.flatnonzero(np.abs(x.astype(np.int32)) > THRESH)
             if not len(loud):
                 continue
-            play0 = until - frame_s
+            play0 = until - len(x) / RATE  # until: when the queue runs out after this hand-over
             if est_start is None:
                 est_start = play0 + loud[0] / RATE
             t_last = play0 + (loud[-1] + 1) / RATE
@@ -671,6 +677,52 @@ def col(run: dict[str, Any], key: str) -> dict[str, Any] | None:
     return stats([t[key] for t in run["turns"]])
 
 
+# --- 6. a late API: the reply cushion -----------------------------------------------------
+
+
+async def run_late(bed: np.ndarray, rng: random.Random, cushion_ms: float, gap_ms: float, reps: int,
+                   first_ms: float = 40.0, cushion_max_ms: float | None = None) -> dict[str, Any]:
+    """Replies whose first chunk (first_ms) is followed by the rest only gap_ms after it
+    was due (a late API; gap 0: the rest comes right behind it, a burst), with the reply
+    cushion starting at cushion_ms and adapting up to cushion_max_ms (None: fixed).
+    Observed: first chunk received -> first sample out; holes inside the reply (stretches
+    > 2 ms without a loud sample of the 440 Hz tone)."""
+    top = cushion_ms if cushion_max_ms is None else cushion_max_ms
+    mixer = Mixer(MixerSettings(reply_cushion_ms=cushion_ms, reply_cushion_max_ms=top))
+    source = mixer.start()
+    tap = Tap(source)
+    mixer.set_bed("bed", bed, fade_ms=20)
+    reply = tone(REPLY_AMP, 1.0)
+    first = int(first_ms * RATE / 1000)
+    await asyncio.sleep(0.3)
+    sent: list[float] = []
+    for i in range(reps):
+        await asyncio.sleep(rng.uniform(0.1, 0.2))
+        t_rec = time.monotonic()
+        mixer.push_reply(f"late{i}", pcm(reply[:first]))
+        await sleep_until(t_rec + (first_ms + gap_ms) / 1000 if gap_ms else t_rec + 0.005)
+        mixer.push_reply(f"late{i}", pcm(reply[first:]))
+        sent.append(t_rec)
+        await asyncio.sleep(1.25)
+    obs = tap.stop()
+    await mixer.aclose()
+    out = []
+    for t_rec in sent:
+        s0, s1 = obs.sample_at(t_rec) - 480, obs.sample_at(t_rec + 1.3)
+        onset = obs.first_loud(s0, s1)
+        if onset is None:
+            out.append({"latency_ms": None, "holes_ms": None})
+            continue
+        last = obs.last_loud(onset, s1)
+        loud = obs.loud[(obs.loud >= onset) & (obs.loud <= last)]
+        gaps = np.diff(loud)
+        holes = gaps[gaps > RATE * 2 // 1000]
+        out.append({"latency_ms": (obs.time_of(onset) - t_rec) * 1000, "holes_ms": float(holes.sum()) * 1000 / RATE,
+                    "zeros_ms": obs.zeros_between(onset, last) * 1000 / RATE})
+    return {"cushion_ms": cushion_ms, "cushion_max_ms": top, "gap_ms": gap_ms, "first_ms": first_ms, "replies": out,
+            "cushion_end_ms": mixer.core.cushion_ms}
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -691,25 +743,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     def progress(msg: str) -> None:
         print(f"[{time.monotonic() - t_all:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    progress("1/5 core cost per frame")
+    progress("1/6 core cost per frame")
     results["core"] = bench_core(bed, batches=10 if quick else 30, frames=200 if quick else 500)
 
-    progress(f"2/5 writer CPU ({cpu_s:.0f} s per design)")
+    progress(f"2/6 writer CPU ({cpu_s:.0f} s per design and batch size)")
     results["cpu"] = {name: await run_cpu(name, kw, bed, cpu_s) for name, kw in designs.items()}
+    results["cpu_batches"] = {b: await run_cpu(f"batch {b}", {"batch_ms": b}, bed, cpu_s) for b in (10, 50, 100)}
 
-    progress(f"3-4/5 reply latency and barge-in ({turns} turns per design)")
+    progress(f"3-4/6 reply latency and barge-in ({turns} turns per design)")
     results["turns_runs"] = {
         "ours": await run_turns("ours", bed, locator, rng, turns=turns),
         "naive": await run_turns("naive", bed, locator, rng, queue_ms=1000, naive=True, turns=turns),
     }
 
-    progress(f"5/5 queue sweep under main-thread load ({len(sweep)} configs x {sweep_s:.0f} s)")
+    progress(f"5/6 queue sweep under main-thread load ({len(sweep)} configs x {sweep_s:.0f} s)")
     load = GilLoad(args.seed)
     results["sweep"] = []
     for q, f in sweep:
         progress(f"    queue {q} ms, frame {f} ms")
         results["sweep"].append(await run_turns(f"q{q}f{f}", bed, locator, rng, queue_ms=q, frame_ms=f,
                                                 seconds=sweep_s, load=load))
+    late_reps = 3 if quick else 8
+    progress(f"6/6 a late API and the reply cushion ({late_reps} replies per point)")
+    results["late"] = [await run_late(bed, rng, cushion, gap, late_reps, cushion_max_ms=top)
+                       for gap in (0.0, 80.0) for cushion, top in ((0.0, None), (40.0, None), (80.0, None), (0.0, 60.0))]
     results["elapsed_s"] = time.monotonic() - t_all
     return results
 
@@ -736,7 +793,7 @@ def report(res: dict[str, Any]) -> str:
     rows_spec: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, bool]] = [
         ("writer thread CPU, s per min of audio", cpu_col("ours", "writer_cpu_s_per_min"), cpu_col("naive", "writer_cpu_s_per_min"), True),
         ("process CPU, s per min of audio", cpu_col("ours", "process_cpu_s_per_min"), cpu_col("naive", "process_cpu_s_per_min"), True),
-        ("max interval between capture returns, ms (per 1 s)", cpu_col("ours", "max_capture_gap_ms"), cpu_col("naive", "max_capture_gap_ms"), True),
+        ("longest writer stall beyond its batch, ms (per 1 s)", cpu_col("ours", "max_capture_gap_ms"), cpu_col("naive", "max_capture_gap_ms"), True),
         ("reply: received -> first sample handed (a), ms", col(tr["ours"], "handed_ms"), col(tr["naive"], "handed_ms"), True),
         ("reply: source queue depth at hand-off, ms", col(tr["ours"], "queue_at_handoff_ms"), col(tr["naive"], "queue_at_handoff_ms"), True),
         ("reply: received -> playout, estimated (b), ms", col(tr["ours"], "est_play_ms"), col(tr["naive"], "est_play_ms"), True),
@@ -791,7 +848,7 @@ def report(res: dict[str, Any]) -> str:
         ])
     out.append(table(["queue ms", "frame ms", "turns", "underruns", "underrun ms", "silence obs ms",
                       "reply->play est", "reply->play OBS", "barge->silence est", "barge->silence OBS",
-                      "max capture gap", "writer CPU s/min", "other/steal cores"], rows))
+                      "max writer stall", "writer CPU s/min", "other/steal cores"], rows))
 
     ten = {r["queue_ms"]: r for r in sw if r["frame_ms"] == 10}
     clean = sorted(q for q, r in ten.items() if r["underruns"] == 0 and r["obs_silence_ms"] == 0)
@@ -811,7 +868,8 @@ def report(res: dict[str, Any]) -> str:
     gaps = [t["max_capture_gap_ms"] for r in sw for t in r["turns"] if t["max_capture_gap_ms"] is not None]
     if gaps:
         p50, p90, p99 = np.percentile(gaps, [50, 90, 99])
-        out.append(f"Writer stalls under load (longest gap between capture returns, per turn, all sweep points): "
+        out.append(f"Writer stalls under load (longest interval between capture returns beyond the batch, per turn, all "
+                   "sweep points): "
                    f"p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {max(gaps):.0f} ms;\n"
                    f"a queue of Q ms rides out a stall of about Q + 10 ms (the observed depth), so pick the margin from these.")
     busy = [r for r in [*cpu.values(), *tr.values(), *sw] if r["machine"]["other_cores"] + r["machine"]["steal_cores"] > 0.3]
@@ -819,6 +877,33 @@ def report(res: dict[str, Any]) -> str:
         out.append(f"NOTE: other processes plus hypervisor steal took > 0.3 cores during {len(busy)} of "
                    f"{len(cpu) + len(tr) + len(sw)} runs (see 'other/steal cores' and the JSON): some underruns and stalls there "
                    "may come from the machine, not the mixer (--wait-quiet waits for other processes, not for steal).")
+    if res.get("cpu_batches"):
+        out.append("")
+        out.append("2b. Batch size (ours; batch = audio mixed and handed to the source per capture_frame call): "
+                   "CPU s per min of audio")
+        rows = []
+        for b, run in res["cpu_batches"].items():
+            w = stats([x["writer_cpu_s_per_min"] for x in run["windows"]])
+            pr = stats([x["process_cpu_s_per_min"] for x in run["windows"]])
+            rows.append([f"{b} ms", f"{1000 // int(b)}", fmt_stats(w), fmt_stats(pr), f"{run['underruns']}"])
+        out.append(table(["batch", "captures/s", "writer thread", "whole process", "underruns"], rows))
+    if res.get("late"):
+        out.append("")
+        out.append("6. A late API: the reply's first chunk (40 ms), then the rest gap ms after it was due; "
+                   "with the reply cushion (MixerSettings.reply_cushion_ms, fixed or adapting up to "
+                   "reply_cushion_max_ms; the default is a fixed 0)")
+        rows = []
+        for run in res["late"]:
+            rs = run["replies"]
+            top = run.get("cushion_max_ms", run["cushion_ms"])
+            cushion = f"{run['cushion_ms']:.0f}" if top == run["cushion_ms"] else \
+                f"{run['cushion_ms']:.0f}->{top:.0f} (ended {run.get('cushion_end_ms', 0):.0f})"
+            rows.append([f"{run['gap_ms']:.0f}", cushion,
+                         fmt_stats(stats([r["latency_ms"] for r in rs]), 0),
+                         fmt_stats(stats([r["holes_ms"] for r in rs]), 0),
+                         fmt_stats(stats([r.get("zeros_ms") for r in rs]), 0)])
+        out.append(table(["gap ms", "cushion ms", "chunk in -> out, ms", "holes in the reply, ms",
+                          "hard silence, ms"], rows))
     out.append(f"(seed {res['seed']}, {res['elapsed_s']:.0f} s)")
     return "\n".join(out)
 

@@ -120,6 +120,10 @@ class StandInOptions:
     reply_amplitude: float = 0.5  # full scale = 1.0; scaled by output.volume / 100 when set
     chunk_ms: tuple[int, int] = (40, 120)  # reply.audio chunk duration bounds, drawn per chunk
     lead_ms: int = 300  # how far ahead of real time the reply audio may run
+    # -- reply pacing, for benchmarks of a bursty or jittery API (lead_ms above is the burst)
+    first_chunk_ms: int | None = None  # duration of every reply's first chunk (None: drawn like the rest)
+    chunk_gap_ms: tuple[int, int] | None = None  # (k, ms): chunk k (0 = first) of every reply is sent ms late
+    chunk_jitter_ms: int = 0  # every chunk after the first is held back a random 0..this ms
     wrap_greeting: bool = True  # False: bare greeting audio + transcript, no reply.started/done
     barge_in_order: Literal["transcript_first", "done_first"] = "transcript_first"
     late_audio_after_interrupt: int = 0  # reply.audio chunks sent after the interruption events
@@ -658,7 +662,7 @@ class _OnAir:
     t0: float | None = None  # monotonic time of the first audio chunk
     sent: int = 0  # samples
     words_sent: int = 0
-    chunks: int = 0
+    chunks: int = 0  # reply.audio chunks sent
     raw: bytes | None = None  # the whole reply encoded (odd_chunks cuts it by bytes)
     sent_bytes: int = 0
 
@@ -1234,6 +1238,9 @@ class _Session:
                 if await _wait_event(air.interrupt, ahead - lead + 0.001):
                     return True
                 continue
+            delay = self._chunk_delay(air)
+            if delay > 0 and await _wait_event(air.interrupt, delay):
+                return True
             await self._send_chunk(air, encoding)
             if air.t0 is None:
                 air.t0 = air.record.first_audio_at = time.monotonic()
@@ -1250,9 +1257,21 @@ class _Session:
                 return True
         return False
 
+    def _chunk_delay(self, air: _OnAir) -> float:
+        """How long to hold the next chunk back (StandInOptions: chunk_gap_ms, chunk_jitter_ms)."""
+        delay = 0.0
+        gap = self.opts.chunk_gap_ms
+        if gap is not None and air.chunks == gap[0]:
+            delay += gap[1] / 1000
+        if self.opts.chunk_jitter_ms and air.chunks:
+            delay += self.server.rng.uniform(0, self.opts.chunk_jitter_ms) / 1000
+        return delay
+
     async def _send_chunk(self, air: _OnAir, encoding: str) -> None:
         lo, hi = self.opts.chunk_ms
-        n = max(1, self.server.rng.randint(lo, hi) * air.rate // 1000)
+        ms = self.opts.first_chunk_ms if self.opts.first_chunk_ms is not None and air.sent == 0 \
+            else self.server.rng.randint(lo, hi)
+        n = max(1, ms * air.rate // 1000)
         air.chunks += 1
         if self.opts.odd_chunks and sample_width(encoding) == 2:
             # Cut the byte stream, not the samples: every other chunk ends half-way into a sample

@@ -249,3 +249,135 @@ async def test_async_iterator_source_is_downmixed_resampled_and_mixed():
     peak_hz = np.argmax(np.abs(np.fft.rfft(segment))) * RATE / len(segment)
     assert abs(peak_hz - 1000) < 5
     assert mixer.core.streams == []
+
+
+# -- mixing again what was handed over but not yet played (MixerCore.rerender) -----------------
+
+
+def noise_bed(seconds: float = 1.0, amp: float = 0.05) -> np.ndarray:
+    return (np.random.default_rng(3).standard_normal(int(seconds * RATE)) * amp).astype(np.float32)
+
+
+def bed_core(**kw: object) -> MixerCore:
+    c = core(ambient_fade_in_ms=0, **kw)
+    c.set_bed("noise", noise_bed(), volume=1.0, fade_ms=0)
+    return c
+
+
+def test_a_reply_mixed_into_queued_frames_is_exactly_as_if_it_had_come_in_time():
+    """The reply's start (fill): frames already handed over but not played are mixed again
+    with the reply from their first sample. Bed, ducking, limiter and events come out
+    sample for sample as if the reply had arrived before those frames were mixed."""
+    reply = pcm(sine(1000, 0.5, 0.6))
+    late, in_time = bed_core(), bed_core()
+    run(late, 20)  # 200 ms: the last 12 frames sit in the output's queue
+    late.push_reply("r1", reply)
+    assert late.wants_fill()
+    late.events.clear()
+    again, changed = late.rerender(12, "fill")
+    after = run(late, 30)
+    run(in_time, 8)
+    in_time.events.clear()
+    in_time.push_reply("r1", reply)
+    expected = run(in_time, 12 + 30)
+    assert changed == 8 * FRAME
+    assert np.array_equal(again.astype(np.float32) / 32767, expected[:12 * FRAME])
+    assert np.array_equal(after, expected[12 * FRAME:])
+    assert late.events == in_time.events and ("playing", "r1", 8 * FRAME) in late.events
+    assert late.stats["r1"].played == in_time.stats["r1"].played
+    assert not late.wants_fill()
+
+
+def test_barge_in_mixed_into_queued_frames_is_exactly_a_barge_in_in_time():
+    """Barge-in (drop): the queued frames are mixed again without the reply, a 5 ms fade
+    from the first of them; the same as interrupting before they were mixed."""
+    reply = pcm(sine(1000, 2.0, 0.6))
+    late, in_time = bed_core(), bed_core()
+    for c in (late, in_time):
+        c.push_reply("r1", reply)
+    run(late, 30)
+    late.interrupt("r1")
+    again, changed = late.rerender(10, "drop")
+    after = run(late, 20)
+    run(in_time, 20)
+    in_time.interrupt("r1")
+    expected = run(in_time, 30)
+    assert changed == 20 * FRAME
+    assert np.array_equal(again.astype(np.float32) / 32767, expected[:10 * FRAME])
+    assert np.array_equal(after, expected[10 * FRAME:])
+    assert late.stats["r1"].played == in_time.stats["r1"].played == 20 * FRAME + int(0.005 * RATE)
+
+
+def test_a_reply_that_ran_dry_continues_right_after_its_last_sample():
+    c = bed_core(duck_db=0.0)
+    x = sine(1000, 0.3, 0.5)
+    first = int(0.045 * RATE)  # runs dry in the middle of a frame
+    c.push_reply("r1", pcm(x[:first]))
+    run(c, 10)
+    c.push_reply("r1", pcm(x[first:]))
+    assert c.wants_fill()
+    again, changed = c.rerender(7, "fill")
+    assert changed == first
+    ref = bed_core(duck_db=0.0)
+    ref.push_reply("r1", pcm(x))
+    expected = run(ref, 10)
+    assert np.array_equal(again.astype(np.float32) / 32767, expected[3 * FRAME:])
+    assert c.counters.reply_holes == 0, "continued seamlessly: no hole"
+
+
+def test_the_thinking_cue_fades_out_where_the_reply_is_mixed_in():
+    c = core(cue_fade_ms=50)
+    c.start_thinking("tick", np.full(RATE, 0.5, np.float32), volume=1.0)
+    run(c, 20)
+    c.push_reply("r1", pcm(np.zeros(RATE // 2, np.float32)))  # silent speech: only the cue is heard
+    again, _ = c.rerender(10, "fill")
+    y = again.astype(np.float32) / 32767
+    assert y[0] > 0.49, "the cue was at full level where the reply starts"
+    assert np.all(np.diff(y) <= 1 / 32767) and y[int(0.05 * RATE)] == 0.0, "no 50 ms fade-out from the reply's start"
+    run(c, 2)
+    assert c.thinking is None
+
+
+def test_the_jitter_cushion_grows_with_a_late_api_and_holds_the_next_reply():
+    c = core(reply_cushion_ms=0.0, reply_cushion_max_ms=60.0)
+    c.push_reply("r1", pcm(sine(1000, 0.04)))
+    run(c, 10)  # 40 ms played, then 60 ms with nothing to play
+    c.push_reply("r1", pcm(sine(1000, 0.1)))
+    run(c, 12)
+    assert c.counters.reply_holes == 1 and c.counters.reply_hole_ms == pytest.approx(60, abs=0.1)
+    assert c.cushion_ms == pytest.approx(60)
+    now = [0.0]
+    c.clock = lambda: now[0]
+    c.push_reply("r2", pcm(sine(1000, 0.02)))  # a short first chunk: held up to the cushion
+    assert not run(c, 3).any() and not c.wants_fill()
+    assert c.hold_until() == pytest.approx(0.06)
+    now[0] = 0.061
+    assert c.wants_fill() and run(c, 1).any()
+    assert c.cushion_ms == pytest.approx(50), "each reply takes 10 ms off the cushion"
+
+
+def test_a_cue_started_after_frames_were_handed_over_is_mixed_into_them_as_if_in_time():
+    cue = sine(1500, 0.3, 0.3)
+    late, in_time = bed_core(), bed_core()
+    run(late, 20)
+    late.play_cue("ding", cue, 0.8)
+    assert late.wants_voices()
+    again, changed = late.rerender_voices(12)
+    after = run(late, 30)
+    run(in_time, 8)
+    in_time.play_cue("ding", cue, 0.8)
+    expected = run(in_time, 42)
+    assert changed == 8 * FRAME and not late.wants_voices()
+    assert np.array_equal(again.astype(np.float32) / 32767, expected[:12 * FRAME])
+    assert np.array_equal(after, expected[12 * FRAME:])
+    assert late.cues == [] and in_time.cues == []
+
+
+def test_a_voice_mixed_once_is_not_mixed_again_into_earlier_frames():
+    c = bed_core()
+    run(c, 20)
+    c.start_thinking("tick", sine(2000, 0.3, 0.5), volume=0.5)
+    run(c, 1)  # it has a frame of its own now: mixing it into earlier ones would repeat it
+    assert not c.wants_voices()
+    data, _ = c.rerender_voices(10)
+    assert len(data) == 0

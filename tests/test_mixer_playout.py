@@ -117,3 +117,263 @@ async def test_underruns_count_only_once_the_track_is_on_air():
         assert mixer.core.counters.underruns >= 1
     finally:
         await mixer.aclose()
+
+
+class Output:
+    """What our source emitted, read back from our own track, with the emission clock
+    fitted to the arrivals (the source emits 10 ms every 10 ms; arrivals lag by a varying
+    dispatch delay, never less than zero)."""
+
+    def __init__(self, heard: list[tuple[float, np.ndarray]]) -> None:
+        self.data = np.concatenate([c for _, c in heard])
+        starts = np.cumsum([0] + [len(c) for _, c in heard[:-1]])
+        self.t0 = min(t - s / RATE for (t, _), s in zip(heard, starts))
+
+    def time_of(self, index: int) -> float:
+        return self.t0 + index / RATE
+
+    def index_at(self, t: float) -> int:
+        return max(0, int((t - self.t0) * RATE))
+
+    def first_tone(self, since: float, freq: float = REPLY_HZ, threshold: float = 0.1) -> int | None:
+        """Start of the first 2.5 ms window after ``since`` carrying the tone."""
+        n = 60
+        for i in range(self.index_at(since), len(self.data) - n, n):
+            if tone_amplitude(self.data[i:i + 2 * n], freq) > threshold:
+                return i
+        return None
+
+
+async def observe_mixer(mixer: Mixer, body) -> list[tuple[float, np.ndarray]]:
+    from livekit import rtc
+
+    source = mixer.source
+    track = rtc.LocalAudioTrack.create_audio_track("observed", source)
+    stream = rtc.AudioStream.from_track(track=track, sample_rate=RATE, num_channels=1)
+    heard: list[tuple[float, np.ndarray]] = []
+
+    async def observe() -> None:
+        async for ev in stream:
+            heard.append((time.monotonic(), np.frombuffer(ev.frame.data, np.int16).astype(np.float32) / 32767))
+
+    observer = asyncio.create_task(observe())
+    try:
+        await body()
+    finally:
+        observer.cancel()
+        await asyncio.gather(observer, return_exceptions=True)
+        await stream.aclose()
+    return heard
+
+
+async def test_a_reply_starts_at_once_over_a_queued_bed_without_a_click():
+    """The source holds 100-200 ms of bed; a reply must not wait behind it: its first
+    sample leaves the source within a frame or two of being pushed, and the bed goes on
+    sample for sample across the re-mixed frames."""
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    pushed: list[float] = []
+
+    async def body() -> None:
+        await asyncio.sleep(0.5)
+        for i in range(3):
+            await asyncio.sleep(0.13 + 0.011 * i)  # a few phases against the source's clock
+            pushed.append(time.monotonic())
+            mixer.push_reply(f"r{i}", reply.tobytes())
+            await asyncio.sleep(1.3)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    for t_push in pushed:
+        onset = out.first_tone(t_push - 0.05)
+        assert onset is not None, "the reply was never heard"
+        delay = out.time_of(onset) - t_push
+        assert delay < 0.04, f"the reply left the source {delay * 1000:.0f} ms after it was pushed"
+    assert mixer.fills >= 3
+    positions = bed_positions(heard, bed, pushed[0] - 0.3)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert not np.any(np.convolve(out.data[out.index_at(pushed[0]):] == 0, np.ones(24), "valid") == 24), \
+        "hard silence in the output"
+
+
+async def test_a_bursty_then_late_api_never_starves_the_track():
+    """Reply chunks in bursts faster than real time, then gaps longer than the audio
+    queued: the reply has holes (the API was late) but the track never runs dry, the
+    bed goes on, and an adaptive jitter cushion grows to the hole."""
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0, reply_cushion_max_ms=60))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE * 2) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    chunk = RATE // 25  # 40 ms
+
+    async def body() -> None:
+        await asyncio.sleep(0.4)
+        pos = 0
+        for burst, gap_s in ((8, 0.45), (3, 0.25), (1, 0.12), (20, 0.0)):
+            for _ in range(burst):
+                mixer.push_reply("r1", reply[pos:pos + chunk].tobytes())
+                pos += chunk
+            await asyncio.sleep(gap_s)
+        await asyncio.sleep(1.2)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    since = out.index_at(heard[0][0] + 0.3)  # the bed is playing
+    zeros = np.convolve(out.data[since:] == 0, np.ones(24), "valid") == 24
+    assert mixer.core.counters.underruns == 0 and not zeros.any(), \
+        f"the track ran dry {np.flatnonzero(zeros)[:1] / RATE} s in (fills {mixer.fills}, races {mixer.races}, " \
+        f"misses {mixer.misses})"
+    assert mixer.core.counters.reply_holes >= 2, "the API's lateness was not noticed"
+    assert mixer.core.cushion_ms > 0
+    positions = bed_positions(heard, bed, heard[0][0] + 0.5)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
+async def test_playback_events_and_wait_for_playout_follow_the_output():
+    from mixer import ReplyAudioStopped, ReplyStartedPlaying
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0))
+    mixer.start()
+    mixer.set_bed("noise", (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32), volume=1.0)
+    events: list[tuple[float, object]] = []
+    mixer.add_listener(lambda ev: events.append((time.monotonic(), ev)))
+    t = np.arange(RATE // 2) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    done: list[float] = []
+
+    async def body() -> None:
+        await asyncio.sleep(0.4)
+        mixer.push_reply("r1", reply.tobytes())
+        result = await mixer.wait_for_playout("r1")
+        done.append(time.monotonic())
+        assert result.reply_id == "r1" and not result.interrupted and result.played_ms == pytest.approx(500, abs=1)
+        await asyncio.sleep(0.3)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    onset = out.first_tone(0)
+    started = [(t, e) for t, e in events if isinstance(e, ReplyStartedPlaying)]
+    stopped = [(t, e) for t, e in events if isinstance(e, ReplyAudioStopped)]
+    assert len(started) == 1 and len(stopped) == 1 and started[0][1].reply_id == "r1"
+    assert abs(started[0][1].at - out.time_of(onset)) < 0.015, "ReplyStartedPlaying.at is not when it was heard"
+    assert started[0][0] >= started[0][1].at - 0.002, "delivered before it was heard"
+    last = out.index_at(out.time_of(onset) + 0.5)
+    assert abs(stopped[0][1].at - out.time_of(last)) < 0.02 and not stopped[0][1].interrupted
+    assert abs(done[0] - out.time_of(last)) < 0.03, "wait_for_playout did not return when the reply had played"
+
+
+async def test_play_returns_a_handle_to_await_or_stop():
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0))
+    mixer.start()
+    try:
+        ding = np.full(RATE // 10, 0.2, np.float32)
+        t0 = time.monotonic()
+        assert await mixer.play(ding, name="ding") is True
+        assert time.monotonic() - t0 >= 0.1, "done before its 100 ms had played"
+        loop_handle = mixer.play(ding, name="loop", loop=True)
+        await asyncio.sleep(0.3)
+        assert not loop_handle.done()
+        loop_handle.stop()
+        assert await loop_handle.wait_for_playout() is False
+        assert await mixer.play_cue("cue", ding, 0.5) is True  # the old call still answers True/False
+        assert mixer.core.voices == []
+    finally:
+        await mixer.aclose()
+
+
+async def test_reply_starts_and_barge_ins_keep_the_bed_whole_while_the_main_thread_holds_the_gil():
+    """The writer replaces the source's queue at every reply start and barge-in; it must
+    know exactly how much of it has played, also when the completions it learns the
+    source's clock from come late because it waited for the GIL (another task on the main
+    thread parses JSON in bursts), or the bed skips or repeats a block there."""
+    import json
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE // 2) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    doc = json.dumps([{"type": "transcript.partial", "text": "okay, let me check"}] * 6000)  # ~5 ms to parse
+    started: list[float] = []
+    done = asyncio.Event()
+
+    async def load() -> None:
+        while not done.is_set():
+            json.loads(doc)
+            await asyncio.sleep(0.037)
+
+    async def body() -> None:
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        started.append(time.monotonic())
+        for i in range(8):
+            await asyncio.sleep(0.07 + 0.013 * i)
+            mixer.push_reply(f"r{i}", reply.tobytes())
+            await asyncio.sleep(0.19 + 0.007 * i)
+            mixer.interrupt(f"r{i}")
+            await asyncio.sleep(0.2)
+        done.set()
+        await loader
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    assert mixer.fills >= 8 and mixer.flushes >= 8
+    out = Output(heard)
+    since = out.index_at(started[0])
+    zeros = np.flatnonzero(np.convolve(out.data[since:] == 0, np.ones(24), "valid") == 24)
+    assert not len(zeros), f"hard silence in the output {(zeros[0] + since) / RATE - (started[0] - out.t0):.3f} s " \
+        f"in ({len(zeros)} samples; {mixer.snapshot()}, misses {mixer.misses})"
+    positions = bed_positions(heard, bed, started[0])
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
+async def test_a_cue_starts_at_once_over_a_queued_bed():
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    ding = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE // 5) / RATE)).astype(np.float32)
+    started: list[float] = []
+
+    async def body() -> None:
+        await asyncio.sleep(0.5)
+        for i in range(3):
+            await asyncio.sleep(0.11 + 0.013 * i)
+            started.append(time.monotonic())
+            assert await mixer.play(ding, name="ding") is True
+            await asyncio.sleep(0.2)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    for t_start in started:
+        onset = out.first_tone(t_start - 0.05)
+        assert onset is not None, "the cue was never heard"
+        delay = out.time_of(onset) - t_start
+        assert delay < 0.04, f"the cue left the source {delay * 1000:.0f} ms after it was started"
+    positions = bed_positions(heard, bed, started[0] - 0.3)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
