@@ -49,11 +49,12 @@ from typing import Any, AsyncIterator, Callable, Union
 
 import numpy as np
 
+from pcm import SAMPLE_RATE
+
 import scheduling
 
 log = logging.getLogger("mixer")
 
-SAMPLE_RATE = 24000
 DEFAULT_QUEUE_MS = 100  # audio always queued ahead of the listener; README says why 100
 DEFAULT_BATCH_MS = 100  # mixed and handed over at once; README says why 100
 INT16_SCALE = 32767.0
@@ -1236,10 +1237,6 @@ class Mixer:
         self._error: BaseException | None = None
         self.source = None  # rtc.AudioSource, created on the audio thread
         self.heartbeat = time.monotonic()  # last hand-over to the source (watchdog)
-        # on_event(name, reply_id, delay_s): called ON THE AUDIO THREAD for playback
-        # transitions ("playing", reply_id) and ("idle", None); delay_s is how long until
-        # the frame is actually heard. Kept for old callers: add_listener() is the typed API.
-        self.on_event: Callable[[str, str | None, float], None] | None = None
         self.priority = "normal"  # scheduling the audio thread got
         # The source's clock, as the writer knows it: _handed_until is the first tick of the
         # source that would find its queue empty (what was handed over runs out then), and
@@ -1606,10 +1603,9 @@ class Mixer:
         return posts
 
     def _deliver(self, posts: list[tuple[Any, ...]], cancel_from: int | None) -> None:
-        """Hand the events to their loops (and the old on_event callback)."""
+        """Hand the events to their loops."""
         if not posts and cancel_from is None:
             return
-        now = time.monotonic()
         replies = []
         for post in posts:
             if post[0] == "voice":
@@ -1624,11 +1620,6 @@ class Mixer:
                 st = self.core.stats.get(rid)
                 interrupted = st is not None and st.interrupted_at is not None
             replies.append((pos, at, kind, rid, interrupted))
-            if self.on_event is not None and kind in ("playing", "idle"):
-                try:
-                    self.on_event(kind, rid if kind == "playing" else None, max(0.0, at - now))
-                except Exception:
-                    log.exception("playback event handler failed")
         if replies or cancel_from is not None:
             for loop, disp in list(self._dispatchers.items()):
                 if loop.is_closed():
@@ -1904,11 +1895,6 @@ class Mixer:
                 else:
                     still.append((want, fut))
             disp.waiters = still
-
-    async def wait_reply_played(self, poll_s: float = 0.01) -> None:
-        """Until every queued reply sample has been handed over and played out (old name
-        of ``wait_for_playout()``; ``poll_s`` is ignored, nothing polls)."""
-        await self.wait_for_playout()
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

@@ -55,7 +55,7 @@ from exits import (  # noqa: E402
     FatalError,
 )
 import call  # noqa: E402
-from audio_output import AudioOutput, MixerOutput, PlaybackEvent, ReplyStartedPlaying  # noqa: E402
+from audio_output import AudioOutput, PlaybackEvent, ReplyStartedPlaying  # noqa: E402
 from call import Call, CallSettings, Timer  # noqa: E402
 from captions import Captions  # noqa: E402
 from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
@@ -169,7 +169,7 @@ class Worker:
             priority=self.cfg.audio_priority,
             on_air=False,  # until the track is published
         )
-        self.output = MixerOutput(self.mixer)
+        self.output = self.mixer  # the Mixer is the AudioOutput
         self.output.add_listener(self._on_playback)
         self.captions = Captions(self.link, self.output, self.cfg.agent_identity)
         source = self.mixer.start()  # first LiveKit call: its media threads start on the audio thread
