@@ -39,6 +39,7 @@ import bridge  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
 import scheduling  # noqa: E402
+import sounds  # noqa: E402
 from config import (  # noqa: E402
     Config,
     env_name,
@@ -173,8 +174,11 @@ class Worker:
         self.output.add_listener(self._on_playback)
         self.captions = Captions(self.link, self.output, self.cfg.agent_identity)
         source = self.mixer.start()  # first LiveKit call: its media threads start on the audio thread
-        # Sounds and tools are loaded before we touch the network: a bad file fails fast.
-        self.ambient, self.thinking = load_banks(self.cfg)
+        # Sounds and tools are loaded before we touch the network: a bad file fails fast. The
+        # configured sounds are decoded like any file, on the decoding thread at ordinary
+        # priority (this thread may be real-time: a huge file must not starve the machine).
+        self.ambient, self.thinking = await asyncio.get_running_loop().run_in_executor(
+            sounds.decode_executor(), sounds.run_in_background, load_banks, self.cfg)
         self.tools = load_tool_registry(self.cfg)
         self.controller = control.Controller(control_settings(self.cfg), self.mixer, self.cfg.room_name)
         self._restored = await self.controller.restore()

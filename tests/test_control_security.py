@@ -562,3 +562,23 @@ async def test_a_hostile_state_file_is_ignored_and_the_worker_starts(livekit_ser
     finally:
         worker.kill()
         await user.leave()
+
+
+@pytest.mark.e2e
+async def test_the_configured_sounds_are_decoded_at_ordinary_priority(livekit_server, standin, room_name, tmp_path):
+    """AMBIENT_SOUND and THINKING_SOUND are files like any upload: decoded at start on the
+    decoding thread (SCHED_OTHER, nice >= 10), never on the event loop's thread, which is
+    real-time when the worker may (a huge file must not hold a core at real-time priority)."""
+    bed = write_wav(tmp_path / "bed.wav", tone(BED_HZ, 1.0, amplitude=0.5, fade_ms=0))
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND=str(bed),
+                                      THINKING_SOUND=str(bed), GREETING=""), tmp_path / "w").start()
+    try:
+        await worker.wait_for_output(r"joined room", 20)
+        pid = worker.proc.pid
+        threads = [thread_sched(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        decode = [t for t in threads if t[0] == "sound-decode"]
+        assert decode, f"no decoding thread: the sounds were decoded elsewhere ({sorted(t[0] for t in threads)})"
+        (_, policy, nice), = decode
+        assert policy == os.SCHED_OTHER and nice >= 10, decode
+    finally:
+        worker.kill()
