@@ -1230,6 +1230,10 @@ class VoiceAgentClient:
                 ping_timeout=20,
                 close_timeout=2,
                 user_agent_header="livekit-voice-agent-bridge",
+                # No permessage-deflate: base64 PCM deflates only to ~0.74 of its size, and
+                # compressing ~64 KB/s up and inflating the reply down is CPU on the event
+                # loop for bandwidth a voice call does not lack (issue 18).
+                compression=None,
             ) as ws:
                 self._ws = ws
                 self.connects += 1

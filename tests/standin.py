@@ -1364,6 +1364,7 @@ class StandIn:
         self.auth_failures = 0  # bad keys, however refused
         self.refused_sessions = 0  # handshakes refused with refuse_sessions_with
         self.resume_failures: list[tuple[float, str, str]] = []  # (time, session_id, code)
+        self.offered_extensions: list[str | None] = []  # each upgrade's Sec-WebSocket-Extensions
         self.url = ""
         self._server: Server | None = None
         self._sessions: dict[str, _Session] = {}
@@ -1495,6 +1496,7 @@ class StandIn:
         if urlsplit(request.path).path != PATH:
             self.http_rejections += 1
             return connection.respond(404, "Not Found\n")
+        self.offered_extensions.append(request.headers.get("Sec-WebSocket-Extensions"))
         protocol = connection.protocol
         if hasattr(protocol, "max_message_size"):
             protocol.max_message_size = self.options.max_message_bytes

@@ -110,6 +110,17 @@ async def test_no_input_audio_before_session_ready(standin):
     assert s.ended
 
 
+async def test_the_client_does_not_offer_compression(standin):
+    """The stand-in offers permessage-deflate, as a server may: the client does not ask for it
+    (deflating base64 PCM costs CPU for little; see bridge.VoiceAgentClient)."""
+    assert standin.options.compression == "deflate"
+    client = make_client(standin)
+    task = await running(client)
+    await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 5, "ready")
+    await finish(client, task)
+    assert standin.offered_extensions == [None]
+
+
 async def test_input_pacing_stays_within_5_percent_of_real_time(standin):
     client = make_client(standin)
     task = await running(client)
