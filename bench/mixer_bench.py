@@ -943,3 +943,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()  # then skip the LiveKit native library's teardown (see e2e_bench.py)
+    sys.stderr.flush()
+    os._exit(0)
