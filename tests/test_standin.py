@@ -546,6 +546,18 @@ async def test_echo_mode_plays_the_users_turn_back_after_a_chime(agent: StandIn)
     assert c.of("transcript.agent")[1]["text"] == "You said: tone 523 Hz 0.5 s."
 
 
+async def test_the_demo_describes_speech_not_tones(agent: StandIn) -> None:
+    """`python worker.py demo` runs it with describe="speech": captions a person can read."""
+    agent.options.reply_mode, agent.options.describe = "echo", "speech"
+    async with client(agent) as c:
+        await c.ready(greeting="Hi")
+        await c.expect("reply.done", timeout=3)
+        await c.stream(np.concatenate([tone(523, 0.5), silence(0.7)]))
+        await c.expect("reply.done", timeout=3)
+    assert c.of("transcript.user")[0]["text"] == "(0.5 s of speech)"
+    assert c.of("transcript.agent")[1]["text"] == "Here is what you said, played back (0.5 s)."
+
+
 async def test_g711_mu_law_in_and_out_at_8_khz(agent: StandIn) -> None:
     from standin import decode_audio, encode_audio
 
@@ -804,7 +816,7 @@ def test_the_command_line_serves_without_logging_the_key() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     secret = "sk-very-secret-123"
-    script = Path(__file__).with_name("standin.py")
+    script = Path(__file__).resolve().parent.parent / "standin.py"
     proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--api-key", secret, "-v"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
