@@ -1393,7 +1393,8 @@ class StandIn:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         _require_loopback(host)
         ws_logger = logging.getLogger("standin.websockets")
-        ws_logger.setLevel(logging.INFO)  # websockets logs request headers (the key) at debug
+        # websockets logs request headers (the key) at debug: never below info (-q sets warning)
+        ws_logger.setLevel(max(logging.INFO, ws_logger.level))
         self._server = await serve(self._handle, host, port, process_request=self._process_request,
                                    max_size=self.options.max_message_bytes, compression=self.options.compression,
                                    close_timeout=2, logger=ws_logger)
@@ -1631,6 +1632,8 @@ async def _serve_until_signal(options: StandInOptions, host: str, port: int) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     standin = StandIn(options)
+    # Its connection lines at the command line's level (-q: warnings only), never below info.
+    logging.getLogger("standin.websockets").setLevel(max(logging.INFO, logging.getLogger().level))
     await standin.start(host, port)
     try:
         print(f"Voice Agent stand-in on {standin.url} (Ctrl-C to stop)", flush=True)

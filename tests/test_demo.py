@@ -1,0 +1,408 @@
+"""Two commands from nothing (issue 19): `./scripts/run demo` and `./scripts/run` as a new
+user runs them, in a clean copy of the checkout (the files git tracks or would track: no
+.env, no state) with nothing in the environment but PATH and HOME (an empty HOME).
+
+The copy reuses this checkout's .venv and .tools (livekit-server) through symlinks, so
+nothing is rebuilt: CI runs from a clean clone anyway, and building the server is tested
+here with a stand-in for `go` (the real first build takes minutes). The participant joins
+with the URL and token the script printed for the Agents Playground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import ASSEMBLYAI_KEY, REPO, RoomUser, tone, tone_amplitude, wait_until
+from standin import StandIn, StandInOptions
+
+pytestmark = pytest.mark.e2e
+
+ROOM = "voice-agent-demo"  # ROOM_NAME's default
+GREETING = "Hi! I am the demo agent. Say something, and I will play it back to you."  # worker.DEMO_GREETING
+USER_HZ = 450.0
+BARE_PATH = "/usr/bin:/bin"  # no go, no livekit-server (checked below)
+
+
+def checkout(dest: Path, *, tools: bool = True) -> Path:
+    """A clean copy of this checkout as it is now, with .venv (and .tools) borrowed."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src, dst = REPO / name.decode(), dest / name.decode()
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+    (dest / ".venv").symlink_to((REPO / ".venv").resolve())
+    if tools:
+        (dest / ".tools").symlink_to((REPO / ".tools").resolve())
+    assert not (dest / ".env").exists()
+    return dest
+
+
+def empty_env(home: Path, path: str | None = None, **extra: str) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": path or os.environ["PATH"], "HOME": str(home), **extra}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def descendants(root: int) -> dict[int, tuple[str, str]]:
+    """Every live process below ``root``: pid -> (start time, command line)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    found: dict[int, tuple[str, str]] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in found:
+                start = _start_time(child)
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if start is not None:
+                    found[child] = (start, cmd)
+                    frontier.append(child)
+    return found
+
+
+def still_running(processes: dict[int, tuple[str, str]]) -> list[str]:
+    return [cmd for pid, (start, cmd) in processes.items() if _start_time(pid) == start]
+
+
+@dataclass
+class Script:
+    """`./scripts/run ARGS` in a checkout, as from a terminal: a process group of its own,
+    so an interrupt reaches it the way Ctrl-C would (the whole foreground group)."""
+
+    checkout: Path
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    children: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def start(self) -> "Script":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([str(self.checkout / "scripts" / "run"), *self.args], cwd=self.checkout,
+                                         env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, self.output(), re.M):
+                return m
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"never printed {pattern!r}; output:\n{self.output()[-5000:]}")
+
+    def remember_children(self) -> dict[int, tuple[str, str]]:
+        self.children = descendants(self.proc.pid)
+        return self.children
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    async def wait_exit(self, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still running after {timeout:.0f} s; output:\n{self.output()[-5000:]}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for pid, (start, _) in self.children.items():  # what the kernel should already have done
+            if _start_time(pid) == start:
+                os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Printed:
+    """What the script printed for the Agents Playground, as a RoomUser's server."""
+
+    url: str
+    printed_token: str
+
+    def token(self, *args: object, **kwargs: object) -> str:
+        return self.printed_token
+
+
+async def printed(script: Script) -> Printed:
+    url = (await script.wait_for(r"^LiveKit URL: +(\S+)$")).group(1)
+    token = (await script.wait_for(r"^Token: +(\S+)$")).group(1)
+    return Printed(url, token)
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def amplitude_series(user: RoomUser, freq: float, since: float = 0.0) -> list[tuple[float, float]]:
+    return user.agent().timeline(freq, window_ms=20, since=since)
+
+
+@pytest.fixture
+def scripts():
+    started: list[Script] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkout(tmp_path_factory.mktemp("clean-checkout"))
+
+
+def test_the_bare_path_has_no_go_and_no_livekit_server():
+    """The tests below rely on it to stand for a machine without them."""
+    assert shutil.which("go", path=BARE_PATH) is None and shutil.which("livekit-server", path=BARE_PATH) is None
+
+
+async def test_run_demo_from_nothing(clean: Path, tmp_path: Path, scripts: list[Script]) -> None:
+    """The README's first command: a local LiveKit server, the bridge and the echo agent; a
+    participant with the printed token sees the agent, hears the chime and the bed, and
+    gets its turn played back, with captions and states; Ctrl-C stops everything."""
+    from livekit import rtc
+
+    assert bindable(7880), "something already listens on 7880 in the test namespace"
+    t0 = time.monotonic()
+    script = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "demo.log").start()
+    scripts.append(script)
+    where = await printed(script)
+    assert where.url == "ws://localhost:7880"
+    await script.wait_for(r"ready: in room voice-agent-demo", 60)
+    ready_s = time.monotonic() - t0
+    out = script.output()
+    assert "Started a local LiveKit server in dev mode" in out and "this machine only" in out
+    assert "Demo: the agent is a local echo agent" in out
+    children = script.remember_children()
+    commands = " ".join(cmd for _, cmd in children.values())
+    assert "--dev --bind 127.0.0.1" in commands and "standin.py" in commands, children
+
+    user = RoomUser(where, ROOM, identity="user")
+    await user.join()
+    try:
+        agent = user.room.remote_participants.get("voice-agent")
+        assert agent is not None and agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        await user.wait_heard(timeout=20)
+        # The greeting: a two-note chime (660 then 880 Hz), its text as the agent's caption.
+        await wait_until(lambda: any(a > 0.25 for _, a in amplitude_series(user, 880)), 15, "the greeting's chime")
+        assert any(a > 0.25 for _, a in amplitude_series(user, 660))
+        await wait_until(lambda: any(c["sender"] == "voice-agent" and c["text"] == GREETING for c in user.captions),
+                         10, "the greeting's caption")
+        # The bed (builtin:office at 0.3): there once the chime is over, never digital silence.
+        await asyncio.sleep(1.5)
+        quiet_from = time.monotonic()
+        await asyncio.sleep(1.0)
+        bed = user.agent().samples(since=quiet_from).astype(np.float32) / 32768
+        assert len(bed) > 12000 and float(np.sqrt(np.mean(bed ** 2))) > 0.002, "no ambient bed heard"
+        # A spoken turn comes back: the same tone, after the turn, then the caption.
+        spoken_until = user.say(tone(USER_HZ, 1.0, amplitude=0.3))
+        await wait_until(lambda: any(a > 0.15 for t, a in amplitude_series(user, USER_HZ, since=spoken_until)),
+                         15, "the echo of the spoken turn")
+        await wait_until(lambda: any(c["sender"] == "voice-agent" and c["text"].startswith("Here is what you said")
+                                     for c in user.captions), 10, "the echo's caption")
+        assert any(c["sender"] == "user" and re.fullmatch(r"\(\d\.\d s of speech\)", c["text"]) for c in user.captions)
+        states = user.state_sequence()
+        assert {"listening", "thinking", "speaking"} <= set(states), states
+    finally:
+        await user.leave()
+
+    script.interrupt()
+    assert await script.wait_exit(20) == 0, script.output()[-3000:]
+    await asyncio.sleep(0.2)
+    assert still_running(children) == [], "left running after Ctrl-C"
+    assert bindable(7880)
+    log = tmp_path / "home" / ".cache" / "voice-agent" / "livekit-server-7880.log"
+    assert log.is_file() and "starting LiveKit server" in log.read_text(errors="replace")
+    print(f"ready {ready_s:.1f} s after ./scripts/run demo")
+
+
+def test_run_without_a_key_says_where_to_get_one(clean: Path, tmp_path: Path) -> None:
+    """`./scripts/run` with nothing set: one line naming the variable, where to get a key,
+    and that the demo needs none; exit 2, before any server is started."""
+    r = subprocess.run([str(clean / "scripts" / "run")], cwd=clean, env=empty_env(tmp_path / "home"),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ASSEMBLYAI_API_KEY is not set: ")
+    assert "https://www.assemblyai.com/dashboard" in lines[0] and "./scripts/run demo" in lines[0]
+    assert bindable(7880) and not (tmp_path / "home" / ".cache" / "voice-agent").exists()
+
+
+async def test_run_with_a_key_picks_another_port_and_dies_with_the_worker(clean: Path, tmp_path: Path,
+                                                                         scripts: list[Script]) -> None:
+    """`ASSEMBLYAI_API_KEY=... ./scripts/run` (the service is the stand-in here): port 7880 is
+    held by something that is not LiveKit, so the local server takes another port and says
+    so; the worker killed with SIGKILL takes the server with it (PR_SET_PDEATHSIG)."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 7880))
+    holder.listen(1)
+    standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, greeting_freq_hz=650.0, greeting_seconds=1.0))
+    await standin.start()
+    try:
+        env = empty_env(tmp_path / "home", ASSEMBLYAI_API_KEY=ASSEMBLYAI_KEY, VOICE_AGENT_URL=standin.url)
+        script = Script(clean, [], env, tmp_path / "run.log").start()
+        scripts.append(script)
+        where = await printed(script)
+        port = int(where.url.rsplit(":", 1)[1])
+        assert port != 7880 and where.url == f"ws://localhost:{port}"
+        assert "Port 7880 is taken by something that is not a LiveKit dev server" in script.output()
+        assert "Demo:" not in script.output()
+        await script.wait_for(r"ready: in room voice-agent-demo", 60)
+        user = RoomUser(where, ROOM, identity="user")
+        await user.join()
+        try:
+            await wait_until(lambda: any(a > 0.2 for _, a in amplitude_series(user, 650)), 20, "the greeting")
+        finally:
+            await user.leave()
+        children = script.remember_children()
+        assert any("--dev" in cmd for _, cmd in children.values()), children
+        os.kill(script.proc.pid, signal.SIGKILL)  # the worker alone: nothing stops its children but the kernel
+        script.proc.wait()
+        await wait_until(lambda: not still_running(children), 5, "the server to die with the worker")
+    finally:
+        holder.close()
+        await standin.stop()
+
+
+async def test_a_running_dev_server_on_7880_is_used_and_left_running(clean: Path, tmp_path: Path,
+                                                                    scripts: list[Script]) -> None:
+    """A `livekit-server --dev` of the user's already on 7880: the demo joins it, says so,
+    and leaves it running when it stops."""
+    binary = str((REPO / ".tools" / "bin" / "server").resolve())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
+    with open(tmp_path / "theirs.log", "wb") as log:
+        theirs = subprocess.Popen([binary, "--dev", "--bind", "127.0.0.1", "--config-body", "rtc: {tcp_port: 0}"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:7880/", timeout=0.5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        await wait_until(up, 20, "their dev server")
+        script = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "demo.log").start()
+        scripts.append(script)
+        where = await printed(script)
+        assert where.url == "ws://localhost:7880"
+        assert "already running on port 7880 and accepts the dev keys" in script.output()
+        assert "Started a local LiveKit server" not in script.output()
+        await script.wait_for(r"ready: in room voice-agent-demo", 60)
+        children = script.remember_children()
+        assert not any("--dev" in cmd for _, cmd in children.values()), children
+        script.interrupt()
+        assert await script.wait_exit(20) == 0
+        assert theirs.poll() is None and up(), "their server was stopped"
+        assert still_running(children) == []
+    finally:
+        theirs.send_signal(signal.SIGTERM)
+        try:
+            theirs.wait(5)
+        except subprocess.TimeoutExpired:
+            theirs.kill()
+            theirs.wait()
+
+
+FAKE_GO = """#!/usr/bin/env bash
+# Stands in for `go install -v github.com/livekit/livekit-server/cmd/server@VERSION`: says what
+# go says (modules downloaded, packages compiled, on stderr) and leaves the real binary in GOBIN.
+[ "$1" = install ] || exit 2
+echo "go: downloading github.com/livekit/livekit-server v1.13.5" >&2
+for i in $(seq 1 25); do echo "github.com/example/pkg$i" >&2; sleep 0.1; done
+mkdir -p "$GOBIN" && ln -s {binary} "$GOBIN/server"
+"""
+
+
+async def test_where_the_server_comes_from(tmp_path: Path, scripts: list[Script]) -> None:
+    """No pinned build in the checkout: without Go or a livekit-server, one line with the
+    ways out (exit 2); with livekit-server on PATH, that one; with Go, the pinned build is
+    made first, its progress shown, and then used."""
+    bare = checkout(tmp_path / "checkout", tools=False)
+    home = tmp_path / "home"
+    r = subprocess.run([str(bare / "scripts" / "run"), "demo"], cwd=bare, env=empty_env(home, BARE_PATH),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: LIVEKIT_URL is not set, and no LiveKit server"), r.stderr
+    assert "brew install livekit" in lines[0] and "https://go.dev/dl/" in lines[0]
+
+    binary = str((REPO / ".tools" / "bin" / "server").resolve())
+    on_path = tmp_path / "bin-livekit"
+    on_path.mkdir()
+    (on_path / "livekit-server").symlink_to(binary)
+    script = Script(bare, ["demo"], empty_env(home, f"{on_path}:{BARE_PATH}"), tmp_path / "path.log").start()
+    scripts.append(script)
+    await script.wait_for(r"ready: in room voice-agent-demo", 60)
+    assert f"{on_path}/livekit-server, from PATH" in script.output()
+    script.interrupt()
+    assert await script.wait_exit(20) == 0
+    assert not (bare / ".tools").exists()
+
+    fake_go = tmp_path / "bin-go"
+    fake_go.mkdir()
+    (fake_go / "go").write_text(FAKE_GO.replace("{binary}", binary))
+    (fake_go / "go").chmod(0o755)
+    env = empty_env(home, f"{fake_go}:{BARE_PATH}", BUILD_PROGRESS_EVERY_S="1")
+    script = Script(bare, ["demo"], env, tmp_path / "build.log").start()
+    scripts.append(script)
+    await script.wait_for(r"ready: in room voice-agent-demo", 60)
+    out = script.output()
+    assert "building livekit-server v1.13.5 into .tools/bin/server" in out
+    assert re.search(r"^  \.\.\. \d+ s: 1 modules downloaded, \d+ of about 800 packages compiled$", out, re.M), out
+    assert re.search(r"^built livekit-server in \d+ s$", out, re.M)
+    assert "the pinned build, .tools/bin/server, just built" in out
+    script.interrupt()
+    assert await script.wait_exit(20) == 0
