@@ -406,3 +406,66 @@ async def test_where_the_server_comes_from(tmp_path: Path, scripts: list[Script]
     assert "the pinned build, .tools/bin/server, just built" in out
     script.interrupt()
     assert await script.wait_exit(20) == 0
+
+
+@pytest.mark.browser
+async def test_a_browser_joins_the_demo(clean: Path, tmp_path: Path, scripts: list[Script]) -> None:
+    """What the Playground does, with the same livekit-client in Chromium: the printed URL and
+    token, from a page of its own. The browser sees the agent, hears its chime and bed, and hears
+    its own microphone (a 450 Hz burst) played back; media goes over the machine's own address."""
+    from urllib.parse import urlencode
+
+    from test_browser import BROWSER_DIR, CHROMIUM_FLAGS, Browser, mic_wav, preflight, serve_page
+
+    node = preflight()
+    freqs = (880.0, USER_HZ)
+    script = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "demo.log").start()
+    scripts.append(script)
+    where = await printed(script)
+    await script.wait_for(r"ready: in room voice-agent-demo", 60)
+    mic = mic_wav(tmp_path / "mic.wav")
+    browser = None
+    try:
+        with serve_page(BROWSER_DIR) as (httpd, _):
+            query = urlencode({"url": where.url, "token": where.printed_token, "agent": "voice-agent",
+                               "freqs": ",".join(f"{f:g}" for f in freqs)})
+            browser = Browser(node, f"http://127.0.0.1:{httpd.server_address[1]}/index.html?{query}",
+                              [*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={mic}"],
+                              tmp_path / "chromium-profile", tmp_path / "browser.log")
+            await browser.start()
+
+            async def until(predicate, timeout: float, what: str) -> dict:
+                deadline = time.monotonic() + timeout
+                while True:
+                    r = await browser.evaluate("window.__results")
+                    if predicate(r):
+                        return r
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"timed out waiting for {what}: phase {r['phase']}, errors "
+                                             f"{r['errors']}\n{browser.diagnostics()}\n{script.output()[-3000:]}")
+                    await asyncio.sleep(0.2)
+
+            def heard(r: dict, freq: float, level: float) -> bool:
+                col = 2 + freqs.index(freq)
+                return any(w[col] > level for w in r["audio"]["windows"])
+
+            r = await until(lambda r: r["agent"] == "voice-agent", 30, "the page to see the agent")
+            assert r["participants"]["voice-agent"]["isAgent"] is True
+            r = await until(lambda r: heard(r, 880.0, 0.2), 20, "the greeting's chime")
+            chime = next(w[0] for w in r["audio"]["windows"] if w[2] > 0.2)
+            # The bed, once the chime is over: 1 s of windows, none of them silent.
+            r = await until(lambda r: r["audio"]["windows"][-1][0] > chime + 2500, 10, "2.5 s more of audio")
+            bed = [w[1] for w in r["audio"]["windows"] if chime + 1500 <= w[0] <= chime + 2500]
+            assert len(bed) >= 10 and min(bed) > 0.001, f"no ambient bed after the chime: {bed}"
+            # The burst comes 3 s into the looped microphone file; its echo follows the turn's end.
+            await until(lambda r: heard(r, USER_HZ, 0.1), 30, "the microphone's burst played back")
+            ice = await browser.evaluate("window.__ice()")
+            media_ip = os.environ.get("VOICE_AGENT_TEST_IP", "127.0.0.1")
+            connected = [pc for pc in ice if pc["connectionState"] == "connected"]
+            assert connected and all(pc["selected"]["remote"]["address"] == media_ip for pc in connected), ice
+            assert browser.blocked() == []
+    finally:
+        if browser is not None:
+            await browser.close()
+    script.interrupt()
+    assert await script.wait_exit(20) == 0
