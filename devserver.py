@@ -4,10 +4,11 @@
   ``python worker.py`` (``run``, ``demo``) starts when ``LIVEKIT_URL`` is empty. The binary
   is the pinned build of ``scripts/build-server`` (``.tools/bin/server``), else a
   ``livekit-server`` on ``PATH``, else the pinned build made now (Go; its progress shows).
-  Port 7880, what LiveKit's docs and the Agents Playground assume, when it is free; when
-  it is taken by a LiveKit server that accepts the dev keys (a ``livekit-server --dev`` of
-  the user's), that one is used and left running; when it is taken by anything else, free
-  ports are picked and the URL printed says which.
+  Port 7880, what LiveKit's docs and the Agents Playground assume, when it is free; else
+  free ports, and the URL printed says which. A server already on 7880 is never borrowed,
+  even one that takes the dev keys: it may be another ``./scripts/run``'s, which would stop
+  it from under us, and whose agent ours would kick out of the room (same identity); the
+  line printed says how to use it instead (LIVEKIT_URL).
 * ``start_echo_agent``: ``standin.py`` in echo mode on a free loopback port with a key of
   its own, for ``python worker.py demo``: no AssemblyAI account.
 
@@ -145,13 +146,9 @@ class LocalServer:
     api_key: str
     api_secret: str
     port: int
-    binary: str | None  # None: someone else's server, used as it is
-    log_path: Path | None
-    proc: subprocess.Popen | None = None
-
-    @property
-    def ours(self) -> bool:
-        return self.proc is not None
+    binary: str
+    log_path: Path
+    proc: subprocess.Popen
 
     def stop(self) -> None:
         # The worker has left by now; a browser may still be in the room: the second
@@ -258,9 +255,7 @@ def _version(binary: str) -> str:
     return out.rsplit(" ", 1)[-1] if out else ""
 
 
-def _tail(path: Path | None, lines: int = 6) -> str:
-    if path is None:
-        return ""
+def _tail(path: Path, lines: int = 6) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
@@ -269,21 +264,22 @@ def _tail(path: Path | None, lines: int = 6) -> str:
 
 
 def start_server(bind: str = DEFAULT_BIND, *, say: Say = _stderr, timeout_s: float = 30.0) -> LocalServer:
-    """A LiveKit server in dev mode for this process's lifetime (or one already running on
-    7880 that accepts the dev keys). Raises FatalError with the line to print."""
+    """A LiveKit server in dev mode for this process's lifetime. Raises FatalError with the
+    line to print."""
     loopback = ipaddress.ip_address(bind).is_loopback
     probe = "127.0.0.1" if bind in ("0.0.0.0", "::") or loopback else bind
     host = "localhost" if loopback or bind in ("0.0.0.0", "::") else bind
     port = PORT
     if not _bindable(bind, PORT):
+        port = _free_port(bind)
         http = f"http://{probe}:{PORT}"
         if answers(http) and accepts_dev_keys(http):
-            say(f"A LiveKit server is already running on port {PORT} and accepts the dev keys (a livekit-server "
-                f"--dev of yours?): using it, and leaving it running when we stop.")
-            return LocalServer(f"ws://{probe}:{PORT}", f"ws://{host}:{PORT}", DEV_KEY, DEV_SECRET, PORT, None, None)
-        port = _free_port(bind)
-        say(f"Port {PORT} is taken by something that is not a LiveKit dev server: the local server uses port "
-            f"{port} instead (paste the URL printed below, not ws://localhost:{PORT}).")
+            say(f"Port {PORT} is taken by a LiveKit server in dev mode (another ./scripts/run, or a livekit-server "
+                f"--dev of yours): starting a separate one on port {port}. To use that one instead, set "
+                f"LIVEKIT_URL=ws://localhost:{PORT} LIVEKIT_API_KEY={DEV_KEY} LIVEKIT_API_SECRET={DEV_SECRET}.")
+        else:
+            say(f"Port {PORT} is taken by something else: the local server uses port {port} instead (paste the URL "
+                f"printed below, not ws://localhost:{PORT}).")
     udp_port = UDP_PORT if _bindable("0.0.0.0", UDP_PORT, socket.SOCK_DGRAM) else _free_port("0.0.0.0", socket.SOCK_DGRAM)
     binary, origin = find_binary() or build(say)
     version = _version(binary)

@@ -18,14 +18,13 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness import ASSEMBLYAI_KEY, REPO, RoomUser, tone, tone_amplitude, wait_until
+from harness import ASSEMBLYAI_KEY, REPO, RoomUser, tone, wait_until
 from standin import StandIn, StandInOptions
 
 pytestmark = pytest.mark.e2e
@@ -297,7 +296,7 @@ async def test_run_with_a_key_picks_another_port_and_dies_with_the_worker(clean:
         where = await printed(script)
         port = int(where.url.rsplit(":", 1)[1])
         assert port != 7880 and where.url == f"ws://localhost:{port}"
-        assert "Port 7880 is taken by something that is not a LiveKit dev server" in script.output()
+        assert f"Port 7880 is taken by something else: the local server uses port {port} instead" in script.output()
         assert "Demo:" not in script.output()
         await script.wait_for(r"ready: in room voice-agent-demo", 60)
         user = RoomUser(where, ROOM, identity="user")
@@ -316,44 +315,41 @@ async def test_run_with_a_key_picks_another_port_and_dies_with_the_worker(clean:
         await standin.stop()
 
 
-async def test_a_running_dev_server_on_7880_is_used_and_left_running(clean: Path, tmp_path: Path,
-                                                                    scripts: list[Script]) -> None:
-    """A `livekit-server --dev` of the user's already on 7880: the demo joins it, says so,
-    and leaves it running when it stops."""
-    binary = str((REPO / ".tools" / "bin" / "server").resolve())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
-    with open(tmp_path / "theirs.log", "wb") as log:
-        theirs = subprocess.Popen([binary, "--dev", "--bind", "127.0.0.1", "--config-body", "rtc: {tcp_port: 0}"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:7880/", timeout=0.5) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+async def test_two_demos_side_by_side(clean: Path, tmp_path: Path, scripts: list[Script]) -> None:
+    """A second `./scripts/run demo` while the first runs: 7880 holds the first's dev server,
+    so the second starts its own on another port (borrowing it would have its agent kick the
+    first's out, and the first would stop it from under the second) and says how to use the
+    first's instead. Each stops only what it started."""
+    first = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "first.log").start()
+    scripts.append(first)
+    assert (await printed(first)).url == "ws://localhost:7880"
+    await first.wait_for(r"ready: in room voice-agent-demo", 60)
+    first_children = first.remember_children()
 
-        await wait_until(up, 20, "their dev server")
-        script = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "demo.log").start()
-        scripts.append(script)
-        where = await printed(script)
-        assert where.url == "ws://localhost:7880"
-        assert "already running on port 7880 and accepts the dev keys" in script.output()
-        assert "Started a local LiveKit server" not in script.output()
-        await script.wait_for(r"ready: in room voice-agent-demo", 60)
-        children = script.remember_children()
-        assert not any("--dev" in cmd for _, cmd in children.values()), children
-        script.interrupt()
-        assert await script.wait_exit(20) == 0
-        assert theirs.poll() is None and up(), "their server was stopped"
-        assert still_running(children) == []
+    second = Script(clean, ["demo"], empty_env(tmp_path / "home"), tmp_path / "second.log").start()
+    scripts.append(second)
+    where = await printed(second)
+    port = int(where.url.rsplit(":", 1)[1])
+    assert port != 7880
+    assert (f"Port 7880 is taken by a LiveKit server in dev mode (another ./scripts/run, or a livekit-server --dev "
+            f"of yours): starting a separate one on port {port}. To use that one instead, set "
+            f"LIVEKIT_URL=ws://localhost:7880 LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret.") in second.output()
+    await second.wait_for(r"ready: in room voice-agent-demo", 60)
+    user = RoomUser(where, ROOM, identity="user")
+    await user.join()
+    try:
+        await wait_until(lambda: any(a > 0.25 for _, a in amplitude_series(user, 880)), 20, "the second's chime")
     finally:
-        theirs.send_signal(signal.SIGTERM)
-        try:
-            theirs.wait(5)
-        except subprocess.TimeoutExpired:
-            theirs.kill()
-            theirs.wait()
+        await user.leave()
+    second_children = second.remember_children()
+    second.interrupt()
+    assert await second.wait_exit(20) == 0
+    assert still_running(second_children) == []
+    assert first.proc.poll() is None and len(still_running(first_children)) == len(first_children)
+    assert "duplicate" not in first.output().lower()
+    first.interrupt()
+    assert await first.wait_exit(20) == 0
+    assert still_running(first_children) == []
 
 
 FAKE_GO = """#!/usr/bin/env bash
