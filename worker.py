@@ -755,9 +755,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- local services: a LiveKit server when LIVEKIT_URL is empty, the demo's echo agent ----------
 
-# Commands that join a room and so start a local LiveKit server when LIVEKIT_URL is empty
-# (serve too, once it is a command of this file: its calls then join that server).
-LOCAL_SERVER_COMMANDS = ("run", "demo", "serve")
+# Commands that start a local LiveKit server when LIVEKIT_URL is empty. A command added here
+# calls start_services before it uses cfg. serve, once it is a command of this file, can join
+# them: its call processes, given ``env`` (or the environment) after that, join the same server.
+LOCAL_SERVER_COMMANDS = ("run", "demo")
 
 DEMO_GREETING = "Hi! I am the demo agent. Say something, and I will play it back to you."
 DEMO_TEXT = """\
@@ -792,7 +793,8 @@ def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
     """The local services this command needs, as child processes that stop with the stack
     (and die with us): a LiveKit server in dev mode when ``local``, and for ``demo`` the
     echo agent. Returns the configuration pointed at them, after printing what a person
-    pastes into the Agents Playground. Raises FatalError with the line to print."""
+    pastes into the Agents Playground; ``env`` and ``os.environ`` then name the local server.
+    Raises FatalError with the line to print."""
     import devserver
 
     browser_url = cfg.livekit_url
@@ -802,6 +804,11 @@ def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
         browser_url = server.browser_url
         cfg = dataclasses.replace(cfg, livekit_url=server.url, livekit_api_key=server.api_key,
                                   livekit_api_secret=server.api_secret)
+        # Our settings now name it, for any process of ours that reads them: ``env`` (what
+        # this process read, handed on to call processes) and the environment.
+        names = dict(LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key, LIVEKIT_API_SECRET=server.api_secret)
+        env.update(names)
+        os.environ.update(names)
     if command == "demo":
         agent = devserver.start_echo_agent()
         services.callback(agent.stop)

@@ -4,12 +4,16 @@ tests/test_demo.py runs the real thing."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +87,32 @@ def test_demo_is_a_command(capsys):
     text = " ".join(worker.build_parser().format_help().split())
     assert "demo: the same against a local echo agent" in text
     assert "LOCAL_SERVER_BIND" in text
+
+
+@pytest.mark.filterwarnings("ignore:The HMAC key is")  # the dev secret is short: it is public anyway
+def test_the_settings_name_the_local_server_after_it_starts(monkeypatch, capsys):
+    """What a process of ours started afterwards reads (a call process of serve, handed ``env``
+    or the environment) names the local server and its dev keys, not the empty LIVEKIT_URL."""
+    from config import LOCAL_SERVER_PROVIDES, load_config
+
+    stopped: list[str] = []
+    fake = SimpleNamespace(url="ws://127.0.0.1:17880", browser_url="ws://localhost:17880", api_key="devkey",
+                           api_secret="secret", stop=lambda: stopped.append("server"))
+    monkeypatch.setattr(devserver, "start_server", lambda bind: fake)
+    for name in LOCAL_SERVER_PROVIDES:  # unset now, and as they were after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    env = {"ASSEMBLYAI_API_KEY": "k" * 20}
+    cfg = load_config(env, optional=LOCAL_SERVER_PROVIDES)
+    with contextlib.ExitStack() as services:
+        cfg = worker.start_services(cfg, "run", env, True, services)
+        assert (cfg.livekit_url, cfg.livekit_api_key, cfg.livekit_api_secret) == ("ws://127.0.0.1:17880", "devkey",
+                                                                                  "secret")
+        expected = {"LIVEKIT_URL": "ws://127.0.0.1:17880", "LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "secret"}
+        assert {k: env[k] for k in expected} == expected
+        assert {k: os.environ[k] for k in expected} == expected
+        assert dataclasses.replace(load_config(env), assemblyai_api_key="") == dataclasses.replace(
+            cfg, assemblyai_api_key="")
+    assert stopped == ["server"]
+    out = capsys.readouterr().out
+    assert "LiveKit URL:  ws://localhost:17880" in out and "Demo:" not in out
