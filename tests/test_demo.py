@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 ROOM = "voice-agent-demo"  # ROOM_NAME's default
 GREETING = "Hi! I am the demo agent. Say something, and I will play it back to you."  # worker.DEMO_GREETING
 USER_HZ = 450.0
+LONG_HZ, BARGE_HZ = 520.0, 1000.0  # a long turn, and the speech that cuts its echo off
 BARE_PATH = "/usr/bin:/bin"  # no go, no livekit-server (checked below)
 
 
@@ -206,8 +207,9 @@ def test_the_bare_path_has_no_go_and_no_livekit_server():
 
 async def test_run_demo_from_nothing(clean: Path, tmp_path: Path, scripts: list[Script]) -> None:
     """The README's first command: a local LiveKit server, the bridge and the echo agent; a
-    participant with the printed token sees the agent, hears the chime and the bed, and
-    gets its turn played back, with captions and states; Ctrl-C stops everything."""
+    participant with the printed token sees the agent, hears the chime and the bed, gets its
+    turn played back, with captions and states, and cuts a long echo off by talking over it;
+    Ctrl-C stops everything."""
     from livekit import rtc
 
     assert bindable(7880), "something already listens on 7880 in the test namespace"
@@ -249,6 +251,23 @@ async def test_run_demo_from_nothing(clean: Path, tmp_path: Path, scripts: list[
         await wait_until(lambda: any(c["sender"] == "voice-agent" and c["text"].startswith("Here is what you said")
                                      for c in user.captions), 10, "the echo's caption")
         assert any(c["sender"] == "user" and re.fullmatch(r"\(\d\.\d s of speech\)", c["text"]) for c in user.captions)
+        # Barge-in: a long turn comes back, and talking over its echo cuts it off.
+        spoken_until = user.say(tone(LONG_HZ, 3.0, amplitude=0.3))
+        await wait_until(lambda: any(a > 0.15 for t, a in amplitude_series(user, LONG_HZ, since=spoken_until)),
+                         15, "the echo of the long turn")
+        echo_from = next(t for t, a in amplitude_series(user, LONG_HZ, since=spoken_until) if a > 0.15)
+        await asyncio.sleep(max(0.0, echo_from + 0.8 - time.monotonic()))
+        barge_at = time.monotonic()
+        user.say(tone(BARGE_HZ, 0.8, amplitude=0.3))
+        await asyncio.sleep(max(0.0, barge_at + 2.1 - time.monotonic()))  # the uncut echo runs to barge_at + 2.2
+        long_echo = amplitude_series(user, LONG_HZ, since=echo_from)
+        before = [a for t, a in long_echo if echo_from + 0.1 <= t <= barge_at]
+        after = [a for t, a in long_echo if barge_at + 1.2 <= t <= barge_at + 2.0]
+        # (a window or two may dip: the echo is the user's audio as it came through Opus, on a busy machine)
+        assert before and sum(a > 0.15 for a in before) / len(before) > 0.6, \
+            f"the long echo was not playing: {[round(a, 2) for a in before]}"
+        assert after and max(after) < 0.08, \
+            f"the echo went on after the user talked over it: {[round(a, 2) for a in after]}"
         states = user.state_sequence()
         assert {"listening", "thinking", "speaking"} <= set(states), states
     finally:
