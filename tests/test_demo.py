@@ -371,6 +371,36 @@ async def test_two_demos_side_by_side(clean: Path, tmp_path: Path, scripts: list
     assert still_running(first_children) == []
 
 
+@pytest.mark.parametrize("bind", ["address", "0.0.0.0"])
+async def test_local_server_bind_lets_others_join(bind: str, clean: Path, tmp_path: Path,
+                                                 scripts: list[Script]) -> None:
+    """LOCAL_SERVER_BIND=<an address of this machine> (or 0.0.0.0, all of them): the server
+    listens there, says that others can reach it, and a participant joins at that address
+    with the printed token. The printed URL names the address (for 0.0.0.0, localhost)."""
+    ip = os.environ.get("VOICE_AGENT_TEST_IP")
+    if not ip:
+        pytest.skip("no address but loopback outside the test network namespace (./scripts/test makes one)")
+    bind = ip if bind == "address" else bind
+    env = empty_env(tmp_path / "home", LOCAL_SERVER_BIND=bind)
+    script = Script(clean, ["demo"], env, tmp_path / "bind.log").start()
+    scripts.append(script)
+    where = await printed(script)
+    assert where.url == ("ws://localhost:7880" if bind == "0.0.0.0" else f"ws://{ip}:7880")
+    await script.wait_for(r"ready: in room voice-agent-demo", 60)
+    assert f"{bind}: reachable from other machines, with keys anyone knows" in script.output()
+    assert bindable(7880) == (bind != "0.0.0.0"), "loopback: only with 0.0.0.0"
+    user = RoomUser(Printed(f"ws://{ip}:7880", where.printed_token), ROOM, identity="user")
+    await user.join()
+    try:
+        await wait_until(lambda: any(a > 0.25 for _, a in amplitude_series(user, 880)), 20, "the chime")
+    finally:
+        await user.leave()
+    children = script.remember_children()
+    script.interrupt()
+    assert await script.wait_exit(20) == 0
+    assert still_running(children) == []
+
+
 FAKE_GO = """#!/usr/bin/env bash
 # Stands in for `go install -v github.com/livekit/livekit-server/cmd/server@VERSION`: says what
 # go says (modules downloaded, packages compiled, on stderr) and leaves the real binary in GOBIN.
