@@ -41,6 +41,8 @@ def checkout(dest: Path, *, tools: bool = True) -> Path:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, listed):
+        if name.split(b"/")[0] in (b".venv", b".tools"):  # symlinks to them: `.venv/` in .gitignore misses those
+            continue
         src, dst = REPO / name.decode(), dest / name.decode()
         if not src.exists() and not src.is_symlink():
             continue  # deleted in the working tree
