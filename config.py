@@ -21,9 +21,10 @@ log = logging.getLogger("worker")
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
-             secret: bool = False, group: str = "general") -> Any:
+             secret: bool = False, group: str = "general", missing: str | None = None) -> Any:
+    """``missing``: what the one line says when a required setting is not set (default: its help)."""
     return field(default=default, metadata={"help": help, "parse": parse, "required": required,
-                                            "secret": secret, "group": group})
+                                            "secret": secret, "group": group, "missing": missing})
 
 
 def _nonempty(v: str) -> str:
@@ -97,6 +98,16 @@ def _directory(v: str) -> str:
     if not path.is_dir():
         raise ValueError(f"must be an existing folder, got {v.strip()[:120]!r}")
     return str(path)
+
+
+def _ip_address(v: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(v.strip()))
+    except ValueError:
+        raise ValueError(f"must be an IP address of this machine, e.g. 127.0.0.1 or 0.0.0.0, got {v.strip()[:60]!r}") \
+            from None
 
 
 def _identity(v: str) -> str:
@@ -191,22 +202,34 @@ def extra_paths(extra: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+# The one line for a missing key: where to get one, and what runs without.
+MISSING_API_KEY = ("get a key at https://www.assemblyai.com/dashboard (API Keys) and set it in the environment or "
+                   "./.env; ./scripts/run demo runs without one (a local echo agent)")
+# What a local LiveKit server (worker.py's run and demo, LIVEKIT_URL empty) provides.
+LOCAL_SERVER_PROVIDES = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+
+
 @dataclass(frozen=True)
 class Config:
     # LiveKit
-    livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud",
+    livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud; "
+                                "empty: run and demo start a local LiveKit server in dev mode (and use its keys)",
                                 _url("ws", "wss", "http", "https"), required=True, group="LiveKit")
     livekit_api_key: str = _setting(None, "LiveKit API key (livekit-server --dev: devkey)", _nonempty,
                                     required=True, group="LiveKit")
     livekit_api_secret: str = _setting(None, "LiveKit API secret (livekit-server --dev: secret)", _nonempty,
                                        required=True, secret=True, group="LiveKit")
+    local_server_bind: str = _setting("127.0.0.1", "where the local LiveKit server (LIVEKIT_URL empty) listens: "
+                                      "127.0.0.1, this machine only; an address of this machine, or 0.0.0.0 for all, "
+                                      "lets others join (its keys, devkey / secret, are public: anyone who reaches "
+                                      "it can use it)", _ip_address, group="LiveKit")
     room_name: str = _setting("voice-agent-demo", "room to join", _identity, group="LiveKit")
     agent_identity: str = _setting("voice-agent", "participant identity of the agent", _identity, group="LiveKit")
     user_identity: str | None = _setting(None, "only bridge this participant (empty: the first user with a microphone)",
                                          _optional(_identity), group="LiveKit")
     # Voice Agent API
     assemblyai_api_key: str = _setting(None, "AssemblyAI API key (sent as 'Authorization: Bearer <key>')", _nonempty,
-                                       required=True, secret=True, group="Voice Agent API")
+                                       required=True, secret=True, group="Voice Agent API", missing=MISSING_API_KEY)
     voice_agent_url: str = _setting("wss://agents.assemblyai.com/v1/ws",
                                     "Voice Agent API WebSocket URL (EU: wss://agents.eu.assemblyai.com/v1/ws)",
                                     _url("ws", "wss"), group="Voice Agent API")
@@ -377,7 +400,7 @@ def load_config(env: Mapping[str, str], *, optional: tuple[str, ...] = ()) -> Co
             if name in optional:
                 values[f.name] = ""
             elif f.metadata["required"]:
-                raise ConfigError(f"{name} is not set: {f.metadata['help']}")
+                raise ConfigError(f"{name} is not set: {f.metadata['missing'] or f.metadata['help']}")
             continue
         try:
             values[f.name] = f.metadata["parse"](raw)

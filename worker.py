@@ -8,7 +8,8 @@ its replies back, and shuts down cleanly on SIGTERM/SIGINT. ``Worker`` is the I/
 the call's state machine (call.py): it feeds it events and carries out its actions.
 ARCHITECTURE.md has the whole layout.
 
-    python worker.py            run the worker
+    python worker.py            run the worker (LIVEKIT_URL empty: with a local LiveKit server)
+    python worker.py demo       the same against a local echo agent: no AssemblyAI key
     python worker.py --help     every setting, with its environment variable and default
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,6 +43,7 @@ import exits  # noqa: E402
 import scheduling  # noqa: E402
 import sounds  # noqa: E402
 from config import (  # noqa: E402
+    LOCAL_SERVER_PROVIDES,
     Config,
     env_name,
     load_banks,
@@ -667,8 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exits.exit_code_help(),
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "token", "check", "control"),
-                        help="run (default): run the worker; token: print a user token and what to paste into "
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "demo", "token", "check", "control"),
+                        help="run (default): run the worker (LIVEKIT_URL empty: with a local LiveKit server in dev "
+                             "mode); demo: the same against a local echo agent that plays back what you say (no "
+                             "AssemblyAI key); token: print a user token and what to paste into "
                              "the Agents Playground or meet.livekit.io; check: verify the configuration, the "
                              "LiveKit server, the Voice Agent API key and the sound files, one line each; "
                              "control METHOD [JSON]: call the running worker's control API (mix_audio, play, "
@@ -718,11 +723,14 @@ def main(argv: list[str] | None = None) -> int:
         import check
 
         return asyncio.run(check.preflight(gather_env(cli), MIN_PYTHON))
+    env = gather_env(cli)
+    local = local_server_wanted(args.command, env)
+    optional = (("ASSEMBLYAI_API_KEY",) if args.command in ("token", "control", "demo") else ()) \
+        + (LOCAL_SERVER_PROVIDES if local else ())
     try:
-        cfg = load_config(gather_env(cli),
-                          optional=("ASSEMBLYAI_API_KEY",) if args.command in ("token", "control") else ())
+        cfg = load_config(env, optional=optional)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {local_server_refused(e, args.command, env)}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "token":
         try:
@@ -735,9 +743,88 @@ def main(argv: list[str] | None = None) -> int:
         identity = args.identity or "operator"
         return asyncio.run(control.call(cfg.livekit_url, mint_token(cfg, identity, name=identity), cfg.agent_identity,
                                         args.method, args.payload, args.file))
-    log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format)
-    scheduling.raise_main_thread(cfg.audio_priority)
-    return asyncio.run(_run(cfg, log_ctx))
+    try:
+        with contextlib.ExitStack() as services:  # stopped after the worker has left the room
+            try:
+                cfg = start_services(cfg, args.command, env, local, services)
+            except FatalError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.exit_code
+            log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format)
+            scheduling.raise_main_thread(cfg.audio_priority)  # after the services: they keep normal priority
+            return asyncio.run(_run(cfg, log_ctx))
+    except KeyboardInterrupt:  # Ctrl-C while a service starts (or a second one while they stop)
+        return EXIT_OK
+
+
+# --- local services: a LiveKit server when LIVEKIT_URL is empty, the demo's echo agent ----------
+
+# Commands that start a local LiveKit server when LIVEKIT_URL is empty. A command added here
+# calls start_services before it uses cfg. serve, once it is a command of this file, can join
+# them: its call processes, given ``env`` (or the environment) after that, join the same server.
+LOCAL_SERVER_COMMANDS = ("run", "demo")
+
+DEMO_GREETING = "Hi! I am the demo agent. Say something, and I will play it back to you."
+DEMO_TEXT = """\
+Demo: the agent is a local echo agent (standin.py, which speaks the Voice Agent API; no AssemblyAI account,
+nothing leaves this machine). It greets you with a chime, then plays back what you say, with captions; speak
+while it plays to interrupt it. The ambient bed plays under everything. The real agent: ASSEMBLYAI_API_KEY=... ./scripts/run
+"""
+
+
+def local_server_wanted(command: str, env: dict[str, str]) -> bool:
+    """LIVEKIT_URL is empty and this command joins a room: start a local LiveKit server,
+    unless a service manager runs us (there a missing LIVEKIT_URL is a mistake to report)."""
+    import devserver
+
+    return (command in LOCAL_SERVER_COMMANDS and not env.get("LIVEKIT_URL", "").strip()
+            and devserver.managed_by(env) is None)
+
+
+def local_server_refused(e: ConfigError, command: str, env: dict[str, str]) -> str:
+    """A missing LIVEKIT_URL under a service manager: say why no local server was started."""
+    import devserver
+
+    manager = devserver.managed_by(env)
+    if command in LOCAL_SERVER_COMMANDS and manager and str(e).startswith("LIVEKIT_URL is not set"):
+        return (f"LIVEKIT_URL is not set: set it (and LIVEKIT_API_KEY, LIVEKIT_API_SECRET) to your LiveKit server; "
+                f"under {manager} no local server is started")
+    return str(e)
+
+
+def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
+                   services: contextlib.ExitStack) -> Config:
+    """The local services this command needs, as child processes that stop with the stack
+    (and die with us): a LiveKit server in dev mode when ``local``, and for ``demo`` the
+    echo agent. Returns the configuration pointed at them, after printing what a person
+    pastes into the Agents Playground; ``env`` and ``os.environ`` then name the local server.
+    Raises FatalError with the line to print."""
+    import devserver
+
+    browser_url = cfg.livekit_url
+    if local:
+        server = devserver.start_server(cfg.local_server_bind)
+        services.callback(server.stop)
+        browser_url = server.browser_url
+        cfg = dataclasses.replace(cfg, livekit_url=server.url, livekit_api_key=server.api_key,
+                                  livekit_api_secret=server.api_secret)
+        # Our settings now name it, for any process of ours that reads them: ``env`` (what
+        # this process read, handed on to call processes) and the environment.
+        names = dict(LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key, LIVEKIT_API_SECRET=server.api_secret)
+        env.update(names)
+        os.environ.update(names)
+    if command == "demo":
+        agent = devserver.start_echo_agent()
+        services.callback(agent.stop)
+        # What the echo agent cannot honour goes: a stored agent, a voice, unknown fields.
+        cfg = dataclasses.replace(cfg, voice_agent_url=agent.url, assemblyai_api_key=agent.api_key, agent_id=None,
+                                  voice="", session_extra=None,
+                                  greeting=cfg.greeting if "GREETING" in env else DEMO_GREETING)
+        print(DEMO_TEXT)
+    if local or command == "demo":
+        print_token(dataclasses.replace(cfg, livekit_url=browser_url), "user")
+        print(flush=True)
+    return cfg
 
 
 async def _run(cfg: Config, log_ctx: LogContext) -> int:

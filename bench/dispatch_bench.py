@@ -16,7 +16,7 @@ The agent (``--agent``):
   what the dispatch path costs without a call: the dispatch figures are real, the CPU per
   call is not that of a conversation.
 * ``worker`` (phase 2): ``python worker.py job`` with the Voice Agent API stand-in
-  (``tests/standin.py``, greeting on) and a 300 Hz bed, as the e2e bench runs the worker.
+  (``standin.py``, greeting on) and a 300 Hz bed, as the e2e bench runs the worker.
   ``AGENTS`` below is the hook: a command and the environment the serve process passes on.
 
 Figures

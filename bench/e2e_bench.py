@@ -6,7 +6,7 @@
 
 Real parts only: the local livekit-server (``.tools/bin/server``), ``python worker.py`` as
 a subprocess configured through its environment, the Voice Agent API stand-in
-(``tests/standin.py``), and Python-SDK participants (``tests/harness.py:RoomUser``) who
+(``standin.py``), and Python-SDK participants (``tests/harness.py:RoomUser``) who
 speak into a real-time microphone and record what they hear with arrival times. Every
 time is ``time.monotonic()`` in this process: the stand-in's records and the listener's
 arrival times share one clock. A user joins once its worker has logged "ready: in room".

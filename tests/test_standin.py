@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -546,6 +547,18 @@ async def test_echo_mode_plays_the_users_turn_back_after_a_chime(agent: StandIn)
     assert c.of("transcript.agent")[1]["text"] == "You said: tone 523 Hz 0.5 s."
 
 
+async def test_the_demo_describes_speech_not_tones(agent: StandIn) -> None:
+    """`python worker.py demo` runs it with describe="speech": captions a person can read."""
+    agent.options.reply_mode, agent.options.describe = "echo", "speech"
+    async with client(agent) as c:
+        await c.ready(greeting="Hi")
+        await c.expect("reply.done", timeout=3)
+        await c.stream(np.concatenate([tone(523, 0.5), silence(0.7)]))
+        await c.expect("reply.done", timeout=3)
+    assert c.of("transcript.user")[0]["text"] == "(0.5 s of speech)"
+    assert c.of("transcript.agent")[1]["text"] == "Here is what you said, played back (0.5 s)."
+
+
 async def test_g711_mu_law_in_and_out_at_8_khz(agent: StandIn) -> None:
     from standin import decode_audio, encode_audio
 
@@ -804,7 +817,7 @@ def test_the_command_line_serves_without_logging_the_key() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     secret = "sk-very-secret-123"
-    script = Path(__file__).with_name("standin.py")
+    script = Path(__file__).resolve().parent.parent / "standin.py"
     proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--api-key", secret, "-v"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -826,3 +839,35 @@ def test_the_command_line_serves_without_logging_the_key() -> None:
         output, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, output
     assert "session.ready" in output and secret not in output
+
+
+def test_the_command_line_as_the_readme_runs_it_by_hand() -> None:
+    """README (*The demo in detail*): `standin.py --port N` alone, and the worker pointed at it
+    with ASSEMBLYAI_API_KEY=standin: its default key; a wrong one is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parent.parent / "standin.py"
+    env = {k: v for k, v in os.environ.items() if k != "STANDIN_API_KEY"}
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def talk(key: str) -> str:
+            url = f"ws://127.0.0.1:{port}/v1/ws"
+            for _ in range(100):
+                try:
+                    ws = await connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            async with ws:
+                if key == "standin":
+                    await ws.send(json.dumps({"type": "session.update", "session": {}}))
+                return json.loads(await ws.recv())["type"]  # a wrong key: refused at once
+
+        assert asyncio.run(talk("standin")) == "session.ready"
+        assert asyncio.run(talk("not-the-key")) == "session.error"  # as the service refuses a key
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, output

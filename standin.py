@@ -1,22 +1,26 @@
-"""A local stand-in for AssemblyAI's Voice Agent API, for tests and for trying the bridge by hand.
+"""A local stand-in for AssemblyAI's Voice Agent API: the tests' double of the service, and
+the echo agent of `python worker.py demo` (no account, no key, nothing leaves this machine).
 
-It is a test double of a remote service, so it tries to be honest: it follows
-/work/shared/voice-agent-api.md, rejects what the real service rejects, and where the contract is
-silent (close code after a clean end, event order on barge-in, greeting wrapping, chunk sizes,
-back-channel events, optional SDK-only fields ...) it lets a test pick the variant through
-`StandInOptions`, which stays mutable while the server runs.
+It is a test double of a remote service, so it tries to be honest: it follows the Voice Agent
+API's contract as documented (the team's notes: voice-agent-api.md), rejects what the real
+service rejects, and where the contract is silent (close code after a clean end, event order on
+barge-in, greeting wrapping, chunk sizes, back-channel events, optional SDK-only fields ...) it
+lets a test pick the variant through `StandInOptions`, which stays mutable while the server runs.
 
 There is no speech recognition and no LLM. A user's "transcript" describes the audio it heard
-("tone 440 Hz 1.5 s": dominant frequency and duration), and replies are sine tones (or, in echo
-mode, the user's last turn played back) with a made-up sentence spread over the audio. Its
-"model" knows only what the real model is reported to see: the system prompt, `reply.create`
-instructions and the audio, never `conversation.message` content ([sdk]: "not reliably visible
-to the model", [3p]: "never reaches the model"). With `model_echo` its replies say what it was
-told, so a test can check that something reached the model, not merely the socket.
+("tone 440 Hz 1.5 s": dominant frequency and duration; with `describe="speech"`, as the demo
+runs it, "(1.5 s of speech)"), and replies are sine tones (or, in echo mode, the user's last
+turn played back, after a two-note chime as the greeting) with a made-up sentence spread over
+the audio. Its "model" knows only what the real model is reported to see: the system prompt,
+`reply.create` instructions and the audio, never `conversation.message` content ([sdk]: "not
+reliably visible to the model", [3p]: "never reaches the model"). With `model_echo` its replies
+say what it was told, so a test can check that something reached the model, not merely the
+socket. It listens on loopback only.
 
-By hand (reply mode echo, so you hear yourself back):
+By hand (reply mode echo, so you hear yourself back); `python worker.py demo` does the same
+for you, with the key in the environment rather than on a command line:
 
-    python tests/standin.py --port 8765
+    python standin.py --port 8765
     VOICE_AGENT_URL=ws://127.0.0.1:8765/v1/ws ASSEMBLYAI_API_KEY=standin python worker.py
 
 Reading order: options and records (what tests see), pure audio helpers, the turn detector,
@@ -112,6 +116,9 @@ class StandInOptions:
     speech_started_on_backchannel: bool = True  # False: during a reply, announce speech only if it interrupts
     # -- replies
     reply_mode: Literal["tone", "echo"] = "tone"
+    # What the user's "transcript" and an echo's text say: "tone" ("tone 440 Hz 1.5 s", what the
+    # tests match), or "speech" ("(1.5 s of speech)", for people trying the demo)
+    describe: Literal["tone", "speech"] = "tone"
     think_ms: int = 150  # pause between the end of a user turn / reply.create and reply.started
     reply_freq_hz: float = 1000.0
     reply_seconds: float = 2.0
@@ -1044,10 +1051,16 @@ class _Session:
         self._turn.announced = True
         await self.send({"type": "input.speech.started"})
 
+    def _describe(self, audio: np.ndarray) -> str:
+        rate = self.detector.rate if self.detector else SAMPLE_RATE
+        if self.opts.describe == "speech":
+            return f"({len(audio) / rate:.1f} s of speech)"
+        return describe_audio(audio, rate)
+
     async def _on_speech_progress(self, audio: np.ndarray) -> None:
         if self._turn is not None and self._turn.announced:
             await self.send({"type": "transcript.user.delta", "item_id": self._turn.item_id,
-                             "text": describe_audio(audio, self.detector.rate)})
+                             "text": self._describe(audio)})
 
     async def _maybe_barge_in(self) -> None:
         air, detector = self.on_air, self.detector
@@ -1070,7 +1083,7 @@ class _Session:
             return  # a back-channel that was never announced stays invisible
         await self.send({"type": "input.speech.stopped"})
         await self.send({"type": "transcript.user", "item_id": turn.item_id,
-                         "text": describe_audio(audio, self.detector.rate)})
+                         "text": self._describe(audio)})
         if self.on_air is not None:
             log.info("[%s] turn ended while %s is on air: no reply of its own", self.sid,
                      self.on_air.record.reply_id)
@@ -1138,8 +1151,11 @@ class _Session:
         echo = opts.reply_mode == "echo" and seconds is None and freq_hz is None and record.kind != "tool"
         if echo and len(self._last_turn_audio):
             rate = self.detector.rate if self.detector else SAMPLE_RATE
-            heard = describe_audio(self._last_turn_audio, rate)
-            return resample(self._last_turn_audio, rate, SAMPLE_RATE), text or f"You said: {heard}."
+            if opts.describe == "speech":
+                said = f"Here is what you said, played back ({len(self._last_turn_audio) / rate:.1f} s)."
+            else:
+                said = f"You said: {describe_audio(self._last_turn_audio, rate)}."
+            return resample(self._last_turn_audio, rate, SAMPLE_RATE), text or said
         pcm = tone(freq_hz or opts.reply_freq_hz, seconds or opts.reply_seconds, SAMPLE_RATE, amplitude)
         return pcm, text or f"This is reply number {self.record.replies.index(record) + 1}."
 
@@ -1378,7 +1394,8 @@ class StandIn:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         _require_loopback(host)
         ws_logger = logging.getLogger("standin.websockets")
-        ws_logger.setLevel(logging.INFO)  # websockets logs request headers (the key) at debug
+        # websockets logs request headers (the key) at debug: never below info (-q sets warning)
+        ws_logger.setLevel(max(logging.INFO, ws_logger.level))
         self._server = await serve(self._handle, host, port, process_request=self._process_request,
                                    max_size=self.options.max_message_bytes, compression=self.options.compression,
                                    close_timeout=2, logger=ws_logger)
@@ -1617,6 +1634,8 @@ async def _serve_until_signal(options: StandInOptions, host: str, port: int) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     standin = StandIn(options)
+    # Its connection lines at the command line's level (-q: warnings only), never below info.
+    logging.getLogger("standin.websockets").setLevel(max(logging.INFO, logging.getLogger().level))
     await standin.start(host, port)
     try:
         print(f"Voice Agent stand-in on {standin.url} (Ctrl-C to stop)", flush=True)
@@ -1626,19 +1645,26 @@ async def _serve_until_signal(options: StandInOptions, host: str, port: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     parser = argparse.ArgumentParser(description="Local stand-in for the AssemblyAI Voice Agent API.")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--api-key", default="standin", help="the key clients must send as Bearer")
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port (the first line printed says which)")
+    parser.add_argument("--api-key", default=os.environ.get("STANDIN_API_KEY", "standin"),
+                        help="the key clients must send as Bearer (default: $STANDIN_API_KEY, else 'standin'; "
+                             "the environment keeps it off the command line)")
     parser.add_argument("--reply", choices=("echo", "tone"), default="echo",
                         help="echo: play your turn back; tone: a 1 kHz tone")
+    parser.add_argument("--describe", choices=("tone", "speech"), default="tone",
+                        help="what transcripts say: 'tone 440 Hz 1.5 s' or '(1.5 s of speech)'")
     parser.add_argument("--min-silence-ms", type=int, default=600)
     parser.add_argument("-v", "--verbose", action="store_true", help="also log audio chunks and deltas")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     args = parser.parse_args(argv)
     _require_loopback(args.host)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
-    options = StandInOptions(api_key=args.api_key, reply_mode=args.reply,
+    options = StandInOptions(api_key=args.api_key, reply_mode=args.reply, describe=args.describe,
                              default_min_silence_ms=args.min_silence_ms)
     asyncio.run(_serve_until_signal(options, args.host, args.port))
 
