@@ -27,12 +27,13 @@ Figures
    -40 dBFS (detection adds up to 20 ms). Then the user leaves and the call ends on its own.
 2. Bursts: N rooms created at once (``--levels``, default 1,2,4,6; 1,2,4 with --quick), with
    ``MAX_CALLS`` above N: per level the same latencies (median and max over the N rooms),
-   then all N calls held ``--hold`` seconds (default 10; 5) to measure CPU in cores: the
+   then all N calls held ``--hold`` seconds (``--agent fake``: 10 s; 5) to measure CPU in cores: the
    serve process, each call process (start-up: spawn to first audio heard; steady: the
    hold), this bench process (the N users who observe: the observer cost, which a worker
    host does not pay), the livekit-server, and the whole machine.
-3. With ``--agent worker`` the bursts are a ramp of real calls (default levels
-   1,2,4,6,8,10,12; 1,2,4,6 with --quick; held 15 s, 8 s with --quick): during the hold every user takes a turn every few
+3. With ``--agent worker`` (the default) the bursts are a ramp of real calls: levels
+   1,2,4,6,8,10,12,14,16 (14 is the default MAX_CALLS on 2 cores; 1,2,4,6 with --quick),
+   held 15 s (8 s with --quick). During the hold every user takes a turn every few
    seconds (a 0.8 s 450 Hz tone; the stand-in answers with 1 s of 1000 Hz), and per level
    the bench counts reply latency (the user's end of speech -> the reply heard), replies
    never heard and the calls' ``audio underrun`` warnings. The ramp stops at the first
@@ -430,7 +431,7 @@ def main() -> None:
     args = ap.parse_args()
     args.rooms = args.rooms or (5 if args.quick else 10)
     default_levels = ("1,2,4" if args.quick else "1,2,4,6") if args.agent == "fake" else \
-        ("1,2,4,6" if args.quick else "1,2,4,6,8,10,12")
+        ("1,2,4,6" if args.quick else "1,2,4,6,8,10,12,14,16")
     args.levels = [int(x) for x in (args.levels or default_levels).split(",")]
     args.hold = args.hold or ((5.0 if args.quick else 10.0) if args.agent == "fake" else (8.0 if args.quick else 15.0))
     if not os.environ.get("VOICE_AGENT_TEST_IP"):

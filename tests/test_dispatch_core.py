@@ -416,9 +416,10 @@ def test_serve_settings_are_part_of_the_worker_config_and_errors_name_the_variab
 
 
 def test_max_calls_default_from_cores():
-    assert dispatch.default_max_calls(2) == 5
-    assert dispatch.default_max_calls(4) == 11
-    assert dispatch.default_max_calls(0.5) == 1
+    assert dispatch.default_max_calls(2) == 14
+    assert dispatch.default_max_calls(4) == 28
+    assert dispatch.default_max_calls(0.5) == 3
+    assert dispatch.default_max_calls(0.1) == 1  # never 0
 
 
 def test_agent_url():
