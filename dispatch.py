@@ -141,19 +141,19 @@ REGISTER_TIMEOUT_S = 10.0
 TICK_S = 0.5
 
 # Capacity. PER_CALL_CORES: one call process of serve mode (`python worker.py job`, the
-# stand-in API), measured with `bench/dispatch_bench.py` (2026-11-30, this 2-core VM, load
-# average 4.5-5.3 from other engineers' runs): 0.062-0.077 cores per call held with a turn
-# every ~3.5 s (0.8 s of user speech, a 1 s reply: busier than a real conversation), at 1 to
-# 6 calls at once; the e2e bench measured the single-room worker at 0.077-0.090. 0.1 is
-# that rounded up by a third (longer replies, tool calls). Not in it: the start-up burst of
-# every call process (0.5-0.6 CPU s in its first second), which TARGET_CPU_SHARE's headroom
-# covers. TARGET_CPU_SHARE: calls may use 70 % of the cores, the rest is headroom for the
-# real-time audio threads, start-up bursts and the rest of the host; livekit-agents'
-# production load threshold is 0.7 as well. So a host holds 14 calls per 2 cores by default
-# (4 cores 28, 8 cores 56). A host that does more than calls is held back by
-# LOAD_THRESHOLD (the same 0.7, on the host's CPU): in that bench run the shared machine
-# crossed 70 % busy at 4 calls and the ramp underran at 6, with the bench's own users (0.47
-# cores at 6 calls) on the same machine.
+# stand-in API), measured with `bench/dispatch_bench.py` (2026-11-30, this 2-core VM shared
+# with other engineers' runs, two runs at load averages 0.6-5.1 and 4.5-5.3): 0.062-0.080
+# cores per call held with a turn every ~3.5 s (0.8 s of user speech, a 1 s reply: busier
+# than a real conversation), at 1 to 8 calls at once; the e2e bench measured the single-room
+# worker at 0.077-0.090. 0.1 is that rounded up by about a third (longer replies, tool
+# calls). Not in it: the start-up burst of every call process (0.5-0.7 CPU s in its first
+# second), which TARGET_CPU_SHARE's headroom covers. TARGET_CPU_SHARE: calls may use 70 % of
+# the cores, the rest is headroom for the real-time audio threads, start-up bursts and the
+# rest of the host; livekit-agents' production load threshold is 0.7 as well. So a host
+# holds 14 calls per 2 cores by default (4 cores 28, 8 cores 56). A host that does more than
+# calls is held back by LOAD_THRESHOLD (the same 0.7, on the host's CPU): the bench's ramp,
+# with its own users (0.5 cores at 6 calls) and livekit-server on the same 2 cores, held 6
+# calls cleanly and degraded at 8 (4 and 6 in the busier run).
 PER_CALL_CORES = 0.1
 TARGET_CPU_SHARE = 0.7
 
