@@ -1,6 +1,6 @@
 """`python worker.py check`: every precondition of a run, one line each with its fix:
-Python, the configuration, the LiveKit server and key, the Voice Agent API key (a short
-session), the sound files."""
+Python, the configuration, the LiveKit server and key, the same key as an agent worker
+(serve mode), the Voice Agent API key (a short session), the sound files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Mapping
 
 import bridge
-from config import Config, load_bank, load_config, session_settings
+from config import Config, check_serve_config, load_bank, load_config, session_settings
 from environment import ConfigError
 from logs import LogContext, one_line
 from tokens import server_api
@@ -49,19 +49,21 @@ async def preflight(env: Mapping[str, str], min_python: tuple[int, int], out: Ca
         return report.verdict()
     report.ok("configuration: every variable present and valid")
     redact = LogContext(cfg.secrets).redact
-    await _check_livekit(cfg, report, redact)
+    livekit_ok = await _check_livekit(cfg, report, redact)
+    await _check_serve(cfg, report, livekit_ok)
     await _check_api(cfg, report, redact)
     _check_sounds(cfg, report)
     return report.verdict()
 
 
-async def _check_livekit(cfg: Config, report: _Report, redact: Callable[[str], str]) -> None:
+async def _check_livekit(cfg: Config, report: _Report, redact: Callable[[str], str]) -> bool:
     from livekit import api
 
     try:
         async with server_api(cfg) as lk:
             rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 10)
         report.ok(f"LiveKit at {cfg.livekit_url}: reachable, key and secret accepted ({len(rooms.rooms)} rooms)")
+        return True
     except api.TwirpError as e:
         if e.status in (401, 403) or "unauthenticated" in str(e.code).lower():
             report.bad(f"LiveKit at {cfg.livekit_url} rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET",
@@ -72,6 +74,34 @@ async def _check_livekit(cfg: Config, report: _Report, redact: Callable[[str], s
     except Exception as e:
         report.bad(f"LiveKit at {cfg.livekit_url} is not reachable ({redact(one_line(e))})",
                    "start the server (livekit-server --dev) or fix LIVEKIT_URL")
+    return False
+
+
+async def _check_serve(cfg: Config, report: _Report, livekit_ok: bool) -> None:
+    """Serve mode (`python worker.py serve`): the serve settings fit together, and the server
+    takes this key's worker registration (a token with the agent grant, on /agent). Not
+    probed when the server or the key already failed above: that line says why."""
+    import dispatch
+
+    try:
+        check_serve_config(cfg)
+    except ConfigError as e:
+        report.bad(f"serve mode: {e}", "raise JOB_STOP_TIMEOUT_S or lower SHUTDOWN_TIMEOUT_S")
+        return
+    if not livekit_ok:
+        return
+    ok, line = await dispatch.probe_registration(cfg.livekit_url, cfg.livekit_api_key, cfg.livekit_api_secret)
+    if ok:
+        mode = f"explicit dispatch as {cfg.agent_name!r}" if cfg.agent_name else "automatic dispatch"
+        report.ok(f"serve mode: {line}; {mode}, up to {dispatch.max_calls(cfg)} calls on this host"
+                  + ("" if cfg.max_calls else " (MAX_CALLS from the cores)"))
+    elif "rejected" in line:
+        report.bad(f"serve mode: {line}", "copy the key and secret of this server (livekit-server --dev: devkey / "
+                                          "secret); only `python worker.py serve` needs this")
+    else:
+        report.bad(f"serve mode: {line}", "agent dispatch needs a LiveKit server with the agent service "
+                                          "(livekit-server v1.13.5 is tested; LiveKit Cloud has it); only "
+                                          "`python worker.py serve` needs it")
 
 
 async def _check_api(cfg: Config, report: _Report, redact: Callable[[str], str]) -> None:

@@ -117,6 +117,29 @@ def _identity(v: str) -> str:
     return s
 
 
+def _agent_name(v: str) -> str:
+    s = v.strip()
+    if len(s) > 128 or any(c.isspace() or not c.isprintable() for c in s):
+        raise ValueError("must be at most 128 printable characters without spaces")
+    return s
+
+
+def _command(v: str) -> tuple[str, ...]:
+    """A command as shell words, or a JSON list of strings."""
+    import shlex
+
+    s = v.strip()
+    if not s:
+        return ()
+    try:
+        cmd = json.loads(s) if s.startswith("[") else shlex.split(s)
+    except ValueError as e:
+        raise ValueError(f"must be shell words or a JSON list of strings ({e})") from None
+    if not cmd or not all(isinstance(c, str) and c for c in cmd):
+        raise ValueError("must name a program (shell words or a JSON list of strings)")
+    return tuple(cmd)
+
+
 TRANSCRIPTION_PROMPT_CHARS = 1750
 LANGUAGE_CODE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
 
@@ -341,6 +364,30 @@ class Config:
                                    _choice("realtime", "nice", "normal"), group="Audio")
     barge_in_clear_queue: bool = _setting(False, "for benchmarks only: also flush the track's queue on barge-in, like "
                                           "naive bridges do (it throws away queued ambient too)", _bool, group="Audio")
+    # Serve mode (python worker.py serve): LiveKit agent dispatch, one call process per room
+    agent_name: str = _setting("", "serve: empty: automatic dispatch (every new room gets the agent); a name: "
+                               "explicit dispatch (only rooms that ask for this agent name)", _agent_name,
+                               group="Serve mode")
+    max_calls: int | None = _setting(None, "serve: calls this host runs at once; a job beyond it is refused (empty: "
+                                     "from the cores this process may use: cores x 0.7 / 0.1, see README)",
+                                     _optional(_number(int, 1, 1000)), group="Serve mode")
+    load_threshold: float = _setting(0.7, "serve: refuse jobs while the host's CPU (0-1, 2.5 s average, starting "
+                                     "calls counted) is at or above this; 1: only MAX_CALLS limits",
+                                     _number(float, 0.05, 1.0), group="Serve mode")
+    drain_timeout_s: float = _setting(600.0, "serve: on SIGTERM, how long calls in progress may go on before they are "
+                                      "ended", _number(float, 0, 7 * 86400), group="Serve mode")
+    job_stop_timeout_s: float = _setting(10.0, "serve: a call asked to end that is still running after this long is "
+                                         "killed (at least SHUTDOWN_TIMEOUT_S + 4)", _number(float, 1, 600),
+                                         group="Serve mode")
+    job_start_timeout_s: float = _setting(30.0, "serve: a call not in its room this long after its assignment is "
+                                          "killed", _number(float, 1, 600), group="Serve mode")
+    health_port: int = _setting(0, "serve: answer GET /healthz (alive), /readyz (registered, not draining) and "
+                                "/status on this port; 0: off", _number(int, 0, 65535), group="Serve mode")
+    health_host: str = _setting("127.0.0.1", "serve: address of the health endpoint (0.0.0.0 in a container)",
+                                _nonempty, group="Serve mode")
+    serve_job_command: tuple[str, ...] = _setting((), "serve, for tests and benchmarks: the command run per job, as "
+                                                  "shell words or a JSON list (empty: python worker.py job)",
+                                                  _command, group="Serve mode")
     # Operations
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
                                    "billed) before reporting ready; 0: trust it until the first call",
@@ -414,6 +461,22 @@ def load_config(env: Mapping[str, str], *, optional: tuple[str, ...] = ()) -> Co
     if cfg.output_queue_ms < 2 * cfg.mix_frame_ms:
         raise ConfigError(f"OUTPUT_QUEUE_MS must be at least two mixer frames ({2 * cfg.mix_frame_ms} ms)")
     return cfg
+
+
+# After SHUTDOWN_TIMEOUT_S of clean shutdown, a call process takes at most this long to exit:
+# cancelling its tasks (1 s) and closing the audio thread (2.5 s); see worker.Worker._shutdown.
+SHUTDOWN_MARGIN_S = 4.0
+
+
+def check_serve_config(cfg: Config) -> None:
+    """What serve mode needs on top of load_config: a call asked to end (SIGTERM) must be
+    able to end cleanly before the serve process kills it."""
+    if cfg.shutdown_timeout_s + SHUTDOWN_MARGIN_S > cfg.job_stop_timeout_s:
+        raise ConfigError(f"JOB_STOP_TIMEOUT_S ({cfg.job_stop_timeout_s:g}) must be at least SHUTDOWN_TIMEOUT_S "
+                          f"({cfg.shutdown_timeout_s:g}) + {SHUTDOWN_MARGIN_S:g}: a call asked to end takes up to "
+                          "SHUTDOWN_TIMEOUT_S to end cleanly and a few seconds to close its audio; the serve "
+                          "process kills it after JOB_STOP_TIMEOUT_S")
+
 
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """LiveKit agent dispatch: the agent comes to every room, one call per child process.
 
-    python dispatch.py [serve]    register with the LiveKit server as an agent worker and run
-                                  one child process per job (``SERVE_JOB_COMMAND``)
-    python dispatch.py check      can this key register a worker? one line, exit 0 or 1
+    python worker.py serve      register with the LiveKit server as an agent worker and run
+                                one child process per job (``python worker.py job``)
+    python worker.py check      includes: can this key register a worker? (``probe_registration``)
 
 The single-room worker (``python worker.py``) joins one configured room and waits. Here the
 process registers with the LiveKit server as an *agent worker*; the server offers it a job
@@ -105,7 +105,6 @@ import logging
 import math
 import os
 import random
-import re
 import shlex
 import signal
 import socket
@@ -115,14 +114,15 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
-from logs import LogContext, one_line, setup_logging
-from systemd import SystemdNotifier
 from backoff import Backoff
-from environment import ConfigError, gather_env
-import exits
-from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
+from exits import EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
+from logs import LogContext, one_line
+from systemd import SystemdNotifier
+
+if TYPE_CHECKING:
+    from config import Config  # the serve process's configuration; not imported by the call processes
 
 log = logging.getLogger("dispatch")
 
@@ -140,16 +140,21 @@ PING_TIMEOUT_S = 15.0
 REGISTER_TIMEOUT_S = 10.0
 TICK_S = 0.5
 
-# Capacity. PER_CALL_CORES: one call of the single-room worker, measured with the e2e bench
-# (`./scripts/bench --only e2e --quick`, 2026-11-30, this 2-core VM, load average 3.2-6.8
-# from other test runs): 9.4-11.2 CPU s per minute of conversation, i.e. 0.16-0.19 cores,
-# 84 MB RSS. 0.25 is that rounded up by a third (turns with more speech, tool calls, a busier
-# host). TARGET_CPU_SHARE: calls may use 70 % of the cores, the rest is headroom for the
-# real-time audio threads, start-up bursts (every call process starts with a burst of CPU:
-# 0.25 s for the stand-in child of bench/dispatch_bench.py, more for the worker) and the
-# rest of the host; livekit-agents' production load threshold is 0.7 as well. So a
-# 2-core host holds 5 calls by default, 4 cores 11, 8 cores 22.
-PER_CALL_CORES = 0.25
+# Capacity. PER_CALL_CORES: one call process of serve mode (`python worker.py job`, the
+# stand-in API), measured with `bench/dispatch_bench.py` (2026-11-30, this 2-core VM shared
+# with other engineers' runs, two runs at load averages 0.6-5.1 and 4.5-5.3): 0.062-0.080
+# cores per call held with a turn every ~3.5 s (0.8 s of user speech, a 1 s reply: busier
+# than a real conversation), at 1 to 8 calls at once; the e2e bench measured the single-room
+# worker at 0.077-0.090. 0.1 is that rounded up by about a third (longer replies, tool
+# calls). Not in it: the start-up burst of every call process (0.5-0.7 CPU s in its first
+# second), which TARGET_CPU_SHARE's headroom covers. TARGET_CPU_SHARE: calls may use 70 % of
+# the cores, the rest is headroom for the real-time audio threads, start-up bursts and the
+# rest of the host; livekit-agents' production load threshold is 0.7 as well. So a host
+# holds 14 calls per 2 cores by default (4 cores 28, 8 cores 56). A host that does more than
+# calls is held back by LOAD_THRESHOLD (the same 0.7, on the host's CPU): the bench's ramp,
+# with its own users (0.5 cores at 6 calls) and livekit-server on the same 2 cores, held 6
+# calls cleanly and degraded at 8 (4 and 6 in the busier run).
+PER_CALL_CORES = 0.1
 TARGET_CPU_SHARE = 0.7
 
 # livekit-server's `agents.target_load` default: a node whose available workers all report a
@@ -160,6 +165,7 @@ CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
 
 AGENT_NAME_ATTRIBUTE = "lk.agent_name"  # set by the server on the agent's token
+AGENT_DISPLAY_NAME = "Voice Agent"  # the agent participant's name in every room
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -189,120 +195,14 @@ def default_job_command() -> tuple[str, ...]:
     return (sys.executable, str(REPO / "worker.py"), "job")
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    livekit_url: str
-    api_key: str
-    api_secret: str
-    agent_name: str = ""
-    agent_identity: str = "voice-agent"
-    agent_display_name: str = "Voice Agent"
-    max_calls: int = 1
-    load_threshold: float = TARGET_CPU_SHARE
-    drain_timeout_s: float = 600.0
-    job_stop_timeout_s: float = 10.0
-    job_start_timeout_s: float = 30.0
-    job_command: tuple[str, ...] = ()
-    health_host: str = "127.0.0.1"
-    health_port: int = 0
-    log_level: str = "info"
-    log_format: str = "text"
-
-    @property
-    def secrets(self) -> list[str]:
-        return [self.api_secret]
+def job_command(cfg: "Config") -> tuple[str, ...]:
+    """What runs per job: SERVE_JOB_COMMAND, else ``python worker.py job``."""
+    return tuple(cfg.serve_job_command) or default_job_command()
 
 
-# name -> (help, default shown in --help)
-SERVE_VARIABLES: dict[str, tuple[str, str]] = {
-    "LIVEKIT_URL": ("LiveKit server URL (ws://, wss://, http://, https://)", "required"),
-    "LIVEKIT_API_KEY": ("LiveKit API key", "required"),
-    "LIVEKIT_API_SECRET": ("LiveKit API secret", "required"),
-    "AGENT_NAME": ("empty: automatic dispatch (every new room gets the agent); a name: explicit dispatch "
-                   "(only rooms that ask for this agent name)", ""),
-    "AGENT_IDENTITY": ("participant identity of the agent in every room", "voice-agent"),
-    "MAX_CALLS": ("calls this host runs at once (a job beyond it is refused)",
-                  f"cores x {TARGET_CPU_SHARE} / {PER_CALL_CORES}"),
-    "LOAD_THRESHOLD": ("refuse jobs while the host's CPU (0-1, 2.5 s average, with starting calls counted) "
-                       "is at or above this; 1: only MAX_CALLS limits", str(TARGET_CPU_SHARE)),
-    "DRAIN_TIMEOUT_S": ("on SIGTERM, how long calls in progress may go on before they are ended", "600"),
-    "JOB_STOP_TIMEOUT_S": ("a call asked to end that is still running after this long is killed", "10"),
-    "JOB_START_TIMEOUT_S": ("a call not in its room (READY=1) this long after its assignment is killed", "30"),
-    "HEALTH_PORT": ("serve GET /healthz (alive) and /readyz (registered, not draining) on this port; 0: off", "0"),
-    "HEALTH_HOST": ("address of the health endpoint (0.0.0.0 in a container)", "127.0.0.1"),
-    "SERVE_JOB_COMMAND": ("tests and benchmarks: the command run per job (shell words or a JSON list)",
-                          "python worker.py job"),
-    "LOG_LEVEL": ("debug, info, warning, error", "info"),
-    "LOG_FORMAT": ("text or json", "text"),
-}
-
-
-# Over 60 lines on purpose: a few lines per variable, read top to bottom like the table of
-# SERVE_VARIABLES; split up, one setting's checks would be far from the others'.
-def load_serve_settings(env: Mapping[str, str]) -> ServeSettings:
-    def get(name: str, default: str = "") -> str:
-        return (env.get(name) or default).strip()
-
-    def required(name: str) -> str:
-        v = get(name)
-        if not v:
-            raise ConfigError(f"{name} is required")
-        return v
-
-    def number(name: str, default: float, lo: float, hi: float, kind: type = float) -> Any:
-        raw = get(name)
-        if not raw:
-            return kind(default)
-        try:
-            v = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: not a{'n integer' if kind is int else ' number'}") from None
-        if not lo <= v <= hi or (isinstance(v, float) and math.isnan(v)):
-            raise ConfigError(f"{name}={raw!r}: must be between {lo:g} and {hi:g}")
-        return v
-
-    url = required("LIVEKIT_URL")
-    if not re.match(r"^(wss?|https?)://[^/\s]+", url):
-        raise ConfigError(f"LIVEKIT_URL={url!r}: must start with ws://, wss://, http:// or https://")
-    agent_name = get("AGENT_NAME")
-    if len(agent_name) > 128 or any(c.isspace() or not c.isprintable() for c in agent_name):
-        raise ConfigError("AGENT_NAME: at most 128 printable characters without spaces")
-    identity = get("AGENT_IDENTITY", "voice-agent")
-    if len(identity) > 128 or any(c.isspace() for c in identity):
-        raise ConfigError("AGENT_IDENTITY: must be 1-128 characters without spaces")
-    raw_cmd = get("SERVE_JOB_COMMAND")
-    if raw_cmd:
-        try:
-            cmd = tuple(json.loads(raw_cmd)) if raw_cmd.startswith("[") else tuple(shlex.split(raw_cmd))
-        except ValueError as e:
-            raise ConfigError(f"SERVE_JOB_COMMAND: {e}") from None
-        if not cmd or not all(isinstance(c, str) and c for c in cmd):
-            raise ConfigError("SERVE_JOB_COMMAND: must name a program")
-    else:
-        cmd = default_job_command()
-    level = get("LOG_LEVEL", "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"LOG_LEVEL={level!r}: must be debug, info, warning or error")
-    fmt = get("LOG_FORMAT", "text").lower()
-    if fmt not in ("text", "json"):
-        raise ConfigError(f"LOG_FORMAT={fmt!r}: must be text or json")
-    return ServeSettings(
-        livekit_url=url,
-        api_key=required("LIVEKIT_API_KEY"),
-        api_secret=required("LIVEKIT_API_SECRET"),
-        agent_name=agent_name,
-        agent_identity=identity,
-        max_calls=number("MAX_CALLS", default_max_calls(), 1, 1000, int),
-        load_threshold=number("LOAD_THRESHOLD", TARGET_CPU_SHARE, 0.05, 1.0),
-        drain_timeout_s=number("DRAIN_TIMEOUT_S", 600, 0, 7 * 86400),
-        job_stop_timeout_s=number("JOB_STOP_TIMEOUT_S", 10, 1, 600),
-        job_start_timeout_s=number("JOB_START_TIMEOUT_S", 30, 1, 600),
-        job_command=cmd,
-        health_host=get("HEALTH_HOST", "127.0.0.1"),
-        health_port=number("HEALTH_PORT", 0, 0, 65535, int),
-        log_level=level,
-        log_format=fmt,
-    )
+def max_calls(cfg: "Config") -> int:
+    """MAX_CALLS, else the default for the cores this process may use."""
+    return cfg.max_calls or default_max_calls()
 
 
 def agent_ws_url(livekit_url: str) -> str:
@@ -1130,20 +1030,28 @@ class Dispatcher:
     BACKOFF_MAX_S = 10.0
     STABLE_S = 30.0  # a registration that lasted this long resets the backoff
 
-    def __init__(self, settings: ServeSettings, redactor: LogContext | None = None) -> None:
-        self.settings = settings
-        self.redactor = redactor or LogContext(settings.secrets, redact_jwts=True)
+    def __init__(self, cfg: "Config", redactor: LogContext | None = None,
+                 child_env: Mapping[str, str] | None = None) -> None:
+        """``cfg``: the worker's whole configuration (config.Config; the serve settings are
+        AGENT_NAME, MAX_CALLS, ...). ``child_env``: variables every call process gets on top
+        of this process's environment (the settings as this process read them, flags and
+        ./.env included, so a call sees exactly what was validated here)."""
+        self.settings = cfg
+        self.max_calls = max_calls(cfg)
+        self.job_command = job_command(cfg)
+        self.redactor = redactor or LogContext(cfg.secrets, redact_jwts=True)
         self.core = WorkerCore(CoreSettings(
-            url=settings.livekit_url, agent_name=settings.agent_name, identity=settings.agent_identity,
-            display_name=settings.agent_display_name, max_calls=settings.max_calls,
-            load_threshold=settings.load_threshold))
-        self.supervisor = Supervisor(settings.job_command, stop_timeout_s=settings.job_stop_timeout_s,
-                                     start_timeout_s=settings.job_start_timeout_s,
-                                     on_ready=self._child_ready, on_exit=self._child_exited)
+            url=cfg.livekit_url, agent_name=cfg.agent_name, identity=cfg.agent_identity,
+            display_name=AGENT_DISPLAY_NAME, max_calls=self.max_calls, load_threshold=cfg.load_threshold))
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env.update(child_env or {})
+        self.supervisor = Supervisor(self.job_command, stop_timeout_s=cfg.job_stop_timeout_s,
+                                     start_timeout_s=cfg.job_start_timeout_s,
+                                     on_ready=self._child_ready, on_exit=self._child_exited, env=env)
         self.cpu = CpuMeter()
         self.notifier = SystemdNotifier()
         self.health: HealthServer | None = None
-        self.url = agent_ws_url(settings.livekit_url)
+        self.url = agent_ws_url(cfg.livekit_url)
         self.last_tick = time.monotonic()
         self._ws: Any = None
         self._out: asyncio.Queue[bytes] | None = None
@@ -1230,9 +1138,9 @@ class Dispatcher:
         log.info("serving %s as agent %r (%s), participant %r; up to %d calls, CPU threshold %s, job command: %s",
                  self.settings.livekit_url,
                  self.settings.agent_name, "explicit dispatch" if self.settings.agent_name else "automatic dispatch",
-                 self.settings.agent_identity, self.settings.max_calls,
+                 self.settings.agent_identity, self.max_calls,
                  f"{self.settings.load_threshold:.0%}" if self.core.cpu_gate else "off",
-                 shlex.join(self.settings.job_command))
+                 shlex.join(self.job_command))
         if self.settings.health_port:
             self.health = HealthServer(self, self.settings.health_host, self.settings.health_port)
             await self.health.start()
@@ -1293,8 +1201,8 @@ class Dispatcher:
             try:
                 async with websockets.connect(
                     self.url,
-                    additional_headers={"Authorization": "Bearer " + worker_token(self.settings.api_key,
-                                                                                  self.settings.api_secret)},
+                    additional_headers={"Authorization": "Bearer " + worker_token(
+                        self.settings.livekit_api_key, self.settings.livekit_api_secret)},
                     open_timeout=REGISTER_TIMEOUT_S, ping_interval=None, close_timeout=1, max_size=4 << 20,
                     user_agent_header=WORKER_VERSION,
                 ) as ws:
@@ -1414,48 +1322,3 @@ async def probe_registration(livekit_url: str, api_key: str, api_secret: str,
         return False, f"LiveKit refused the agent endpoint /agent: HTTP {status} (is LIVEKIT_URL a LiveKit server?)"
     except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
         return False, f"cannot reach the agent endpoint at {livekit_url}: {redact(one_line(e))}"
-
-
-# --- command line ---------------------------------------------------------------------------------------
-
-
-def usage() -> str:
-    lines = [__doc__.split("\n\n")[1], "", "settings (environment variables; ./.env is read too):"]
-    for name, (text, default) in SERVE_VARIABLES.items():
-        lines.append(f"  {name:<20} {text} [{default}]")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-    args = list(sys.argv[1:] if argv is None else argv)
-    command = args[0] if args else "serve"
-    if command in ("-h", "--help", "help"):
-        print(usage())
-        return EXIT_OK
-    if command not in ("serve", "check"):
-        print(f"error: unknown command {command!r} (serve, check)", file=sys.stderr)
-        return EXIT_CONFIG
-    env = gather_env()
-    try:
-        settings = load_serve_settings(env)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if command == "check":
-        ok, line = asyncio.run(probe_registration(settings.livekit_url, settings.api_key, settings.api_secret))
-        mark = "\u2713" if ok else "\u2717"
-        print(f"{mark} {line}")
-        return EXIT_OK if ok else 1
-    redactor = setup_logging(settings.secrets, settings.log_level, settings.log_format, redact_jwts=True)
-    dispatcher = Dispatcher(settings, redactor)
-    try:
-        return asyncio.run(dispatcher.run())
-    finally:
-        dispatcher.supervisor.kill_all()
-
-
-if __name__ == "__main__":
-    exits.exit_now(main())

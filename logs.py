@@ -35,6 +35,9 @@ class LogContext(logging.Filter):
         # The serve host handles tokens it never minted (every job's): it removes any JWT.
         self.redact_jwts = redact_jwts
         self.fields: dict[str, str | None] = {"room": None, "session_id": None, "reply_id": None}
+        # The fields a text line shows at its end (JSON lines carry all of them). A call
+        # process of the serve mode adds "room": many calls share one log there.
+        self.text_fields: tuple[str, ...] = ("session_id", "reply_id")
         # Redacting a 1-3 character "secret" would mangle every line; real ones are long.
         self.secrets = [s for s in dict.fromkeys(secrets) if len(s) >= 6]
         self._added: collections.deque[str] = collections.deque(maxlen=self.MAX_ADDED)
@@ -135,7 +138,7 @@ class TextFormatter(logging.Formatter):
         fields = self.ctx.redact_value(getattr(record, "fields", None) or {})
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in ("session_id", "reply_id")
+        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in self.ctx.text_fields
                          if getattr(record, k, None))
         # Everything above is redacted already; this pass catches what the joins made.
         return self.ctx.redact(f"{line} [{extra}]" if extra else line)

@@ -57,8 +57,11 @@ class RoomLink:
 
     def __init__(self, cfg: Config, log_ctx: LogContext, *, spawn: Spawn, stop: asyncio.Event,
                  on_event: Callable[[call.Event], None], send_audio: Callable[[bytes], None],
-                 on_chat: Callable[[str, str], Awaitable[None]]) -> None:
+                 on_chat: Callable[[str, str], Awaitable[None]], job: Any = None) -> None:
         self.cfg = cfg
+        # Job mode (serve): a dispatched job (dispatch.JobSpec) whose URL and token join the
+        # room, once: ``run()`` returns when the agent is out of the room, never rejoins.
+        self.job = job
         self.log_ctx = log_ctx
         self._spawn = spawn
         self._stop = stop
@@ -110,6 +113,9 @@ class RoomLink:
             self._on_event(call.RoomLeft())
             if self._stop.is_set():
                 break
+            if self.job is not None:
+                self._job_left()
+                return
             await self._after_disconnect()
 
     async def _join(self, retry: backoff.Backoff) -> Any:
@@ -118,10 +124,14 @@ class RoomLink:
 
         room = rtc.Room()
         self._wire(room)
-        token = mint_token(self.cfg, self.cfg.agent_identity, kind="agent", name="Voice Agent")
-        self.log_ctx.add_secret(token)
+        if self.job is not None:  # the server minted it for this job (and the log redacts it)
+            url, token = self.job.url, self.job.token
+        else:
+            url, token = self.cfg.livekit_url, mint_token(self.cfg, self.cfg.agent_identity, kind="agent",
+                                                          name="Voice Agent")
+            self.log_ctx.add_secret(token)
         try:
-            await room.connect(self.cfg.livekit_url, token, rtc.RoomOptions(auto_subscribe=True))
+            await room.connect(url, token, rtc.RoomOptions(auto_subscribe=True))
         except rtc.ConnectError as e:
             msg = self.log_ctx.one_line(e)
             if any(s in msg.lower() for s in ("401", "unauthorized", "invalid token", "signature", "invalid api key")):
@@ -138,6 +148,21 @@ class RoomLink:
         self._disconnected.clear()
         log.info("joined room %s as %s", self.cfg.room_name, self.cfg.agent_identity)
         return room
+
+    def _job_left(self) -> None:
+        """Job mode: out of the room means the call is over (it ended, the room closed or
+        was deleted, the agent was removed, a full disconnect). Never rejoin: the server
+        forgot the job, and a rejoin would recreate a closed room, which dispatches a second
+        agent with the same identity (each kicking the other out). Another participant with
+        the agent's identity is the one case reported as a failure."""
+        from livekit import rtc
+
+        reason = self._disconnect_reason
+        name = rtc.DisconnectReason.Name(reason).lower() if reason is not None else "unknown"
+        if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
+            raise FatalError(EXIT_DUPLICATE_IDENTITY, f"another participant joined room {self.cfg.room_name} as "
+                                                      f"{self.cfg.agent_identity!r} (duplicate identity)")
+        log.info("out of room %s (%s): the call is over", self.cfg.room_name, name)
 
     async def _after_disconnect(self) -> None:
         from livekit import rtc

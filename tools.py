@@ -14,7 +14,7 @@ section describes the parameters. The parameters' JSON Schema comes from the typ
 A parameter with a default is optional (the default is shown in the schema); one without is
 required, even when it is ``Optional``: the agent must then send a value, which may be null.
 A parameter named ``ctx`` is not in the schema: it receives a `ToolContext` (room, caller,
-``play_cue``, ``end_call``, a logger). A public ``async def`` with a missing hint, a missing
+``play_cue``, ``end_call``, a logger, and in serve mode the dispatch's ``job_metadata``). A public ``async def`` with a missing hint, a missing
 docstring or an unsupported type makes loading fail with one line naming it, so a typo never
 silently drops a tool. Helpers are plain ``def``s or start with ``_``.
 """
@@ -94,6 +94,11 @@ class ToolContext:
     _play_cue: Callable[[str, float | None], Awaitable[bool]] = field(repr=False)
     _end_call: Callable[[str | None], Awaitable[None]] = field(repr=False)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger(__name__), repr=False)
+    # Serve mode: the metadata of the dispatch that brought the agent to this room, as the
+    # frontend or the backend set it (the user token's RoomAgentDispatch.metadata, or the
+    # AgentDispatch API's): a string, often JSON (a customer id, a language, ...). Empty in
+    # single-room mode and for automatic dispatch. It can hold personal data: not in repr.
+    job_metadata: str = field(default="", repr=False)
 
     async def play_cue(self, clip: str, volume: float | None = None) -> bool:
         """Play a sound to the caller ("builtin:<name>" or a file path); return once it has played

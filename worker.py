@@ -8,8 +8,9 @@ its replies back, and shuts down cleanly on SIGTERM/SIGINT. ``Worker`` is the I/
 the call's state machine (call.py): it feeds it events and carries out its actions.
 ARCHITECTURE.md has the whole layout.
 
-    python worker.py            run the worker (LIVEKIT_URL empty: with a local LiveKit server)
+    python worker.py            run the worker in ROOM_NAME (LIVEKIT_URL empty: with a local LiveKit server)
     python worker.py demo       the same against a local echo agent: no AssemblyAI key
+    python worker.py serve      agent dispatch: a call process per room the LiveKit server sends
     python worker.py --help     every setting, with its environment variable and default
 """
 
@@ -45,6 +46,7 @@ import sounds  # noqa: E402
 from config import (  # noqa: E402
     LOCAL_SERVER_PROVIDES,
     Config,
+    check_serve_config,
     env_name,
     load_banks,
     load_config,
@@ -90,13 +92,16 @@ class Worker:
     events of the room, the bridge, the audio output, the tools and its timers, and
     performs the actions it gets back."""
 
-    def __init__(self, cfg: Config, log_ctx: LogContext) -> None:
+    def __init__(self, cfg: Config, log_ctx: LogContext, job: Any = None) -> None:
         self.cfg = cfg
         self.log_ctx = log_ctx
+        # Job mode (`python worker.py job`, dispatch.JobSpec): one call in a dispatched room,
+        # joined with the job's token, never rejoined; the process ends with the call.
+        self.job = job
         self.call = Call(CallSettings(idle_timeout_s=cfg.idle_timeout_s))
         self._stop = asyncio.Event()
         self.link = RoomLink(cfg, log_ctx, spawn=self._spawn, stop=self._stop, on_event=self._feed,
-                             send_audio=self._send_audio, on_chat=self._on_chat)
+                             send_audio=self._send_audio, on_chat=self._on_chat, job=job)
         self.mixer: Any = None  # mixer.Mixer: the bed, and the audio the call plays
         self.output: AudioOutput | None = None  # the mixer as the call sees it
         self.captions: Captions | None = None
@@ -191,10 +196,14 @@ class Worker:
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
         track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
-            self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
+            if self.job is None:
+                self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
+                self._spawn(self._startup_check(), "startup-check")
+            else:
+                self._spawn(self._job_room(track), "room")
+                self._api_verified.set()  # the serve process proved the key once, at its start
             self._spawn(self.captions.run(), "captions")
             self._spawn(self._report_counters(), "counters")
-            self._spawn(self._startup_check(), "startup-check")
             self._spawn(self._notify_ready(), "sd-ready")
             if self.notifier.watchdog_s:
                 self._spawn(self._watchdog(), "sd-watchdog")
@@ -204,6 +213,12 @@ class Worker:
         if self._fatal_message:
             report_fatal(self.cfg, self.log_ctx, self._fatal_message, self._exit_code)
         return self._exit_code
+
+    async def _job_room(self, track: Any) -> None:
+        """Job mode: the call's room, joined once; when the agent is out of it (the call
+        ended, the room closed, the agent removed, a full disconnect), the process ends."""
+        await self.link.run(track, self._joined)
+        self.request_stop()
 
     def _joined(self, room: Any) -> None:
         self.mixer.on_air = True
@@ -242,31 +257,10 @@ class Worker:
         await self.link.leave()
 
     async def _startup_check(self) -> None:
-        """Prove the API key once at start (systemd then knows a bad key before any call).
-        An unreachable or busy service is retried (backoff.Backoff) for RECONNECT_GIVE_UP_S
-        seconds, then exit 5; a rejected key or configuration ends the process at once."""
         log_session_config(self.cfg)
-        if not self.cfg.startup_check:
-            self._api_verified.set()
-            return
-        give_up = self.cfg.reconnect_give_up_s
-        retry = backoff.Backoff(0.5, 10.0, give_up)
-        while True:
-            try:
-                # No attempt outlasts the give-up time by more than a second.
-                timeout = max(1.0, min(10.0, give_up - retry.failing_for()))
-                sid = await bridge.verify_session(self.cfg.voice_agent_url, self.cfg.assemblyai_api_key,
-                                                  session_settings(self.cfg, self.tools.definitions()), timeout)
-                log.info("Voice Agent API key verified (session %s opened and ended)", sid)
-                self._api_verified.set()
-                return
-            except (OSError, asyncio.TimeoutError) as e:
-                delay = retry.failed()
-                if delay is None:
-                    raise bridge.GaveUp(f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
-                                        f"{self.cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
-                log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", one_line(e), delay)
-                await asyncio.sleep(delay)
+        if self.cfg.startup_check:
+            await prove_api_key(self.cfg, self.tools)
+        self._api_verified.set()
 
     async def _notify_ready(self) -> None:
         await self.link.joined.wait()
@@ -408,6 +402,8 @@ class Worker:
     async def _end_call(self) -> None:
         await self._end_session()
         self._call_ended()
+        if self.job is not None:
+            self.request_stop()  # job mode: one call per process
 
     async def _end_session(self) -> None:
         client, task = self.client, self._session_task
@@ -522,7 +518,8 @@ class Worker:
         async def end_call(reason: str | None) -> None:
             self._feed(call.HangUpRequested(reason or "end_call", call_id))
 
-        ctx = tools_mod.ToolContext(self.cfg.room_name, self.link.user(), call_id, self._play_cue_for_tool, end_call)
+        ctx = tools_mod.ToolContext(self.cfg.room_name, self.link.user(), call_id, self._play_cue_for_tool, end_call,
+                                    job_metadata=self.job.metadata if self.job is not None else "")
         try:
             return await self.tools.call(name, arguments, ctx)
         except (tools_mod.ToolCallError, tools_mod.ToolFailed) as e:
@@ -619,6 +616,30 @@ def load_tool_registry(cfg: Config) -> Any:
     return tools_mod.ToolRegistry(loaded)
 
 
+async def prove_api_key(cfg: Config, tools: Any) -> None:
+    """Prove the API key once at start (STARTUP_CHECK), so systemd (or the serve host, for
+    every call it will run) knows a bad key before any call. An unreachable or busy service
+    is retried (backoff.Backoff) for RECONNECT_GIVE_UP_S seconds, then bridge.GaveUp (exit 5);
+    a rejected key or configuration raises at once (exit 3 or 4)."""
+    give_up = cfg.reconnect_give_up_s
+    retry = backoff.Backoff(0.5, 10.0, give_up)
+    while True:
+        try:
+            # No attempt outlasts the give-up time by more than a second.
+            timeout = max(1.0, min(10.0, give_up - retry.failing_for()))
+            sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key,
+                                              session_settings(cfg, tools.definitions()), timeout)
+            log.info("Voice Agent API key verified (session %s opened and ended)", sid)
+            return
+        except (OSError, asyncio.TimeoutError) as e:
+            delay = retry.failed()
+            if delay is None:
+                raise bridge.GaveUp(f"could not verify ASSEMBLYAI_API_KEY: the Voice Agent API at "
+                                    f"{cfg.voice_agent_url} failed for {give_up:.0f} s ({one_line(e)})")
+            log.warning("cannot verify the Voice Agent API yet (%s); retrying in %.1f s", one_line(e), delay)
+            await asyncio.sleep(delay)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -670,14 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exits.exit_code_help(),
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "demo", "token", "check", "control"),
-                        help="run (default): run the worker (LIVEKIT_URL empty: with a local LiveKit server in dev "
-                             "mode); demo: the same against a local echo agent that plays back what you say (no "
-                             "AssemblyAI key); token: print a user token and what to paste into "
-                             "the Agents Playground or meet.livekit.io; check: verify the configuration, the "
-                             "LiveKit server, the Voice Agent API key and the sound files, one line each; "
-                             "control METHOD [JSON]: call the running worker's control API (mix_audio, play, "
-                             "state) as --identity")
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=("run", "demo", "serve", "token", "check", "control", "job"),
+                        help="run (default): join ROOM_NAME and run its calls (LIVEKIT_URL empty: with a local "
+                             "LiveKit server in dev mode); demo: the same against a local echo agent that plays back "
+                             "what you say (no AssemblyAI key); serve: register with the LiveKit "
+                             "server as an agent worker and run one call process per room it dispatches to this "
+                             "host (agent dispatch: the Serve mode settings); token: print a user token and what "
+                             "to paste into the Agents Playground or meet.livekit.io; check: verify the "
+                             "configuration, the LiveKit server (as a room participant and as an agent worker), "
+                             "the Voice Agent API key and the sound files, one line each; control METHOD [JSON]: "
+                             "call the running worker's control API (mix_audio, play, state) as --identity; job: "
+                             "one dispatched call, started by serve (the job on stdin)")
     parser.add_argument("method", nargs="?", help="control: mix_audio, play or state")
     parser.add_argument("payload", nargs="?", default="{}", help="control: the JSON payload (default {})")
     parser.add_argument("--identity", default=None,
@@ -695,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = f.metadata["group"]
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
-        default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "")
+        default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "", ())
                                                              else "default: empty")
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["secret"]:
@@ -723,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
         import check
 
         return asyncio.run(check.preflight(gather_env(cli), MIN_PYTHON))
+    if args.command == "job":
+        return run_job(cli)
+    if args.command == "serve":
+        return run_serve(cli)
     env = gather_env(cli)
     local = local_server_wanted(args.command, env)
     optional = (("ASSEMBLYAI_API_KEY",) if args.command in ("token", "control", "demo") else ()) \
@@ -760,9 +789,9 @@ def main(argv: list[str] | None = None) -> int:
 # --- local services: a LiveKit server when LIVEKIT_URL is empty, the demo's echo agent ----------
 
 # Commands that start a local LiveKit server when LIVEKIT_URL is empty. A command added here
-# calls start_services before it uses cfg. serve, once it is a command of this file, can join
-# them: its call processes, given ``env`` (or the environment) after that, join the same server.
-LOCAL_SERVER_COMMANDS = ("run", "demo")
+# calls start_services before it uses cfg; serve's call processes, given ``env`` after that,
+# join the same server.
+LOCAL_SERVER_COMMANDS = ("run", "demo", "serve")
 
 DEMO_GREETING = "Hi! I am the demo agent. Say something, and I will play it back to you."
 DEMO_TEXT = """\
@@ -827,14 +856,21 @@ def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
     return cfg
 
 
-async def _run(cfg: Config, log_ctx: LogContext) -> int:
-    worker = Worker(cfg, log_ctx)
+async def _run(cfg: Config, log_ctx: LogContext, job: Any = None) -> int:
+    worker = Worker(cfg, log_ctx, job)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
     def on_signal(signame: str) -> None:
         nonlocal signals_seen
         signals_seen += 1
+        if signals_seen > 1 and job is not None:
+            # A call process is stopped by its serve process (SIGKILL after JOB_STOP_TIMEOUT_S),
+            # not by a hurried human. And one death of the serve process can deliver the
+            # parent-death SIGTERM more than once (once per exiting thread it was reparented
+            # to): a second one must not cut the clean end short.
+            log.debug("%s again: already ending the call", signame)
+            return
         if signals_seen > 1:
             log.warning("second %s: exiting now", signame)
             os._exit(EXIT_OK)
@@ -852,6 +888,95 @@ async def _run(cfg: Config, log_ctx: LogContext) -> int:
     except (FatalError, bridge.ApiError) as e:
         report_fatal(cfg, log_ctx, str(e), exit_code(e))
         return exit_code(e)
+
+
+# --- serve mode: the host, and one call per process ---------------------------------------------
+
+
+def run_serve(cli: dict[str, str]) -> int:
+    """`python worker.py serve`: validate everything a call needs (the whole configuration,
+    the sounds, the tools; the API key once, with STARTUP_CHECK) before registering, so a
+    mistake shows at start and not in every call; then dispatch.Dispatcher: the agent
+    worker, one `python worker.py job` per job."""
+    env = gather_env(cli)
+    local = local_server_wanted("serve", env)
+    try:
+        cfg = load_config(env, optional=LOCAL_SERVER_PROVIDES if local else ())
+        check_serve_config(cfg)
+        load_banks(cfg)  # decoded again by each call; here only to fail fast
+        tools = load_tool_registry(cfg)
+    except ConfigError as e:
+        print(f"error: {local_server_refused(e, 'serve', env)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        with contextlib.ExitStack() as services:  # stopped after the calls have ended
+            try:
+                cfg = start_services(cfg, "serve", env, local, services)  # env names it from here on
+            except FatalError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.exit_code
+            return _serve(cfg, env, tools)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
+    import dispatch
+
+    log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format, redact_jwts=True)
+    # The calls read their settings as this process did: flags and ./.env included.
+    names = {env_name(f) for f in dataclasses.fields(Config)}
+    dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names})
+
+    async def serve() -> int:
+        if cfg.startup_check:
+            log_session_config(cfg)
+            await prove_api_key(cfg, tools)
+        return await dispatcher.run()
+
+    try:
+        return asyncio.run(serve())
+    except bridge.ApiError as e:
+        report_fatal(cfg, log_ctx, str(e), exit_code(e))
+        return exit_code(e)
+    finally:
+        dispatcher.supervisor.kill_all()
+
+
+def run_job(cli: dict[str, str]) -> int:
+    """`python worker.py job`, run by the serve process for one dispatched room: the job
+    (its room, URL and token) arrives as one JSON line on stdin, never on the command line
+    or in the environment. The process never outlives its parent, joins with the job's
+    token, takes no start-up key check (the serve process made it) and keeps no per-room
+    state (STATE_DIR); it ends with the call, exit 0, however the call ended."""
+    import dispatch
+
+    if sys.stdin.isatty():
+        print("error: `job` runs one dispatched call and is started by `python worker.py serve`",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        job = dispatch.read_job()
+    except (OSError, ValueError, EOFError, TimeoutError) as e:
+        print(f"error: no job on stdin ({one_line(e)}); `job` is started by `python worker.py serve`",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    dispatch.bind_to_parent(job.parent_pid, job.stop_timeout_s)
+    try:
+        cfg = load_config(gather_env(cli))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The room and the identity are the job's (set after validation: a room name is whatever
+    # the user's frontend chose); no bed is kept per room.
+    cfg = dataclasses.replace(cfg, room_name=job.room, agent_identity=job.identity, state_dir="",
+                              startup_check=False)
+    log_ctx = setup_logging([*cfg.secrets, job.token], cfg.log_level, cfg.log_format, redact_jwts=True)
+    log_ctx.text_fields = ("room", "session_id", "reply_id")  # many calls share the serve process's log
+    log.info("job %s: room %s%s", job.job_id, job.room,
+             f", dispatched as agent {job.agent_name!r}" if job.agent_name else "")
+    scheduling.raise_main_thread(cfg.audio_priority)
+    return asyncio.run(_run(cfg, log_ctx, job))
 
 
 # What the Voice Agent API's refusals mean for the process (exits.py has the table).

@@ -4,20 +4,19 @@
     python bench/dispatch_bench.py [--quick] [--rooms N] [--levels 1,2,4] [--agent fake|worker] [--json PATH]
     ./scripts/bench --only dispatch      # in its own network namespace (preferred)
 
-Real parts: the local livekit-server (``.tools/bin/server``), ``python dispatch.py`` (serve
+Real parts: the local livekit-server (``.tools/bin/server``), ``python worker.py serve`` (serve
 mode) as a subprocess configured through its environment, one child process per job, and
 Python-SDK users (``tests/harness.py:RoomUser``) who create each room by joining it, as a
 browser does with agent-starter-react. Every time is ``time.monotonic()`` in this process.
 
 The agent (``--agent``):
 
-* ``fake`` (default until worker.py has a job mode): ``tests/fake_agent_child.py``, which
+* ``fake`` (quick, no stand-in): ``tests/fake_agent_child.py``, which
   reads the job, joins with the job's token, publishes a tone and reports READY=1. It is
   what the dispatch path costs without a call: the dispatch figures are real, the CPU per
   call is not that of a conversation.
-* ``worker`` (phase 2): ``python worker.py job`` with the Voice Agent API stand-in
-  (``standin.py``, greeting on) and a 300 Hz bed, as the e2e bench runs the worker.
-  ``AGENTS`` below is the hook: a command and the environment the serve process passes on.
+* ``worker`` (the default): ``python worker.py job``, the real call, with the Voice Agent API stand-in
+  (``standin.py``: greeting on, replies are 1 s 1000 Hz tones) and the built-in bed.
 
 Figures
 -------
@@ -28,12 +27,19 @@ Figures
    -40 dBFS (detection adds up to 20 ms). Then the user leaves and the call ends on its own.
 2. Bursts: N rooms created at once (``--levels``, default 1,2,4,6; 1,2,4 with --quick), with
    ``MAX_CALLS`` above N: per level the same latencies (median and max over the N rooms),
-   then all N calls held ``--hold`` seconds (default 10; 5) to measure CPU in cores: the
+   then all N calls held ``--hold`` seconds (``--agent fake``: 10 s; 5) to measure CPU in cores: the
    serve process, each call process (start-up: spawn to first audio heard; steady: the
    hold), this bench process (the N users who observe: the observer cost, which a worker
-   host does not pay), the livekit-server, and the whole machine. With ``--agent worker``
-   phase 2 adds underruns and reply latency per level and stops the ramp where they
-   degrade: that is the number of calls a host holds in serve mode.
+   host does not pay), the livekit-server, and the whole machine.
+3. With ``--agent worker`` (the default) the bursts are a ramp of real calls: levels
+   1,2,4,6,8,10,12,14,16 (14 is the default MAX_CALLS on 2 cores; 1,2,4,6 with --quick),
+   held 15 s (8 s with --quick). During the hold every user takes a turn every few
+   seconds (a 0.8 s 450 Hz tone; the stand-in answers with 1 s of 1000 Hz), and per level
+   the bench counts reply latency (the user's end of speech -> the reply heard), replies
+   never heard and the calls' ``audio underrun`` warnings. The ramp stops at the first
+   level that degrades (a reply or greeting missed, an underrun during the turns, or the
+   median reply latency above 1.5 x that of one call): the level below is the number of
+   calls a host holds in serve mode.
 
 The machine is shared (2 cores here, other test runs on it): the header prints the load
 average at start and end; compare levels within one run.
@@ -45,6 +51,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -62,11 +69,20 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from e2e_bench import BenchPriority, MachineMeter, fmt, git_describe, loadavg, proc_cpu_s, self_cpu_s, stats  # noqa: E402
-from harness import API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitServer, RoomUser, WorkerProcess, find_server_binary  # noqa: E402
+from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitServer, RoomUser, WorkerProcess,  # noqa: E402
+                     find_server_binary, tone)
 
 AGENT = "voice-agent"
 FIRST_AUDIO_DBFS = -40.0
 WIN = 480  # 20 ms at 24 kHz
+# --agent worker: the turns of the ramp. The user speaks a 450 Hz tone, the stand-in answers
+# with a 1000 Hz tone after its end-of-turn silence (DEFAULT_MIN_SILENCE_MS) and think time.
+USER_HZ, REPLY_HZ, REPLY_ON = 450.0, 1000.0, 0.1
+USER_SPEECH_S, REPLY_S = 0.8, 1.0
+REPLY_WAIT_S = 5.0  # a reply not heard this long after the user's turn ended is missed
+# A level degrades when any reply is missed, the calls' audio underran during the turns, or
+# the median reply latency is above DEGRADED_LATENCY x that of one call.
+DEGRADED_LATENCY = 1.5
 
 
 @dataclass
@@ -94,12 +110,14 @@ AGENTS = {
 
 
 class ServeProcess(WorkerProcess):
+    """``python worker.py serve``, configured through its environment."""
+
     def start(self, *args: str) -> "ServeProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
         out = open(self.output_path, "ab")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "dispatch.py")], env={**base, **self.env},
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "worker.py"), "serve"], env={**base, **self.env},
                                      cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
         out.close()
         return self
@@ -191,7 +209,7 @@ class Bench:
     async def one_room(self, room: str, timing: Timing, timeout: float = 30.0) -> RoomUser:
         user = RoomUser(self.server, room, "user")
         t = time.monotonic()
-        await user.join(publish=False)
+        await user.join(publish=self.standin is not None)
         timing.joined = time.monotonic() - t
         deadline = t + timeout
         while time.monotonic() < deadline:
@@ -236,8 +254,15 @@ class Bench:
         start_cpu = {k: proc_cpu_s(k) or 0.0 for k in kids}  # spawn -> first audio (all heard)
         serve_cpu1, self_cpu1 = proc_cpu_s(s.proc.pid) or 0.0, self_cpu_s()
         server_cpu1 = proc_cpu_s(self.server.proc.pid) or 0.0
-        await asyncio.sleep(self.args.hold)
+        log_at = len(s.output())
+        if self.standin is not None:  # the real call: turns during the hold
+            until = time.monotonic() + self.args.hold
+            turn_results = await asyncio.gather(*(self.turns(u, until) for u in users))
+        else:
+            turn_results = []
+            await asyncio.sleep(self.args.hold)
         hold = time.monotonic() - t_heard
+        hold_log = s.output()[log_at:]
         steady = {k: (proc_cpu_s(k) or 0.0) - start_cpu[k] for k in kids}
         serve_cpu2, self_cpu2 = proc_cpu_s(s.proc.pid) or 0.0, self_cpu_s()
         server_cpu2 = proc_cpu_s(self.server.proc.pid) or 0.0
@@ -258,7 +283,31 @@ class Bench:
             "observer_cores_hold": round((self_cpu2 - self_cpu1) / hold, 3),
             "server_cores_hold": round((server_cpu2 - server_cpu1) / hold, 3),
             "machine": machine, "seconds": round(time.monotonic() - t_start, 1),
+            **({"reply_ms": stats([v * 1000 for r in turn_results for v in r if v is not None]),
+                "turns": sum(len(r) for r in turn_results),
+                "replies_missed": sum(1 for r in turn_results for v in r if v is None),
+                "underruns_hold": hold_log.count("audio underrun"),
+                "underruns_all": s.output().count("audio underrun")} if self.standin is not None else {}),
         }
+
+    async def turns(self, user: RoomUser, until: float) -> list[float | None]:
+        """Turns until ``until``: the user speaks, the reply's first audio is awaited; the
+        latency is the user's end of speech -> the reply heard (None: missed)."""
+        out: list[float | None] = []
+        await asyncio.sleep(random.uniform(0, 1))  # the users do not speak in lockstep
+        while time.monotonic() + USER_SPEECH_S < until:
+            end = user.say(tone(USER_HZ, USER_SPEECH_S, amplitude=0.6))
+            heard_at = None
+            while time.monotonic() < end + REPLY_WAIT_S and heard_at is None:
+                await asyncio.sleep(0.05)
+                h = user.heard.get(AGENT)
+                if h is not None:
+                    heard_at = next((t for t, a in h.timeline(REPLY_HZ, since=end) if t > end and a > REPLY_ON), None)
+            out.append(None if heard_at is None else heard_at - end)
+            await asyncio.sleep(REPLY_S + 0.7)  # the reply plays out, then a pause
+            if time.monotonic() >= until:
+                break
+        return out
 
     async def run(self) -> dict[str, Any]:
         binary = find_server_binary()
@@ -274,7 +323,8 @@ class Bench:
                 raise SystemExit("worker.py has no job mode yet (phase 2 of issue 14): use --agent fake")
             from standin import StandIn, StandInOptions
 
-            self.standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, greeting_seconds=1.0))
+            self.standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, greeting_seconds=1.0, reply_mode="tone",
+                                                  reply_freq_hz=REPLY_HZ, reply_seconds=REPLY_S))
             await self.standin.start()
         self.server = LiveKitServer(binary, self.tmp / "livekit")
         self.server.start()  # inherits our policy: infrastructure, not on a worker host in production
@@ -284,7 +334,19 @@ class Bench:
             res["bursts"] = []
             for n in self.args.levels:
                 self.progress(f"2/2 burst: {n} rooms at once, held {self.args.hold:.0f} s")
-                res["bursts"].append(await self.burst(n))
+                b = await self.burst(n)
+                res["bursts"].append(b)
+                if self.standin is not None:
+                    b["degraded"] = degraded(b, res["bursts"][0])
+                    self.progress(f"   {n} calls: replies {fmt(b['reply_ms'], ' ms')}, {b['replies_missed']} missed, "
+                                  f"{b['underruns_hold']} underruns" + (f": DEGRADED ({b['degraded']})"
+                                                                         if b["degraded"] else ""))
+                    if b["degraded"]:
+                        break
+            if self.standin is not None:
+                good = [b["rooms"] for b in res["bursts"] if not b.get("degraded")]
+                first_bad = next((b["rooms"] for b in res["bursts"] if b.get("degraded")), None)
+                res["calls_per_host"] = max([g for g in good if first_bad is None or g < first_bad], default=0)
         finally:
             for s in self.serves:
                 s.kill()
@@ -293,6 +355,19 @@ class Bench:
                 await self.standin.stop()
         res["machine"]["loadavg_end"] = loadavg()
         return res
+
+
+def degraded(b: dict[str, Any], base: dict[str, Any]) -> str:
+    """Why a level of the ramp degraded ("" if it did not)."""
+    why = []
+    if b["missed"] or b["replies_missed"]:
+        why.append(f"{b['missed'] + b['replies_missed']} greetings/replies never heard")
+    if b["underruns_hold"]:
+        why.append(f"{b['underruns_hold']} underruns")
+    med, base_med = b["reply_ms"].get("median"), base["reply_ms"].get("median")
+    if med is not None and base_med is not None and med > DEGRADED_LATENCY * base_med:
+        why.append(f"reply latency {med:.0f} ms > {DEGRADED_LATENCY} x {base_med:.0f} ms")
+    return "; ".join(why)
 
 
 def report(res: dict[str, Any]) -> str:
@@ -330,7 +405,16 @@ def report(res: dict[str, Any]) -> str:
         "   process on this host, other test runs included.",
     ]
     if res["agent"] == "fake":
-        lines.append("   calls per host: needs --agent worker (phase 2): the stand-in agent costs less than a call.")
+        lines.append("   calls per host: needs --agent worker: the stand-in agent costs less than a call.")
+    else:
+        lines += ["", "3. the ramp: real calls, a turn every few seconds per call during the hold",
+                  "   calls  reply latency (user's end of speech -> heard), ms     missed  underruns (hold/all)"]
+        for b in res["bursts"]:
+            lines.append(f"   {b['rooms']:>5}  {fmt(b['reply_ms'], ' ms'):<50}  {b['replies_missed']:>6}  "
+                         f"{b['underruns_hold']}/{b['underruns_all']}" + (f"  DEGRADED: {b['degraded']}"
+                                                                          if b.get("degraded") else ""))
+        lines.append(f"   calls per host in serve mode (the last level before one degrades): {res['calls_per_host']}"
+                     + ("" if any(b.get("degraded") for b in res["bursts"]) else " (no level degraded: at least)"))
     return "\n".join(lines)
 
 
@@ -340,13 +424,16 @@ def main() -> None:
     ap.add_argument("--rooms", type=int, default=None, help="rooms one after another (default 10; 5 with --quick)")
     ap.add_argument("--levels", default=None, help="burst sizes (default 1,2,4,6; 1,2,4 with --quick)")
     ap.add_argument("--hold", type=float, default=None, help="seconds every burst's calls are held (default 10; 5)")
-    ap.add_argument("--agent", choices=sorted(AGENTS), default="fake")
+    ap.add_argument("--agent", choices=sorted(AGENTS), default="worker",
+                    help="worker (default): the real call with the stand-in; fake: the tone-playing stand-in child")
     ap.add_argument("--bench-priority", choices=["rt", "normal"], default="rt")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     args.rooms = args.rooms or (5 if args.quick else 10)
-    args.levels = [int(x) for x in (args.levels or ("1,2,4" if args.quick else "1,2,4,6")).split(",")]
-    args.hold = args.hold or (5.0 if args.quick else 10.0)
+    default_levels = ("1,2,4" if args.quick else "1,2,4,6") if args.agent == "fake" else \
+        ("1,2,4,6" if args.quick else "1,2,4,6,8,10,12,14,16")
+    args.levels = [int(x) for x in (args.levels or default_levels).split(",")]
+    args.hold = args.hold or ((5.0 if args.quick else 10.0) if args.agent == "fake" else (8.0 if args.quick else 15.0))
     if not os.environ.get("VOICE_AGENT_TEST_IP"):
         print("warning: VOICE_AGENT_TEST_IP is unset: WebRTC media will use this host's addresses; "
               "./scripts/bench runs this in its own network namespace", file=sys.stderr)

@@ -516,3 +516,32 @@ async def test_a_browser_joins_the_demo(clean: Path, tmp_path: Path, scripts: li
             await browser.close()
     script.interrupt()
     assert await script.wait_exit(20) == 0
+
+
+async def test_serve_from_nothing(clean: Path, tmp_path: Path, scripts: list[Script]) -> None:
+    """`ASSEMBLYAI_API_KEY=... ./scripts/run serve` with LIVEKIT_URL empty (the service is the
+    stand-in here): serve starts the local server too, registers with it, a user joining with
+    the printed token gets a call process on that same server and hears the greeting; Ctrl-C
+    ends serve, its calls and the server."""
+    standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, greeting_freq_hz=650.0, greeting_seconds=1.0))
+    await standin.start()
+    try:
+        env = empty_env(tmp_path / "home", ASSEMBLYAI_API_KEY=ASSEMBLYAI_KEY, VOICE_AGENT_URL=standin.url)
+        script = Script(clean, ["serve"], env, tmp_path / "serve.log").start()
+        scripts.append(script)
+        where = await printed(script)
+        await script.wait_for(r"registered", 60)
+        user = RoomUser(where, ROOM, identity="user")
+        await user.join()
+        try:
+            await wait_until(lambda: any(a > 0.2 for _, a in amplitude_series(user, 650)), 30, "the greeting")
+        finally:
+            await user.leave()
+        children = script.remember_children()
+        assert any("--dev" in cmd for _, cmd in children.values()), children
+        assert any("worker.py job" in cmd for _, cmd in children.values()), children
+        script.interrupt()
+        assert await script.wait_exit(30) == 0, script.output()[-3000:]
+        await wait_until(lambda: not still_running(children), 5, "serve's server and calls to stop")
+    finally:
+        await standin.stop()

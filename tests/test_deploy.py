@@ -4,6 +4,7 @@ parser for the plain YAML subset it uses; PyYAML is not a dependency)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -13,7 +14,9 @@ from typing import Any
 
 import pytest
 
+import config
 import dispatch
+import exits
 from harness import REPO
 
 DEPLOY = REPO / "deploy"
@@ -188,11 +191,11 @@ def test_serve_unit_drains_within_its_stop_timeout_and_keeps_the_templates_harde
     assert settings["ExecStart"].endswith("/worker.py serve")
     assert float(settings["WatchdogSec"]) > 0
     assert settings["KillMode"] == "mixed" and settings["KillSignal"] == "SIGTERM"
-    default_drain = dispatch.load_serve_settings({"LIVEKIT_URL": "ws://x", "LIVEKIT_API_KEY": "k",
-                                                  "LIVEKIT_API_SECRET": "s"})
+    default_drain = config.load_config({"LIVEKIT_URL": "ws://x", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s",
+                                        "ASSEMBLYAI_API_KEY": "a"})
     assert float(settings["TimeoutStopSec"]) > default_drain.drain_timeout_s + default_drain.job_stop_timeout_s
     assert "DRAIN_TIMEOUT_S" not in settings.get("Environment", "")  # the default, which the timeout covers
-    hopeless = sorted(str(c) for c in {*dispatch.HOPELESS_EXITS, dispatch.EXIT_CONFIG, dispatch.EXIT_LIVEKIT_AUTH})
+    hopeless = sorted(str(c) for c in {*exits.HOPELESS_EXITS, exits.EXIT_CONFIG, exits.EXIT_LIVEKIT_AUTH})
     assert settings["RestartPreventExitStatus"].split() == hopeless
     assert settings["Restart"] == "on-failure" and settings["RestartPreventExitStatus"].split() == ["2", "3", "4", "6"]
     # Every hardening and capability line of the per-room template, unchanged, except the limits
@@ -229,8 +232,9 @@ def test_kubernetes_deployment_drains_has_a_liveness_check_and_takes_secrets_fro
     for name in ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "ASSEMBLYAI_API_KEY"):
         assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["key"] == name
     # The settings parse as the worker would read them.
-    settings = dispatch.load_serve_settings({**{k: v for k, v in value.items() if v is not None},
-                                             "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s"})
+    settings = config.load_config({**{k: v for k, v in value.items() if v is not None},
+                                   "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s", "ASSEMBLYAI_API_KEY": "a"})
+    config.check_serve_config(settings)
     # Drain: Kubernetes waits longer than the drain and the clean end of the last calls.
     assert pod["terminationGracePeriodSeconds"] > settings.drain_timeout_s + settings.job_stop_timeout_s
     # Liveness: the worker's own health endpoint, reachable on the pod's address.
@@ -242,6 +246,7 @@ def test_kubernetes_deployment_drains_has_a_liveness_check_and_takes_secrets_fro
     # Resources from the measured per-call figures: CPU for MAX_CALLS calls, a memory limit.
     req = c["resources"]["requests"]
     cpu = int(req["cpu"].rstrip("m")) / 1000 if req["cpu"].endswith("m") else float(req["cpu"])
+    assert settings.max_calls is not None, "MAX_CALLS set: a pod without a CPU limit sees the node's cores"
     assert cpu >= settings.max_calls * dispatch.PER_CALL_CORES
     assert "memory" in c["resources"]["limits"] and "cpu" not in c["resources"]["limits"]
     mem = int(req["memory"].rstrip("Mi"))
@@ -251,3 +256,16 @@ def test_kubernetes_deployment_drains_has_a_liveness_check_and_takes_secrets_fro
     assert pod["securityContext"]["runAsNonRoot"] is True
     rollout = m["spec"]["strategy"]["rollingUpdate"]
     assert rollout["maxUnavailable"] == 0
+
+
+def test_serve_env_example_is_valid_and_fits_the_units_stop_timeout():
+    from dotenv import dotenv_values
+
+    values = {k: v or "" for k, v in dotenv_values(DEPLOY / "serve.env.example").items()}
+    assert set(values) <= {f.name.upper() for f in dataclasses.fields(config.Config)}
+    cfg = config.load_config({**values, "LIVEKIT_URL": "wss://x.livekit.cloud", "LIVEKIT_API_KEY": "k",
+                              "LIVEKIT_API_SECRET": "s", "ASSEMBLYAI_API_KEY": "a"})
+    config.check_serve_config(cfg)
+    unit = dict(ln.split("=", 1) for ln in unit_lines("voice-agent.service") if "=" in ln and not ln.startswith("["))
+    assert float(unit["TimeoutStopSec"]) > cfg.drain_timeout_s + cfg.job_stop_timeout_s
+    assert "EnvironmentFile=-/etc/voice-agent/serve.env" in unit_lines("voice-agent.service")

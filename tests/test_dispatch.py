@@ -1,7 +1,19 @@
-"""Agent dispatch against the real livekit-server v1.13.5: ``python dispatch.py`` (the serve
-process) registers as an agent worker and runs ``tests/fake_agent_child.py`` per job (a
-tone-playing stand-in for one call; phase 2 runs the real worker). Users are Python-SDK
-participants who create rooms by joining them."""
+"""Agent dispatch against the real livekit-server v1.13.5: ``python worker.py serve`` registers
+as an agent worker and runs one call process per job. Users are Python-SDK participants who
+create rooms by joining them, as a browser with agent-starter-react does.
+
+Two kinds of call process:
+
+* the real one, ``python worker.py job`` with the Voice Agent API stand-in: every test where
+  the issue asks for a real call (a conversation in a dispatched room, explicit dispatch and
+  the job's metadata reaching a tool, a fleet, SIGKILL, drain, MAX_CALLS, server restarts);
+* ``tests/fake_agent_child.py`` (joins with the job's token and plays a tone; knobs to crash,
+  hang or fail), for what exercises the dispatcher alone: a crashing call, a call failing as
+  every call would, the drain timeout, the CPU gate, a dropped /agent connection, sd_notify
+  and the health endpoint.
+
+Frequencies as in test_e2e.py: ambient 300 Hz, greeting 650 Hz, reply 1000 Hz, the user 450 Hz.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -22,29 +35,24 @@ from pathlib import Path
 import pytest
 
 import dispatch
-from harness import (API_KEY, API_SECRET, REPO, LiveKitServer, RoomUser, WorkerProcess, find_server_binary, free_port,
-                     wait_until)
+from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, REPO, LiveKitServer, RoomUser, WorkerProcess,
+                     find_server_binary, free_port, tone, wait_until, write_wav)
+from standin import StandIn, StandInOptions
 
 pytestmark = pytest.mark.e2e
 
 FAKE_CHILD = REPO / "tests" / "fake_agent_child.py"
 AGENT = "voice-agent"
 JOIN_BOUND_S = 15.0  # room created -> the agent in it (typically 1-2 s; a loaded 2-core host)
+AMBIENT_HZ, GREETING_HZ, REPLY_HZ, USER_HZ = 300.0, 650.0, 1000.0, 450.0
+TAG_VARIABLE = "VOICE_AGENT_TEST_TAG"  # inherited by a serve process's call processes: finds them
 
 
 class ServeProcess(WorkerProcess):
-    """``python dispatch.py`` as a user (or systemd) starts it: configured through env vars."""
+    """``python worker.py serve`` as a user (or systemd) starts it: configured through env vars."""
 
     def start(self, *args: str) -> "ServeProcess":
-        WorkerProcess.started.append(self)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
-        out = open(self.output_path, "ab")
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "dispatch.py"), *args], env={**base, **self.env},
-                                     cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        return self
+        return super().start("serve", *args)  # type: ignore[return-value]
 
     @property
     def output_path(self) -> Path:
@@ -57,69 +65,107 @@ class ServeProcess(WorkerProcess):
             assert time.monotonic() < deadline, f"not registered {times}x:\n{self.output()[-4000:]}"
             await asyncio.sleep(0.05)
 
-    def accepted(self) -> int:
-        return len(re.findall(r"accepted job AJ_", self.output()))
+    def accepted(self, room: str | None = None) -> int:
+        where = re.escape(room) if room else r"\S+"
+        return len(re.findall(rf"accepted job AJ_\w+ for room {where}( |$)", self.output(), re.M))
 
 
-def serve_env(server: LiveKitServer, tag: str, tone: float = 440.0, **extra: str) -> dict[str, str]:
+def serve_env(server: LiveKitServer, tag: str, standin_url: str | None = None, tone_hz: float = 440.0,
+              **extra: str) -> dict[str, str]:
+    """The real call process with ``standin_url``, else the fake one."""
     env = {
         "LIVEKIT_URL": server.url,
         "LIVEKIT_API_KEY": API_KEY,
         "LIVEKIT_API_SECRET": API_SECRET,
+        "ASSEMBLYAI_API_KEY": ASSEMBLYAI_KEY,
+        "VOICE_AGENT_URL": standin_url or "ws://127.0.0.1:9/v1/ws",
+        "STARTUP_CHECK": "0",
         "MAX_CALLS": "4",
         # The test host is shared and busy: only MAX_CALLS limits here (the CPU gate has a test of its own).
         "LOAD_THRESHOLD": "1",
         "DRAIN_TIMEOUT_S": "60",
-        "JOB_STOP_TIMEOUT_S": "5",
         "LOG_LEVEL": "debug",
-        "SERVE_JOB_COMMAND": json.dumps([sys.executable, str(FAKE_CHILD), "--tag", tag, "--tone", str(tone)]),
+        TAG_VARIABLE: tag,
     }
+    if standin_url is None:
+        env.update({"SERVE_JOB_COMMAND": json.dumps([sys.executable, str(FAKE_CHILD), "--tag", tag,
+                                                     "--tone", str(tone_hz)]),
+                    "SHUTDOWN_TIMEOUT_S": "1", "JOB_STOP_TIMEOUT_S": "5", "AMBIENT_SOUND": "none"})
+    else:
+        env.update({"GREETING": "Hello there", "AMBIENT_VOLUME": "0.5", "AMBIENT_TARGET_LUFS": "-12",
+                    "IDLE_TIMEOUT_S": "2"})
     env.update(extra)
     return env
 
 
 @pytest.fixture
+async def standin():
+    s = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, reply_mode="tone", reply_freq_hz=REPLY_HZ,
+                               reply_seconds=1.5, greeting_freq_hz=GREETING_HZ, greeting_seconds=1.0,
+                               default_min_silence_ms=500, lead_ms=400))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+def ambient_wav(tmp_path):
+    return write_wav(tmp_path / "ambient.wav", tone(AMBIENT_HZ, 2.37, amplitude=0.5, fade_ms=0))
+
+
+@pytest.fixture
 def serves(livekit_server, tmp_path):
-    """Start serve processes; every one is killed (and its children checked gone) at the end."""
+    """Start serve processes; every one is stopped (and its call processes checked gone) at
+    the end, and no log holds a secret or a token."""
     started: list[tuple[ServeProcess, str]] = []
 
-    def start(tag: str, server: LiveKitServer | None = None, **env: str) -> ServeProcess:
-        s = ServeProcess(serve_env(server or livekit_server, tag, **env), tmp_path / tag).start()
+    def start(tag: str, server: LiveKitServer | None = None, standin: StandIn | None = None, **env: str) -> ServeProcess:
+        s = ServeProcess(serve_env(server or livekit_server, tag, standin.url if standin else None, **env),
+                         tmp_path / tag).start()
         started.append((s, tag))
         return s
 
     yield start
+    # SIGTERM twice: drain, then end the calls now. Apart: two signals sent back to back can
+    # reach a process as one.
     for s, tag in started:
         s.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for s, tag in started:
         s.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while any(s.alive for s, _ in started) and time.monotonic() < deadline:
         time.sleep(0.1)
     for s, tag in started:
         s.kill()
     for s, tag in started:
         out = s.output()
-        assert API_SECRET not in out, "the API secret is in the serve log"
+        assert API_SECRET not in out and ASSEMBLYAI_KEY not in out, "a secret is in the serve log"
         assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.", out), "a token is in the serve log"
-    deadline = time.monotonic() + 10
+        assert "Traceback" not in out, f"a traceback in the log of {tag}"
+    deadline = time.monotonic() + 15
     while any(children_of(tag) for _, tag in started) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(children_of(tag) for _, tag in started), "a call process outlived its serve process"
 
 
 def children_of(tag: str) -> list[int]:
-    """Live fake-agent processes started with ``--tag tag``."""
+    """Live call processes (``worker.py job`` or the fake) of the serve process tagged ``tag``:
+    found by the tag they inherited, so they are found after the serve process is gone too."""
     pids = []
+    marker = f"{TAG_VARIABLE}={tag}".encode()
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
             argv = (p / "cmdline").read_bytes().split(b"\0")
             state = (p / "stat").read_text().split(") ")[1][0]
+            if state == "Z" or not (b"job" in argv or str(FAKE_CHILD).encode() in argv):
+                continue
+            if marker in (p / "environ").read_bytes().split(b"\0"):
+                pids.append(int(p.name))
         except OSError:
             continue
-        if state != "Z" and str(FAKE_CHILD).encode() in argv and tag.encode() in argv:
-            pids.append(int(p.name))
     return pids
 
 
@@ -133,10 +179,12 @@ async def agent_of(user: RoomUser, timeout: float = JOIN_BOUND_S):
     return user.room.remote_participants[AGENT]
 
 
-async def served_by(user: RoomUser, timeout: float = JOIN_BOUND_S) -> str:
-    p = await agent_of(user, timeout)
-    await wait_until(lambda: "fake.tag" in p.attributes, 10, "the agent's attributes")
-    return p.attributes["fake.tag"]
+async def served_by(user: RoomUser, workers: list[ServeProcess], timeout: float = JOIN_BOUND_S) -> ServeProcess:
+    """The agent is in the user's room; which serve process took the job."""
+    await agent_of(user, timeout)
+    takers = [w for w in workers if w.accepted(user.room_name)]
+    assert len(takers) == 1, f"room {user.room_name} accepted by {len(takers)} workers"
+    return takers[0]
 
 
 def agents_in(user: RoomUser) -> int:
@@ -150,80 +198,323 @@ async def leave_all(users: list[RoomUser]) -> None:
     await asyncio.gather(*(u.leave() for u in users), return_exceptions=True)
 
 
-# --- dispatch ------------------------------------------------------------------------------------
+def present(timeline: list[tuple[float, float]], since: float, until: float, level: float) -> float:
+    """Fraction of 20 ms windows in [since, until] where the tone is above ``level``."""
+    sel = [a for t, a in timeline if since <= t <= until]
+    return sum(a > level for a in sel) / max(1, len(sel))
 
 
-async def test_automatic_dispatch_brings_the_agent_to_a_new_room(livekit_server, serves, room_name):
+def session_of(standin: StandIn, n: int):
+    """The stand-in's n-th session that is a call (not a start-up key check: those end at once)."""
+    calls = [s for s in standin.sessions if s.audio_arrivals]
+    return calls[n] if len(calls) > n else None
+
+
+# --- a real call in a dispatched room --------------------------------------------------------
+
+
+async def test_automatic_dispatch_a_real_call_in_a_room_that_did_not_exist(livekit_server, standin, serves,
+                                                                           room_name, ambient_wav):
+    """The Playground's default flow: a user joins a new room; the agent comes within a bound,
+    the user hears the greeting and the bed, a turn is answered, captions and the agent's
+    state arrive. The key was proven once, by the serve process. Then SIGTERM twice (stop
+    now): the call ends the clean way (session.end, leave), the serve process exits 0."""
     from livekit import rtc
 
-    a = serves("auto-a", tone="600")
+    a = serves("auto", standin=standin, AMBIENT_SOUND=str(ambient_wav), STARTUP_CHECK="1")
     await a.registered()
+    assert a.output().count("Voice Agent API key verified") == 1 and len(standin.sessions) == 1
     user = RoomUser(livekit_server, room_name)
     t0 = time.monotonic()
-    await user.join(publish=True)  # the room does not exist until this join
+    await user.join()  # the room does not exist until this join
     try:
         p = await agent_of(user)
         joined_s = time.monotonic() - t0
         assert p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT and p.name == "Voice Agent"
-        await wait_until(lambda: p.attributes.get("lk.agent.state") == "listening", 10, "listening")
         assert p.attributes.get("lk.agent_name") == ""  # set by the server on the job's token
-        heard = await user.wait_heard(AGENT, 10)
-        await asyncio.sleep(0.5)
-        assert max(a for _, a in heard.timeline(600)) > 0.2, "the agent's tone is not heard"
+        heard = await user.wait_heard(AGENT, 15)
+        heard_s = time.monotonic() - t0
         assert user.track_sources[AGENT] == rtc.TrackSource.SOURCE_MICROPHONE
-        print(f"room created -> agent joined {joined_s:.2f} s")
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 10, "the call's session")
+        session = session_of(standin, 0)
+        await standin.wait_for(lambda: session.replies and session.replies[0].done_at, 10, "the greeting")
+        greeting = session.replies[0]
+        await asyncio.sleep(0.5)
+        assert present(heard.timeline(GREETING_HZ), greeting.first_audio_at + 0.3, greeting.first_audio_at + 0.8,
+                       0.1) > 0.9, "the greeting was not heard"
+        # A turn: the user speaks, the agent answers, the user hears it.
+        user.say(tone(USER_HZ, 0.8, amplitude=0.6))
+        await standin.wait_for(lambda: len(session.replies) >= 2 and session.replies[1].done_at, 15, "the reply")
+        reply = session.replies[1]
+        await asyncio.sleep(0.5)
+        assert present(heard.timeline(REPLY_HZ), reply.first_audio_at + 0.3, reply.first_audio_at + 1.0, 0.1) > 0.9
+        assert present(heard.timeline(AMBIENT_HZ), greeting.first_audio_at, time.monotonic() - 0.3, 0.03) > 0.95, \
+            "the bed was not heard through the call"
+        states = user.state_sequence()
+        assert "listening" in states and "speaking" in states and "thinking" in states, states
+        await wait_until(lambda: any(c["sender"] == AGENT for c in user.captions)
+                         and any(c["sender"] == "user" for c in user.captions), 10, "captions of both sides")
+        print(f"room created -> agent in the room {joined_s:.2f} s, first audio {heard_s:.2f} s")
+        assert len(standin.sessions) == 2, "the call processes must not prove the key again"
         await a.wait_for_output(r"job AJ_\w+: the call is in room", 5)
+        # Stop now: the call ends cleanly, the job is reported as a success.
+        a.signal(signal.SIGTERM)
+        await a.wait_for_output("draining", 5)
+        a.signal(signal.SIGTERM)
+        assert await a.wait_exit(15) == 0
+        assert session.ended, "the call process did not send session.end"
+        await wait_until(lambda: AGENT not in user.room.remote_participants, 5, "the agent to leave")
+        assert re.search(r"job AJ_\w+ for room \S+ ended", a.output())
+        assert not re.search(r"job AJ_\w+ for room \S+ failed", a.output())
+        assert not children_of("auto")
     finally:
         await user.leave()
-    # The user left: the call ends (the stand-in's idle timeout), the job is reported ended.
-    await a.wait_for_output(r"job AJ_\w+ for room \S+ ended", 15)
-    assert a.alive and not children_of("auto-a")
 
 
-async def test_explicit_dispatch_by_the_user_tokens_room_configuration(livekit_server, serves, room_name):
+TOOLS = textwrap.dedent('''
+    import json
+
+
+    async def customer_record(ctx) -> dict:
+        """Look up the caller's record."""
+        return {"metadata": ctx.job_metadata, "room": ctx.room_name}
+''')
+
+
+async def test_explicit_dispatch_by_token_and_by_api_metadata_reaches_a_tool(livekit_server, standin, serves,
+                                                                             room_name, tmp_path):
+    """AGENT_NAME set: only rooms that ask for that agent get it, through the user token's room
+    configuration or the AgentDispatch API; a worker with another name gets nothing; the
+    dispatch's metadata reaches the call's tools (ToolContext.job_metadata)."""
     from livekit import api
 
-    alpha = serves("alpha", AGENT_NAME="alpha")
-    beta = serves("beta", AGENT_NAME="beta")
+    module = tmp_path / "crm_tools.py"
+    module.write_text(TOOLS)
+    common = {"TOOLS_MODULE": str(module), "AMBIENT_SOUND": "none", "GREETING": ""}
+    alpha = serves("alpha", standin=standin, AGENT_NAME="alpha", **common)
+    beta = serves("beta", standin=standin, AGENT_NAME="beta", **common)
     await asyncio.gather(alpha.registered(), beta.registered())
     meta = json.dumps({"customer": "c-42"})
     cfg = api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name="alpha", metadata=meta)])
-    user = await join(livekit_server, room_name, room_config=cfg)
-    try:
-        assert await served_by(user) == "alpha"
-        p = user.room.remote_participants[AGENT]
-        assert p.attributes["lk.agent_name"] == "alpha"
-        assert p.attributes["fake.metadata"] == meta, "the job's metadata did not reach the call"
-        await asyncio.sleep(1.0)
-        assert agents_in(user) == 1
-        assert beta.accepted() == 0 and "availability" not in beta.output().lower()
-    finally:
-        await user.leave()
-
-
-async def test_named_workers_get_no_automatic_rooms_and_the_dispatch_api_brings_one(livekit_server, serves, room_name):
-    from livekit import api
-
-    alpha = serves("alpha", AGENT_NAME="alpha")
-    await alpha.registered()
-    user = await join(livekit_server, room_name)  # automatic dispatch: nobody registered without a name
+    u1 = await join(livekit_server, f"{room_name}-1", publish=True, room_config=cfg)
+    users = [u1]
     lk = api.LiveKitAPI(livekit_server.http_url, API_KEY, API_SECRET)
     try:
+        assert await served_by(u1, [alpha, beta]) is alpha
+        assert u1.room.remote_participants[AGENT].attributes["lk.agent_name"] == "alpha"
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 15, "the call's session")
+        result = await standin.call_tool("customer_record", {}, session=session_of(standin, 0))
+        assert json.loads(result["result"]) == {"metadata": meta, "room": u1.room_name}
+        # A room nobody asks an agent for: automatic dispatch, and no worker without a name.
+        u2 = await join(livekit_server, f"{room_name}-2", publish=True)
+        users.append(u2)
         await asyncio.sleep(3.0)
-        assert AGENT not in user.room.remote_participants and alpha.accepted() == 0
+        assert AGENT not in u2.room.remote_participants and alpha.accepted() + beta.accepted() == 1
+        # The API brings beta, with its metadata.
         d = await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
-            agent_name="alpha", room=room_name, metadata="from the API"))
-        assert await served_by(user) == "alpha"
-        assert user.room.remote_participants[AGENT].attributes["fake.metadata"] == "from the API"
-        # Deleting the dispatch terminates the job: the call ends cleanly, the worker stays.
-        await lk.agent_dispatch.delete_dispatch(d.id, room_name)
-        await wait_until(lambda: AGENT not in user.room.remote_participants, 10, "the agent to leave")
-        await alpha.wait_for_output(r"terminated by the server: ending the call", 5)
-        await alpha.wait_for_output(r"job AJ_\w+ for room \S+ ended", 10)
-        assert alpha.alive
+            agent_name="beta", room=u2.room_name, metadata="from the API"))
+        assert await served_by(u2, [alpha, beta]) is beta
+        await standin.wait_for(lambda: session_of(standin, 1) is not None, 15, "the second call's session")
+        result = await standin.call_tool("customer_record", {}, session=session_of(standin, 1))
+        assert json.loads(result["result"])["metadata"] == "from the API"
+        await asyncio.sleep(0.5)
+        assert agents_in(u1) == 1 and agents_in(u2) == 1
+        assert alpha.accepted() == 1 and beta.accepted() == 1
+        # Deleting the dispatch ends its job: the call ends cleanly, the worker stays.
+        await lk.agent_dispatch.delete_dispatch(d.id, u2.room_name)
+        await wait_until(lambda: AGENT not in u2.room.remote_participants, 10, "the agent to leave")
+        await beta.wait_for_output(r"terminated by the server: ending the call", 5)
+        await beta.wait_for_output(r"job AJ_\w+ for room \S+ ended", 10)
+        await standin.wait_for(lambda: session_of(standin, 1).ended, 5, "session.end")
+        assert beta.alive and alpha.alive
     finally:
         await lk.aclose()
-        await user.leave()
+        await leave_all(users)
+
+
+# --- a fleet -------------------------------------------------------------------------------------
+
+
+async def test_two_workers_six_rooms_one_agent_each_and_both_get_calls(livekit_server, standin, serves, room_name):
+    a, b = serves("fleet-a", standin=standin), serves("fleet-b", standin=standin)
+    await asyncio.gather(a.registered(), b.registered())
+    users = []
+    try:
+        for i in range(6):
+            users.append(await join(livekit_server, f"{room_name}-{i}"))
+        takers = [await served_by(u, [a, b], 30) for u in users]
+        await asyncio.sleep(2.0)  # a second agent would have arrived by now
+        assert [agents_in(u) for u in users] == [1] * 6
+        # MAX_CALLS=4 each: six rooms cannot all go to one worker.
+        assert {t.workdir.name for t in takers} == {"fleet-a", "fleet-b"}
+        assert a.accepted() + b.accepted() == 6
+        assert len(children_of("fleet-a")) + len(children_of("fleet-b")) == 6
+        print("rooms per worker:", {"a": sum(t is a for t in takers), "b": sum(t is b for t in takers)})
+    finally:
+        await leave_all(users)
+
+
+async def test_sigkill_of_a_worker_ends_its_calls_cleanly_and_new_rooms_go_to_the_survivor(
+        livekit_server, standin, serves, room_name):
+    victim = serves("victim", standin=standin)
+    await victim.registered()
+    u1 = await join(livekit_server, f"{room_name}-1", publish=True)
+    users = [u1]
+    try:
+        assert await served_by(u1, [victim]) is victim
+        await u1.wait_heard(AGENT)
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 15, "the call's session")
+        survivor = serves("survivor", standin=standin)
+        await survivor.registered()
+        assert children_of("victim")
+        victim.kill()  # SIGKILL: no clean-up of its own
+        t0 = time.monotonic()
+        await wait_until(lambda: AGENT not in u1.room.remote_participants, 10, "the orphaned call to leave")
+        print(f"SIGKILL -> the call left the room after {time.monotonic() - t0:.2f} s")
+        await wait_until(lambda: not children_of("victim"), 10, "the call process to exit")
+        # Ended the clean way (the kernel's SIGTERM on its parent's death), not cut off.
+        assert session_of(standin, 0).ended, "the orphaned call did not send session.end"
+        u2 = await join(livekit_server, f"{room_name}-2")
+        users.append(u2)
+        assert await served_by(u2, [victim, survivor]) is survivor
+    finally:
+        await leave_all(users)
+
+
+async def test_sigterm_drains_the_call_goes_on_new_rooms_go_elsewhere_exit_0(livekit_server, standin, serves,
+                                                                              room_name, ambient_wav):
+    drained = serves("drained", standin=standin, HEALTH_PORT=str(free_port()), AMBIENT_SOUND=str(ambient_wav))
+    await drained.registered()
+    port = int(drained.env["HEALTH_PORT"])
+    u1 = await join(livekit_server, f"{room_name}-1", publish=True)
+    users = [u1]
+    try:
+        assert await served_by(u1, [drained]) is drained
+        heard = await u1.wait_heard(AGENT)
+        other = serves("other", standin=standin)
+        await other.registered()
+        assert http_get(port, "/readyz")[0] == 200
+        drained.signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        await drained.wait_for_output("draining: no new calls", 5)
+        assert http_get(port, "/readyz")[0] == 503 and http_get(port, "/healthz")[0] == 200
+        u2 = await join(livekit_server, f"{room_name}-2")
+        users.append(u2)
+        assert await served_by(u2, [drained, other]) is other
+        # The call in progress goes on: still there, the bed still playing, a turn answered.
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 10, "the call's session")
+        session = session_of(standin, 0)
+        turns = len(session.replies)
+        u1.say(tone(USER_HZ, 0.8, amplitude=0.6))
+        await standin.wait_for(lambda: len(session.replies) > turns and session.replies[-1].done_at, 15, "a reply")
+        assert drained.alive and AGENT in u1.room.remote_participants
+        assert present(heard.timeline(AMBIENT_HZ), t_term + 0.5, time.monotonic() - 0.3, 0.03) > 0.95
+        # The server answers our pings (WorkerPing -> WorkerPong), also while we drain.
+        await wait_until(lambda: json.loads(http_get(port, "/status")[1])["rtt_ms"] is not None, 8, "a pong")
+        # It ends when its user leaves (IDLE_TIMEOUT_S=2); then the drained worker exits 0.
+        await u1.leave()
+        t_left = time.monotonic()
+        assert await drained.wait_exit(20) == 0
+        assert time.monotonic() - t_left > 1.5  # exited after the call ended, not at SIGTERM
+        assert session.ended and not children_of("drained")
+        assert re.search(r"job AJ_\w+ for room \S+ ended", drained.output())
+        assert other.accepted() == 1
+    finally:
+        await leave_all(users)
+
+
+async def test_max_calls_one_second_room_goes_to_another_worker_or_waits(livekit_server, standin, serves, room_name):
+    one = serves("one", standin=standin, MAX_CALLS="1")
+    await one.registered()
+    u1 = await join(livekit_server, f"{room_name}-1")
+    users = [u1]
+    try:
+        assert await served_by(u1, [one]) is one
+        await one.wait_for_output("not taking calls: full: 1 of MAX_CALLS=1", 5)
+        # Full, and nobody else: v1.13.5 leaves the room without an agent (no retry later).
+        u2 = await join(livekit_server, f"{room_name}-2")
+        users.append(u2)
+        await asyncio.sleep(4.0)
+        assert AGENT not in u2.room.remote_participants and one.alive and one.accepted() == 1
+        two = serves("two", standin=standin, MAX_CALLS="1")
+        await two.registered()
+        u3 = await join(livekit_server, f"{room_name}-3")
+        users.append(u3)
+        assert await served_by(u3, [one, two]) is two
+        assert one.alive and two.alive and AGENT in u1.room.remote_participants
+    finally:
+        await leave_all(users)
+
+
+# --- the server restarts -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    binary = find_server_binary()
+    assert binary, "livekit-server not found: run ./scripts/test"
+    s = LiveKitServer(binary, tmp_path / "own-livekit")
+    s.start()
+    yield s
+    s.stop()
+
+
+async def test_livekit_server_restarts_the_worker_registers_again_and_no_room_gets_two_agents(
+        own_server, standin, serves, room_name):
+    """A clean restart (SIGTERM): the call is told the server is shutting down and ends; its
+    process does not rejoin. A crash (SIGKILL): the SDK of the call and of the user resume in
+    the recreated room; our code never rejoins, so the room never holds two agents with the
+    same identity kicking each other out. Either way the worker registers again and serves."""
+    w = serves("restart", server=own_server, standin=standin)
+    await w.registered()
+    u1 = await join(own_server, f"{room_name}-1", publish=True)
+    try:
+        assert await served_by(u1, [w]) is w
+        await u1.wait_heard(AGENT)
+    finally:
+        await u1.leave()
+    u2 = await join(own_server, f"{room_name}-2", publish=True)
+    assert await served_by(u2, [w]) is w
+    await u2.wait_heard(AGENT)
+    own_server.stop()  # clean: every participant is told, then the server exits
+    await u2.leave()
+    await w.wait_for_output(r"out of room \S+ \(server_shutdown\): the call is over", 10)
+    await wait_until(lambda: not children_of("restart"), 10, "the call process to exit")
+    own_server.start()
+    await w.registered(times=2, timeout=30)
+    u3 = await join(own_server, f"{room_name}-3", publish=True)
+    try:
+        assert await served_by(u3, [w]) is w
+        await u3.wait_heard(AGENT)
+        heard = u3.agent()
+        own_server.proc.kill()  # a crash: nobody is told
+        own_server.proc.wait()
+        t_crash = time.monotonic()
+        own_server.start()
+        await w.registered(times=3, timeout=30)
+        # The SDKs of the call and of the user come back into the recreated room (if the worker
+        # registered before that, the room's new dispatch sends a fresh agent, which takes over
+        # the identity once: the old call ends and never rejoins). One agent, and it is heard.
+        await wait_until(lambda: u3.room.isconnected() and AGENT in u3.room.remote_participants, 20,
+                         "the user and an agent back in the room")
+        t_back = time.monotonic()
+        for _ in range(10):
+            assert agents_in(u3) <= 1
+            await asyncio.sleep(0.5)
+        assert agents_in(u3) == 1 and len(children_of("restart")) == 1
+        assert any(t > max(t_back, t_crash + 1) for t, _ in heard.chunks), "the agent is not heard after the crash"
+        assert w.output().count("duplicate identity") <= 1 and "rejoining" not in w.output()
+        u4 = await join(own_server, f"{room_name}-4")
+        try:
+            assert await served_by(u4, [w]) is w
+        finally:
+            await u4.leave()
+        assert w.alive
+    finally:
+        await u3.leave()
+
+
+# --- the dispatcher alone, with the fake call process ----------------------------------------------
 
 
 async def test_a_crashed_call_is_reported_failed_and_the_worker_carries_on(livekit_server, serves, room_name):
@@ -258,7 +549,7 @@ async def test_a_call_failing_as_every_call_would_takes_the_host_out_of_the_flee
     try:
         await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name="hopeless", room=users[0].room_name))
-        assert await served_by(users[0]) == "hopeless"
+        assert await served_by(users[0], [w]) is w
         await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(
             agent_name="hopeless", room=users[1].room_name,
             metadata=json.dumps({"fake": {"crash_after_s": 0.2, "crash_code": 2}})))
@@ -275,91 +566,12 @@ async def test_a_call_failing_as_every_call_would_takes_the_host_out_of_the_flee
         await leave_all(users)
 
 
-# --- a fleet -------------------------------------------------------------------------------------
-
-
-async def test_two_workers_six_rooms_one_agent_each_and_both_get_calls(livekit_server, serves, room_name):
-    a, b = serves("fleet-a"), serves("fleet-b")
-    await asyncio.gather(a.registered(), b.registered())
-    users = []
-    try:
-        for i in range(6):
-            users.append(await join(livekit_server, f"{room_name}-{i}"))
-        tags = await asyncio.gather(*(served_by(u, 30) for u in users))
-        await asyncio.sleep(2.0)  # a second agent would have arrived by now
-        assert [agents_in(u) for u in users] == [1] * 6
-        # MAX_CALLS=4 each: six rooms cannot all go to one worker.
-        assert set(tags) == {"fleet-a", "fleet-b"}, tags
-        assert a.accepted() + b.accepted() == 6
-        print("rooms per worker:", {t: tags.count(t) for t in set(tags)})
-    finally:
-        await leave_all(users)
-
-
-async def test_sigkill_of_a_worker_ends_its_calls_and_new_rooms_go_to_the_survivor(livekit_server, serves, room_name):
-    victim = serves("victim")
-    await victim.registered()
-    u1 = await join(livekit_server, f"{room_name}-1", publish=True)
-    users = [u1]
-    try:
-        assert await served_by(u1) == "victim"
-        survivor = serves("survivor")
-        await survivor.registered()
-        assert children_of("victim")
-        victim.kill()  # SIGKILL: no clean-up of its own
-        t0 = time.monotonic()
-        await wait_until(lambda: AGENT not in u1.room.remote_participants, 10, "the orphaned call to leave")
-        print(f"SIGKILL -> the call left the room after {time.monotonic() - t0:.2f} s")
-        await wait_until(lambda: not children_of("victim"), 10, "the call process to exit")
-        u2 = await join(livekit_server, f"{room_name}-2")
-        users.append(u2)
-        assert await served_by(u2) == "survivor"
-    finally:
-        await leave_all(users)
-
-
-async def test_sigterm_drains_the_call_goes_on_new_rooms_go_elsewhere_exit_0(livekit_server, serves, room_name):
-    drained = serves("drained", HEALTH_PORT=str(free_port()))
-    await drained.registered()
-    port = int(drained.env["HEALTH_PORT"])
-    u1 = await join(livekit_server, f"{room_name}-1", publish=True)
-    users = [u1]
-    try:
-        assert await served_by(u1) == "drained"
-        heard = await u1.wait_heard(AGENT)
-        other = serves("other")
-        await other.registered()
-        assert http_get(port, "/readyz")[0] == 200
-        drained.signal(signal.SIGTERM)
-        t_term = time.monotonic()
-        await drained.wait_for_output("draining: no new calls", 5)
-        assert http_get(port, "/readyz")[0] == 503 and http_get(port, "/healthz")[0] == 200
-        u2 = await join(livekit_server, f"{room_name}-2")
-        users.append(u2)
-        assert await served_by(u2) == "other"
-        await asyncio.sleep(3.0)
-        # The server answers our pings (WorkerPing -> WorkerPong), also while we drain.
-        await wait_until(lambda: json.loads(http_get(port, "/status")[1])["rtt_ms"] is not None, 8, "a pong")
-        # The call in progress went on: still there, still playing.
-        assert drained.alive and AGENT in u1.room.remote_participants
-        assert max(a for t, a in heard.timeline(440) if t > t_term + 2.5) > 0.2
-        # It ends when its user leaves; then the drained worker exits 0.
-        await u1.leave()
-        t_left = time.monotonic()
-        assert await drained.wait_exit(20) == 0
-        assert time.monotonic() - t_left > 1.0  # exited after the call ended, not at SIGTERM
-        assert not children_of("drained")
-        assert other.accepted() == 1
-    finally:
-        await leave_all(users)
-
-
 async def test_drain_timeout_ends_calls_cleanly(livekit_server, serves, room_name):
     w = serves("short-drain", DRAIN_TIMEOUT_S="2")
     await w.registered()
     user = await join(livekit_server, room_name)
     try:
-        assert await served_by(user) == "short-drain"
+        assert await served_by(user, [w]) is w
         w.signal(signal.SIGTERM)
         t0 = time.monotonic()
         assert await w.wait_exit(15) == 0
@@ -370,29 +582,6 @@ async def test_drain_timeout_ends_calls_cleanly(livekit_server, serves, room_nam
         await wait_until(lambda: AGENT not in user.room.remote_participants, 5, "the agent to leave")
     finally:
         await user.leave()
-
-
-async def test_max_calls_one_second_room_goes_to_another_worker_or_waits(livekit_server, serves, room_name):
-    one = serves("one", MAX_CALLS="1")
-    await one.registered()
-    u1 = await join(livekit_server, f"{room_name}-1")
-    users = [u1]
-    try:
-        assert await served_by(u1) == "one"
-        await one.wait_for_output("not taking calls: full: 1 of MAX_CALLS=1", 5)
-        # Full, and nobody else: v1.13.5 leaves the room without an agent (no retry later).
-        u2 = await join(livekit_server, f"{room_name}-2")
-        users.append(u2)
-        await asyncio.sleep(4.0)
-        assert AGENT not in u2.room.remote_participants and one.alive and one.accepted() == 1
-        two = serves("two", MAX_CALLS="1")
-        await two.registered()
-        u3 = await join(livekit_server, f"{room_name}-3")
-        users.append(u3)
-        assert await served_by(u3) == "two"
-        assert one.alive and two.alive and AGENT in u1.room.remote_participants
-    finally:
-        await leave_all(users)
 
 
 async def test_cpu_threshold_refuses_when_the_host_is_busy(livekit_server, serves, room_name):
@@ -412,39 +601,6 @@ async def test_cpu_threshold_refuses_when_the_host_is_busy(livekit_server, serve
     finally:
         burn.kill()
         burn.wait()
-
-
-# --- the server restarts -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_server(tmp_path):
-    binary = find_server_binary()
-    assert binary, "livekit-server not found: run ./scripts/test"
-    s = LiveKitServer(binary, tmp_path / "own-livekit")
-    s.start()
-    yield s
-    s.stop()
-
-
-async def test_livekit_server_restart_the_worker_registers_again_and_serves(own_server, serves, room_name):
-    w = serves("restart", server=own_server)
-    await w.registered()
-    u1 = await join(own_server, f"{room_name}-1")
-    try:
-        assert await served_by(u1) == "restart"
-    finally:
-        await u1.leave()
-    own_server.stop()
-    await w.wait_for_output(r"(lost the connection to LiveKit|cannot reach LiveKit|connection to LiveKit closed)", 20)
-    own_server.start()
-    await w.registered(times=2, timeout=30)
-    u2 = await join(own_server, f"{room_name}-2")
-    try:
-        assert await served_by(u2) == "restart"
-    finally:
-        await u2.leave()
-    assert w.alive
 
 
 def drop_agent_connection(pid: int, server_port: int) -> int:
@@ -476,7 +632,7 @@ async def test_a_dropped_agent_connection_calls_go_on_it_registers_again_and_ser
     u1 = await join(livekit_server, f"{room_name}-1", publish=True)
     users = [u1]
     try:
-        assert await served_by(u1) == "blip"
+        assert await served_by(u1, [w]) is w
         heard = await u1.wait_heard(AGENT)
         child = children_of("blip")
         t_drop = time.monotonic()
@@ -490,7 +646,7 @@ async def test_a_dropped_agent_connection_calls_go_on_it_registers_again_and_ser
         assert max(a for t, a in heard.timeline(440) if t > t_drop + 0.5) > 0.2
         u2 = await join(livekit_server, f"{room_name}-2")
         users.append(u2)
-        assert await served_by(u2) == "blip"
+        assert await served_by(u2, [w]) is w
         assert w.alive
     finally:
         await leave_all(users)
@@ -549,20 +705,34 @@ async def test_check_probe_against_the_real_server(livekit_server, tmp_path):
     assert not ok and "rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET" in line and "not-the-secret" not in line
     ok, line = await dispatch.probe_registration(f"ws://127.0.0.1:{free_port()}", API_KEY, API_SECRET, timeout_s=3)
     assert not ok and "cannot reach" in line
-    env = {"PATH": os.environ.get("PATH", ""), "LIVEKIT_URL": livekit_server.url, "LIVEKIT_API_KEY": API_KEY,
-           "LIVEKIT_API_SECRET": API_SECRET}
-    r = subprocess.run([sys.executable, str(REPO / "dispatch.py"), "check"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and r.stdout.startswith("\u2713"), r.stdout + r.stderr
-    assert API_SECRET not in r.stdout + r.stderr
 
 
-async def test_a_rejected_key_stops_serve_with_exit_6(livekit_server, tmp_path):
-    env = serve_env(livekit_server, "badkey", LIVEKIT_API_SECRET="not-the-secret-" + "z" * 20)
-    w = ServeProcess(env, tmp_path / "badkey").start()
+async def test_serve_refuses_to_start_with_a_rejected_key_or_a_bad_setting(livekit_server, standin, tmp_path):
+    """Whatever would fail every call fails the serve process at start, before it registers:
+    a LiveKit key the server rejects (6), an API key the Voice Agent API rejects (3, with
+    STARTUP_CHECK), a sound that does not decode and a tools module that does not load (2)."""
+    bad_sound = tmp_path / "bed.wav"
+    bad_sound.write_bytes(b"not audio")
+    cases = [({"LIVEKIT_API_SECRET": "not-the-secret-" + "z" * 20}, 6, "rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET"),
+             ({"ASSEMBLYAI_API_KEY": "wrong-key-" + "q" * 20, "STARTUP_CHECK": "1"}, 3, "ASSEMBLYAI_API_KEY"),
+             ({"AMBIENT_SOUND": str(bad_sound)}, 2, "AMBIENT_SOUND"),
+             ({"TOOLS_MODULE": str(tmp_path / "missing_tools.py")}, 2, "TOOLS_MODULE"),
+             ({"JOB_STOP_TIMEOUT_S": "6"}, 2, "JOB_STOP_TIMEOUT_S")]
+    procs = [ServeProcess(serve_env(livekit_server, f"bad{i}", standin.url, **env), tmp_path / f"bad{i}").start()
+             for i, (env, _, _) in enumerate(cases)]
     try:
-        assert await w.wait_exit(15) == 6
-        assert "rejected LIVEKIT_API_KEY/LIVEKIT_API_SECRET" in w.output()
-        assert "not-the-secret" not in w.output()
+        for w, (env, code, text) in zip(procs, cases):
+            assert await w.wait_exit(20) == code, w.output()
+            out = w.output()
+            assert text in out and "registered with LiveKit" not in out, out
+            assert "not-the-secret" not in out and "wrong-key" not in out and "Traceback" not in out
     finally:
-        w.kill()
+        for w in procs:
+            w.kill()
+
+
+async def test_job_mode_refuses_to_run_without_a_job(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "worker.py"), "job"], stdin=subprocess.DEVNULL,
+                       env={"PATH": os.environ.get("PATH", "")}, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "started by `python worker.py serve`" in r.stderr, r.stderr

@@ -1,5 +1,5 @@
 """dispatch.py without a server: the sans-I/O protocol core fed ServerMessages, the job
-line a child gets, the settings, the CPU meter, the log redaction, and the supervisor
+line a child gets, the serve settings (in config.Config), the CPU meter, the log redaction, and the supervisor
 with small stand-in children (no LiveKit)."""
 
 from __future__ import annotations
@@ -390,29 +390,36 @@ def test_redactor_removes_the_secret_and_any_jwt():
 # --- settings -------------------------------------------------------------------------------------------
 
 
-BASE = {"LIVEKIT_URL": "ws://localhost:7880", "LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "secret"}
+BASE = {"LIVEKIT_URL": "ws://localhost:7880", "LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "secret",
+        "ASSEMBLYAI_API_KEY": "aai"}
 
 
-def test_settings_defaults_and_errors_name_the_variable():
-    s = dispatch.load_serve_settings(BASE)
-    assert s.agent_name == "" and s.agent_identity == "voice-agent" and s.load_threshold == 0.7
-    assert s.drain_timeout_s == 600 and s.max_calls == dispatch.default_max_calls()
-    assert s.job_command[1:] == (str(dispatch.REPO / "worker.py"), "job")
+def test_serve_settings_are_part_of_the_worker_config_and_errors_name_the_variable():
+    import config
+
+    cfg = config.load_config(BASE)
+    assert cfg.agent_name == "" and cfg.agent_identity == "voice-agent" and cfg.load_threshold == 0.7
+    assert cfg.drain_timeout_s == 600 and cfg.max_calls is None and dispatch.max_calls(cfg) == dispatch.default_max_calls()
+    assert dispatch.job_command(cfg)[1:] == (str(dispatch.REPO / "worker.py"), "job")
+    config.check_serve_config(cfg)  # the defaults fit: 5 s clean shutdown + 4 <= 10 s stop bound
     for env, var in (({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"LOAD_THRESHOLD": "1.5"}, "LOAD_THRESHOLD"),
                      ({"DRAIN_TIMEOUT_S": "soon"}, "DRAIN_TIMEOUT_S"), ({"LIVEKIT_URL": "localhost"}, "LIVEKIT_URL"),
                      ({"AGENT_NAME": "two words"}, "AGENT_NAME"), ({"LIVEKIT_API_SECRET": ""}, "LIVEKIT_API_SECRET"),
-                     ({"SERVE_JOB_COMMAND": "[1, 2]"}, "SERVE_JOB_COMMAND")):
-        with pytest.raises(dispatch.ConfigError, match=var):
-            dispatch.load_serve_settings({**BASE, **env})
-    s = dispatch.load_serve_settings({**BASE, "SERVE_JOB_COMMAND": '["python3", "child.py", "--tag", "a b"]'})
-    assert s.job_command == ("python3", "child.py", "--tag", "a b")
-    assert dispatch.load_serve_settings({**BASE, "SERVE_JOB_COMMAND": "python3 child.py --x"}).job_command[-1] == "--x"
+                     ({"SERVE_JOB_COMMAND": "[1, 2]"}, "SERVE_JOB_COMMAND"), ({"HEALTH_PORT": "70000"}, "HEALTH_PORT")):
+        with pytest.raises(config.ConfigError, match=var):
+            config.load_config({**BASE, **env})
+    cfg = config.load_config({**BASE, "SERVE_JOB_COMMAND": '["python3", "child.py", "--tag", "a b"]', "MAX_CALLS": "3"})
+    assert dispatch.job_command(cfg) == ("python3", "child.py", "--tag", "a b") and dispatch.max_calls(cfg) == 3
+    assert dispatch.job_command(config.load_config({**BASE, "SERVE_JOB_COMMAND": "python3 child.py --x"}))[-1] == "--x"
+    with pytest.raises(config.ConfigError, match="JOB_STOP_TIMEOUT_S .* SHUTDOWN_TIMEOUT_S"):
+        config.check_serve_config(config.load_config({**BASE, "JOB_STOP_TIMEOUT_S": "8"}))
 
 
 def test_max_calls_default_from_cores():
-    assert dispatch.default_max_calls(2) == 5
-    assert dispatch.default_max_calls(4) == 11
-    assert dispatch.default_max_calls(0.5) == 1
+    assert dispatch.default_max_calls(2) == 14
+    assert dispatch.default_max_calls(4) == 28
+    assert dispatch.default_max_calls(0.5) == 3
+    assert dispatch.default_max_calls(0.1) == 1  # never 0
 
 
 def test_agent_url():
@@ -683,8 +690,11 @@ async def test_a_silent_server_is_dropped_after_the_ping_timeout_and_the_worker_
 
     server = await websockets.serve(handler, "127.0.0.1", 0, ping_interval=None)
     port = server.sockets[0].getsockname()[1]
-    settings = dispatch.ServeSettings(livekit_url=f"ws://127.0.0.1:{port}", api_key="fake-key", api_secret=secret,
-                                      max_calls=1, load_threshold=1.0, job_command=("true",))
+    import config
+
+    settings = config.load_config({"LIVEKIT_URL": f"ws://127.0.0.1:{port}", "LIVEKIT_API_KEY": "fake-key",
+                                   "LIVEKIT_API_SECRET": secret, "ASSEMBLYAI_API_KEY": "aai", "MAX_CALLS": "1",
+                                   "LOAD_THRESHOLD": "1", "SERVE_JOB_COMMAND": "true"})
     d = dispatch.Dispatcher(settings)
     d.core.s = dataclasses.replace(d.core.s, ping_interval_s=0.2, ping_timeout_s=1.0)
     loop = asyncio.get_running_loop()
