@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Mapping
 
 import bridge
-from config import Config, check_serve_config, load_bank, load_config, session_settings
+from config import LOCAL_SERVER_PROVIDES, Config, check_serve_config, load_bank, load_config, session_settings
 from environment import ConfigError
 from logs import LogContext, one_line
 from tokens import server_api
@@ -42,15 +42,24 @@ async def preflight(env: Mapping[str, str], min_python: tuple[int, int], out: Ca
         report.ok(f"Python {sys.version.split()[0]} (>= {minimum})")
     else:  # unreachable when run as worker.py (it stops at import), kept for library use
         report.bad(f"Python {sys.version.split()[0]} is too old", f"use Python {minimum} or newer")
+    import devserver
+
+    # LIVEKIT_URL empty outside a service manager: run, demo and serve start a local server
+    # (worker.local_server_wanted), so there is no server to probe and nothing is missing.
+    local = not env.get("LIVEKIT_URL", "").strip() and devserver.managed_by(env) is None
     try:
-        cfg = load_config(env)
+        cfg = load_config(env, optional=LOCAL_SERVER_PROVIDES if local else ())
     except ConfigError as e:
         report.bad(f"configuration: {e}", "set it in the environment or .env (see .env.example)")
         return report.verdict()
     report.ok("configuration: every variable present and valid")
     redact = LogContext(cfg.secrets).redact
-    livekit_ok = await _check_livekit(cfg, report, redact)
-    await _check_serve(cfg, report, livekit_ok)
+    if local:
+        report.ok("LiveKit: LIVEKIT_URL is empty, so run, demo and serve start a local LiveKit server in dev "
+                  "mode on this machine (set LIVEKIT_URL to check a server of yours)")
+    else:
+        livekit_ok = await _check_livekit(cfg, report, redact)
+        await _check_serve(cfg, report, livekit_ok)
     await _check_api(cfg, report, redact)
     _check_sounds(cfg, report)
     return report.verdict()

@@ -73,6 +73,19 @@ async def test_check_reports_an_unreachable_server(standin, tmp_path):
     assert code == 1 and "\u2717 LiveKit at" in out and "not reachable" in out and "fix: start the server" in out
 
 
+async def test_check_with_livekit_url_empty_says_a_local_server_is_started(standin, tmp_path):
+    """.env.example leaves LIVEKIT_URL empty (run, demo and serve then start a local server):
+    check says so instead of failing, and still checks the API key and the sounds; under
+    systemd an empty LIVEKIT_URL stays an error."""
+    env = {"ASSEMBLYAI_API_KEY": ASSEMBLYAI_KEY, "VOICE_AGENT_URL": standin.url, "AMBIENT_SOUND": "builtin:office"}
+    code, out = await run_check(env, tmp_path)
+    assert code == 0, out
+    assert "\u2713 LiveKit: LIVEKIT_URL is empty, so run, demo and serve start a local LiveKit server" in out
+    assert "\u2713 Voice Agent API at" in out and "all checks passed" in out
+    code, out = await run_check({**env, "NOTIFY_SOCKET": str(tmp_path / "nowhere.sock")}, tmp_path)
+    assert code == 1 and "\u2717 configuration: LIVEKIT_URL" in out, out
+
+
 class NotifySocket:
     """What systemd would receive on $NOTIFY_SOCKET."""
 
