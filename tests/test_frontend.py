@@ -3,7 +3,10 @@
 
 The page is wired the way agent-starter-react is: `useSession` with a fixed token (a
 `TokenSource.literal`), `session.start()` with its defaults (microphone on, recorded into the
-pre-connect buffer before any agent is there) inside a `SessionProvider`. It records, timestamped
+pre-connect buffer before any agent is there) inside a `SessionProvider`. The one difference is the
+Room it hands useSession: no voice processing on the microphone, and `publishDefaults.preConnectBuffer`,
+because livekit-client 2.23.0 ignores the `{preConnectBuffer: true}` that useSession passes as publish
+options (it reads capture options there; app.jsx explains). It records, timestamped
 on the page's clock, what the hooks the frontends use report: `useVoiceAssistant()` (state,
 agentTranscriptions: LiveKit transcription packets), `useAgent()` (state, failureReasons: the
 "Agent joined the room but did not complete initializing" error that makes the starter end the
@@ -14,7 +17,7 @@ Two calls, one after the other, each with its own room, stand-in and worker. The
 - mic off: the page never enables its microphone. The agent must still reach `listening` within
   5 s of joining, and useAgent must report no error past its 20 s timeout.
 - pre-connect: the starter's default. The microphone (Chromium's fake capture device playing a
-  WAV) says a 550 Hz tone in its first two seconds, before the agent has joined; livekit-client
+  WAV) says a 550 Hz tone in its first two seconds, before the worker is even started; livekit-client
   records it and sends it to the agent as a byte stream on `lk.agent.pre-connect-audio-buffer`.
   The tone must reach the Voice Agent API (the stand-in records its input audio); the agent must
   reach `listening` within 5 s, with no error; and its captions must show on both channels.
@@ -240,7 +243,8 @@ class Calls:
             except AssertionError:
                 worker.kill()
 
-        # Unwound in reverse: the worker stops after the browser has left, then the stand-in.
+        # Unwound in reverse: the browser leaves first (closing twice is harmless), then the worker
+        # stops, then the page server and the stand-in.
         stack.push_async_callback(stop_worker)
         stack.push_async_callback(browser.close)
         return call
