@@ -510,6 +510,9 @@ class Call:
     # -- typed text: the user's turn, and an interruption of what the agent is saying --
 
     def _text_typed(self, text: str, now: float) -> list[Action]:
+        if not self.session_open or self.restart_pending:
+            # No session to take it (the worker says the text is dropped): no turn to think about.
+            return [SendText(text, None)]
         out: list[Action] = []
         interrupt = None
         if self.settings.chat_interrupts:

@@ -338,6 +338,17 @@ def test_typed_text_while_listening_is_the_users_turn():
     assert of(out, LogTurn) == [LogTurn(1, pytest.approx(800.0))], "its latency is a turn's latency"
 
 
+def test_typed_text_with_no_session_to_take_it_is_not_a_turn():
+    c = Call(CallSettings())
+    assert c.handle(TextTyped("alice", "anyone?"), 0.5) == [SendText("anyone?", None)]
+    c = in_call(restart_delay_s=2.0)
+    c.handle(SessionClosed(by_service=True), 1.0)
+    c.handle(SessionReady("S1", False), 2.0)
+    c.handle(SessionClosed(by_service=True), 3.0)  # the replacement is due in 2 s: no session now
+    assert c.handle(TextTyped("alice", "hello?"), 3.5) == [SendText("hello?", None)]
+    assert c.state is LISTENING
+
+
 def test_typed_text_while_the_agent_speaks_interrupts_it():
     c = in_call()
     feed(c, ReplyStarted("r1"), ReplyAudio("r1", b"\0\0"), PlaybackStarted("r1"))
