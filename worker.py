@@ -304,6 +304,8 @@ class Worker:
             "threads": threading.active_count(),
             "inputs": len(self.link.inputs),
             "caption_segments": self.captions.open_segments if self.captions is not None else 0,
+            "preconnect": dict(self.link.preconnect.counters),
+            "session_channel": dict(self.session_channel.counters),
             "calls": self.call.calls,
             "rss_kb": _rss_kb(),
         }
