@@ -254,12 +254,23 @@ class RoomLink:
                                     rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
                                     rtc.ParticipantKind.PARTICIPANT_KIND_CONNECTOR)
 
+    def _is_user(self, participant: Any) -> bool:
+        """A user of the call. An operator (CONTROL_IDENTITIES) in the room to drive the control
+        API is not one, unless they publish a microphone (then they talk to the agent)."""
+        from livekit import rtc
+
+        if not self._eligible(participant):
+            return False
+        if participant.identity not in self.cfg.control_identities or participant.identity == self.cfg.user_identity:
+            return True
+        return any(pub.source == rtc.TrackSource.SOURCE_MICROPHONE for pub in participant.track_publications.values())
+
     def is_user(self, identity: str) -> bool:
         """Whether ``identity`` is a user in the room now (what the room says, not what has
         been reported yet: a stream can arrive while the agent is still joining)."""
         room = self.room
         p = room.remote_participants.get(identity) if room is not None else None
-        return p is not None and self._eligible(p)
+        return p is not None and self._is_user(p)
 
     def _own_microphone(self, identity: str, track_sid: str) -> bool:
         from livekit import rtc
@@ -278,7 +289,7 @@ class RoomLink:
         if room is None:
             return
         for p in list(room.remote_participants.values()):
-            if self._eligible(p) and p.identity not in self.present:
+            if self._is_user(p) and p.identity not in self.present:
                 self.present.add(p.identity)
                 log.info("%s is in the room", p.identity)
                 self._on_event(call.UserJoined(p.identity))
