@@ -993,23 +993,30 @@ def _json_result(result: Any) -> str:
 
 
 class _Chunk:
-    __slots__ = ("t", "data", "voiced")
+    __slots__ = ("t", "data", "level", "voiced")
 
-    def __init__(self, t: float, data: bytes, voiced: bool | None) -> None:
+    def __init__(self, t: float, data: bytes, level: float | None, silence_dbfs: float) -> None:
         self.t = t  # when its last sample arrived
         self.data = data
-        self.voiced = voiced  # None: not measured (kept as if it were speech)
+        self.level = level  # RMS, dBFS; None: not measured (kept as if it were speech)
+        self.voiced = None if level is None else level > silence_dbfs
+
+
+def level_dbfs(pcm: bytes) -> float:
+    """The RMS level of PCM16 audio in dBFS (-inf for digital silence)."""
+    import numpy as np
+
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    rms = float(np.sqrt(np.mean(x * x))) / 32768.0 if x.size else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
 
 
 def is_voiced(pcm: bytes, threshold_dbfs: float) -> bool:
     """Whether PCM16 audio is louder (RMS) than ``threshold_dbfs``."""
-    import numpy as np
+    return level_dbfs(pcm) > threshold_dbfs
 
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
-    if x.size == 0:
-        return False
-    rms = float(np.sqrt(np.mean(x * x))) / 32768.0
-    return rms > 10 ** (threshold_dbfs / 20)
+
+PAUSE_CEILING_DBFS = -35.0  # InputPacer: nothing this loud is taken for a pause
 
 
 class InputPacer:
@@ -1029,7 +1036,8 @@ class InputPacer:
       drain (it shrinks by ``rate`` - 1, 0.02 s a second) and every later turn would be late
       by it. So from a held push on, the pacer *catches up*: nothing is dropped for its age;
       while the backlog is over half of ``max_backlog_s``, pauses in it are shortened to
-      ``keep_pause_ms`` (chunks quieter than ``silence_dbfs``, oldest first), never speech;
+      ``keep_pause_ms`` (silence, or the room's noise floor: ``pause_threshold_dbfs``; oldest
+      first), never speech;
       only past ``max_held_ms`` is the oldest audio dropped. The user's words reach the
       service in order, without a gap between them, and the agent is back to the present
       at the user's first pause. Catching up ends once the backlog is within half of
@@ -1088,8 +1096,8 @@ class InputPacer:
         while len(self._partial) >= self.chunk_bytes:
             data = bytes(self._partial[: self.chunk_bytes])
             del self._partial[: self.chunk_bytes]
-            voiced = is_voiced(data, self.silence_dbfs) if self.catching_up else None
-            self._chunks.append(_Chunk(now, data, voiced))
+            level = level_dbfs(data) if self.catching_up else None
+            self._chunks.append(_Chunk(now, data, level, self.silence_dbfs))
         self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -1115,11 +1123,22 @@ class InputPacer:
             self._chunks.popleft()
             self.dropped_s += self.chunk_s
 
+    def pause_threshold_dbfs(self) -> float:
+        """Chunks of the backlog at or below this level are pauses: silence (``silence_dbfs``),
+        or a room's noise floor (a microphone rarely sends digital silence): within 6 dB of the
+        quietest tenth of the backlog, never above ``-35 dBFS`` (never speech)."""
+        levels = sorted(c.level for c in self._chunks if c.level is not None)
+        if not levels:
+            return self.silence_dbfs
+        floor = levels[len(levels) // 10]
+        return max(self.silence_dbfs, min(PAUSE_CEILING_DBFS, floor + 6.0))
+
     def _shorten_pauses(self, excess: int) -> None:
         kept: list[_Chunk] = []
         run = 0
+        threshold = self.pause_threshold_dbfs()
         for c in self._chunks:
-            if c.voiced is False:
+            if c.level is not None and c.level <= threshold:
                 run += 1
                 if run > self.keep_pause_chunks and excess > 0:
                     excess -= 1

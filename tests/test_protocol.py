@@ -25,6 +25,7 @@ from bridge import (
     SessionSettings,
     SpeechStarted,
     UserTranscript,
+    is_voiced,
 )
 
 
@@ -728,6 +729,40 @@ def test_audio_queued_while_the_session_is_not_ready_is_kept_its_pauses_shortene
     assert pacer.backlog_s <= 1.0 + 0.2 + 0.2 + 1e-9, "silences shortened to 0.2 s each"
     sent_chunks, _ = _run(pacer, 2.0, t)
     assert sum(_voiced(c) for c in sent_chunks) == 20
+
+
+def _noise(seconds: float, dbfs: float = -45.0) -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    return (rng.standard_normal(int(seconds * 24000)) * 32767 * 10 ** (dbfs / 20)).astype("<i2").tobytes()
+
+
+def _mix(a: bytes, b: bytes) -> bytes:
+    import numpy as np
+
+    x = np.frombuffer(a, "<i2").astype(np.int32) + np.frombuffer(b, "<i2").astype(np.int32)
+    return np.clip(x, -32768, 32767).astype("<i2").tobytes()
+
+
+def test_pauses_over_a_rooms_noise_floor_are_shortened_too():
+    """A real microphone rarely sends digital silence: with a -45 dBFS noise floor under
+    everything, the pauses are still found (the backlog's quietest tenth + 6 dB), the speech is
+    all sent, and the agent is back to the present soon; a backlog of nothing but noise (the user
+    quiet while the service connects) shrinks to the pause kept."""
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    recording = _mix(_silence(1.0) + _tone(1.5, 440) + _silence(1.0), _noise(3.5))
+    pacer.push(recording, 0.0, held=True)
+    assert -45.0 < pacer.pause_threshold_dbfs() <= -35.0
+    sent_chunks, _ = _run(pacer, 8.0, 0.0, live=_mix(_tone(0.5, 660) + _silence(1.0), _noise(1.5)))
+    assert pacer.dropped_s == 0
+    loud = [c for c in sent_chunks if is_voiced(c, -30.0)]
+    assert len(loud) * 0.05 == pytest.approx(2.0, abs=0.051), "all the speech, recorded and live"
+    assert pacer.skipped_s > 1.5 and not pacer.catching_up
+
+    quiet = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    quiet.push(_noise(3.0), 0.0, held=True)
+    assert quiet.backlog_s <= 0.25 + 1e-9
 
 
 def test_a_stall_without_held_audio_still_drops_the_old_backlog():
