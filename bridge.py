@@ -386,6 +386,7 @@ class Protocol:
         barge_in: str = "interrupted",
         max_message_bytes: int = 2 * 1024 * 1024,
         greet: bool = True,
+        history: list[tuple[str, str]] | None = None,
     ) -> None:
         if barge_in not in BARGE_IN_POLICIES:
             raise ValueError(f"barge_in must be one of {BARGE_IN_POLICIES}")
@@ -407,7 +408,10 @@ class Protocol:
         self._tool_calls: collections.OrderedDict[str, str] = collections.OrderedDict()  # call_id -> its reply
         self._deferred_results: dict[str, list[dict[str, Any]]] = {}
         self._unknown_types: set[str] = set()
-        self._history: collections.deque[tuple[str, str]] = collections.deque(maxlen=HISTORY_TURNS)
+        self._history: collections.deque[tuple[str, str]] = collections.deque(history or (), maxlen=HISTORY_TURNS)
+        # A replacement for a session the service ended: its first update carries the
+        # conversation so far, as a fresh session after a failed resume does.
+        self._replacement = bool(history)
         self._anon_reply = 0
         self.counters: collections.Counter[str] = collections.Counter()
         # The session.error that came before session.ready on this socket, if any: what the
@@ -431,6 +435,11 @@ class Protocol:
         return self.phase == "ready"
 
     @property
+    def history(self) -> list[tuple[str, str]]:
+        """The conversation so far (who, text), newest last: what a replacement session is told."""
+        return list(self._history)
+
+    @property
     def ended(self) -> bool:
         return self.phase == "ended"
 
@@ -450,7 +459,7 @@ class Protocol:
             self.counters["resume_attempts"] += 1
             return [Send({"type": "session.resume", "session_id": self.session_id})]
         history: list[tuple[str, str]] = []
-        if self.ever_ready:
+        if self.ever_ready or self._replacement:
             # A replacement session: whatever the old one knew is gone. Its system prompt
             # carries the conversation so far (quoted), and it never greets twice.
             history = list(self._history)
@@ -543,12 +552,18 @@ class Protocol:
     def audio_message(self, pcm: bytes) -> dict[str, Any]:
         return {"type": "input.audio", "audio": base64.b64encode(pcm).decode("ascii")}
 
-    def text_messages(self, text: str, now: float) -> list[Send]:
+    def text_messages(self, text: str, now: float, interrupt: str | None = None) -> list[Action]:
         """Text typed in the room (lk.chat) becomes the caller's turn: a ``conversation.message``
         (accepted by the service, kept for its record of the conversation, but not reliably
         seen by the model [sdk][3p]) and a ``reply.create`` whose instructions quote the text
         (what the model does see). Held, bounded, while no session is ready or the greeting
-        plays (a reply.create then would replace the greeting), and sent together after."""
+        plays (a reply.create then would replace the greeting), and sent together after.
+
+        ``interrupt``: the reply the text cuts off (the application has stopped playing it).
+        Its later audio and words are dropped, the results of tools it called are discarded,
+        and if it is the greeting nothing waits for the greeting any more. The API has no
+        "cancel reply" message: the reply.create goes out at once (a service that answers it
+        only after finishing the old reply costs time, never a wrong word heard)."""
         self._history.append(("user", text))
         if len(self._held_chat) >= MAX_HELD_CHAT:
             self._held_chat.pop(0)
@@ -557,8 +572,14 @@ class Protocol:
         holding_already = self._held_since is not None
         if not holding_already:
             self._held_since = now
-        out = self._release_chat_if_free()
-        if not out:
+        out: list[Action] = []
+        if interrupt is not None:
+            # (Cutting the greeting releases what is held, this text included: one reply.)
+            out += [a for a in self._interrupt(interrupt, "typed text") if not isinstance(a, ReplyInterrupted)]
+            if self.current_reply == interrupt:
+                self.current_reply = None
+        out += self._release_chat_if_free()
+        if not any(isinstance(a, Send) for a in out):
             self.counters["chat_held"] += 1
             if not holding_already:
                 log.info("typed chat held until %s", "the greeting has been spoken" if self.ready
@@ -971,14 +992,56 @@ def _json_result(result: Any) -> str:
 # --- input pacing --------------------------------------------------------------------
 
 
+class _Chunk:
+    __slots__ = ("t", "data", "level", "voiced")
+
+    def __init__(self, t: float, data: bytes, level: float | None, silence_dbfs: float) -> None:
+        self.t = t  # when its last sample arrived
+        self.data = data
+        self.level = level  # RMS, dBFS; None: not measured (kept as if it were speech)
+        self.voiced = None if level is None else level > silence_dbfs
+
+
+def level_dbfs(pcm: bytes) -> float:
+    """The RMS level of PCM16 audio in dBFS (-inf for digital silence)."""
+    import numpy as np
+
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    rms = float(np.sqrt(np.mean(x * x))) / 32768.0 if x.size else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def is_voiced(pcm: bytes, threshold_dbfs: float) -> bool:
+    """Whether PCM16 audio is louder (RMS) than ``threshold_dbfs``."""
+    return level_dbfs(pcm) > threshold_dbfs
+
+
+PAUSE_CEILING_DBFS = -35.0  # InputPacer: nothing this loud is taken for a pause
+
+
 class InputPacer:
     """Paces microphone audio out in fixed chunks at real-time rate.
 
     ``push`` adds PCM as it arrives from the room; ``pop(now)`` returns the chunks that
     may be sent now. The send rate is capped at ``rate`` times real time (the service
-    drops audio arriving faster than ~1 s per second); a backlog (after a stall, or
-    audio captured before the session was ready) drains at that rate, and anything older
-    than ``max_backlog_s`` is dropped and counted, so the agent hears the present.
+    drops audio arriving faster than ~1 s per second); a backlog drains at that rate.
+
+    Two kinds of backlog:
+
+    - after a stall (the socket or the loop held up), anything older than
+      ``max_backlog_s`` is dropped and counted, so the agent hears the present;
+    - audio pushed ``held`` is what the user said while the agent could not listen yet:
+      the pre-connect recording and the live audio queued behind it, audio while no session
+      is ready. It must not be lost, yet at ~1x real time a backlog of seconds would never
+      drain (it shrinks by ``rate`` - 1, 0.02 s a second) and every later turn would be late
+      by it. So from a held push on, the pacer *catches up*: nothing is dropped for its age;
+      while the backlog is over half of ``max_backlog_s``, pauses in it are shortened to
+      ``keep_pause_ms`` (silence, or the room's noise floor: ``pause_threshold_dbfs``; oldest
+      first), never speech;
+      only past ``max_held_ms`` is the oldest audio dropped. The user's words reach the
+      service in order, without a gap between them, and the agent is back to the present
+      at the user's first pause. Catching up ends once the backlog is within half of
+      ``max_backlog_s`` (what is left then counts as just arrived).
     """
 
     def __init__(
@@ -986,6 +1049,9 @@ class InputPacer:
         *,
         chunk_ms: int = 50,
         max_backlog_ms: int = 500,
+        max_held_ms: int = 15_000,
+        keep_pause_ms: int = 200,
+        silence_dbfs: float = -50.0,
         rate: float = 1.02,
         burst_ms: int = 50,
         sample_rate: int = SAMPLE_RATE,
@@ -993,15 +1059,20 @@ class InputPacer:
         self.chunk_bytes = sample_rate * chunk_ms // 1000 * BYTES_PER_SAMPLE
         self.chunk_s = chunk_ms / 1000
         self.max_backlog_s = max_backlog_ms / 1000
+        self.max_held_s = max(max_held_ms, max_backlog_ms) / 1000
+        self.keep_pause_chunks = max(1, round(keep_pause_ms / chunk_ms))
+        self.silence_dbfs = silence_dbfs
         self.rate = rate
         self.burst_s = max(burst_ms / 1000, self.chunk_s)
         self.bytes_per_s = sample_rate * BYTES_PER_SAMPLE
         self._partial = bytearray()
-        self._chunks: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._chunks: collections.deque[_Chunk] = collections.deque()
         self._tokens = self.burst_s
         self._last: float | None = None
+        self.catching_up = False
         self.sent_chunks = 0
         self.dropped_s = 0.0
+        self.skipped_s = 0.0  # pauses shortened while catching up
         self.last_push: float | None = None
         self.silence_s = 0.0
 
@@ -1017,19 +1088,67 @@ class InputPacer:
             self.push(b"\x00" * self.chunk_bytes * missing, now)
             self.silence_s += missing * self.chunk_s
 
-    def push(self, pcm: bytes, now: float) -> None:
+    def push(self, pcm: bytes, now: float, held: bool = False) -> None:
         self.last_push = now
+        if held:
+            self.catching_up = True
         self._partial += pcm
         while len(self._partial) >= self.chunk_bytes:
-            self._chunks.append((now, bytes(self._partial[: self.chunk_bytes])))
+            data = bytes(self._partial[: self.chunk_bytes])
             del self._partial[: self.chunk_bytes]
+            level = level_dbfs(data) if self.catching_up else None
+            self._chunks.append(_Chunk(now, data, level, self.silence_dbfs))
         self._trim(now)
 
     def _trim(self, now: float) -> None:
+        if self.catching_up:
+            # Caught up at half the backlog bound: the live audio then waits about that long, so
+            # what is left is never older than the bound when its turn to be sent comes.
+            target = round(self.max_backlog_s / 2 / self.chunk_s)
+            if len(self._chunks) > target:
+                self._shorten_pauses(len(self._chunks) - target)
+                while len(self._chunks) * self.chunk_s > self.max_held_s + 1e-9:
+                    self._chunks.popleft()
+                    self.dropped_s += self.chunk_s
+            if len(self._chunks) > target:
+                return
+            # Caught up: what is left is the present, as if it had just arrived, in order.
+            self.catching_up = False
+            n = len(self._chunks)
+            for i, c in enumerate(self._chunks):
+                c.t = now - (n - 1 - i) * self.chunk_s
+            return
         # A chunk "arrived" when its last sample did; its first sample is chunk_s older.
-        while self._chunks and now - self._chunks[0][0] + self.chunk_s > self.max_backlog_s + 1e-9:
+        while self._chunks and now - self._chunks[0].t + self.chunk_s > self.max_backlog_s + 1e-9:
             self._chunks.popleft()
             self.dropped_s += self.chunk_s
+
+    def pause_threshold_dbfs(self) -> float:
+        """Chunks of the backlog at or below this level are pauses: silence (``silence_dbfs``),
+        or a room's noise floor (a microphone rarely sends digital silence): within 6 dB of the
+        quietest tenth of the backlog, never above ``-35 dBFS`` (never speech)."""
+        levels = sorted(c.level for c in self._chunks if c.level is not None)
+        if not levels:
+            return self.silence_dbfs
+        floor = levels[len(levels) // 10]
+        return max(self.silence_dbfs, min(PAUSE_CEILING_DBFS, floor + 6.0))
+
+    def _shorten_pauses(self, excess: int) -> None:
+        kept: list[_Chunk] = []
+        run = 0
+        threshold = self.pause_threshold_dbfs()
+        for c in self._chunks:
+            if c.level is not None and c.level <= threshold:
+                run += 1
+                if run > self.keep_pause_chunks and excess > 0:
+                    excess -= 1
+                    self.skipped_s += self.chunk_s
+                    continue
+            else:
+                run = 0
+            kept.append(c)
+        if len(kept) != len(self._chunks):
+            self._chunks = collections.deque(kept)
 
     def _refill(self, now: float) -> None:
         if self._last is not None:
@@ -1041,7 +1160,7 @@ class InputPacer:
         self._refill(now)
         out = []
         while self._chunks and self._tokens >= self.chunk_s - 1e-9:
-            out.append(self._chunks.popleft()[1])
+            out.append(self._chunks.popleft().data)
             self._tokens -= self.chunk_s
         self.sent_chunks += len(out)
         return out
@@ -1076,6 +1195,7 @@ class ClientOptions:
     backoff_initial_s: float = 0.25
     backoff_max_s: float = 10.0
     input_backlog_ms: int = 500
+    input_held_ms: int = 15_000  # held audio (see InputPacer) kept at most
     tool_timeout_s: float = 20.0
     max_concurrent_tools: int = 4
     # A session that dies sooner than this after getting ready does not reset the backoff:
@@ -1101,6 +1221,7 @@ class VoiceAgentClient:
         options: ClientOptions | None = None,
         *,
         greet: bool = True,
+        history: list[tuple[str, str]] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
@@ -1112,8 +1233,10 @@ class VoiceAgentClient:
             barge_in=self.options.barge_in,
             max_message_bytes=self.options.max_message_bytes,
             greet=greet,
+            history=history,
         )
-        self.pacer = InputPacer(max_backlog_ms=self.options.input_backlog_ms)
+        self.pacer = InputPacer(max_backlog_ms=self.options.input_backlog_ms,
+                                max_held_ms=self.options.input_held_ms)
         self._rng = rng or random.Random()
         self._ws: websockets.ClientConnection | None = None
         self._audio_ready = asyncio.Event()
@@ -1128,6 +1251,11 @@ class VoiceAgentClient:
         return len(self._tool_tasks)
 
     @property
+    def ending(self) -> bool:
+        """end() was called: the session ends because we asked."""
+        return self._ending
+
+    @property
     def session_id(self) -> str | None:
         return self.protocol.session_id or None
 
@@ -1137,20 +1265,25 @@ class VoiceAgentClient:
         c["input_chunks_sent"] = self.pacer.sent_chunks
         c["input_dropped_ms"] = int(self.pacer.dropped_s * 1000)
         c["input_silence_filled_ms"] = int(self.pacer.silence_s * 1000)
+        c["input_pauses_shortened_ms"] = int(self.pacer.skipped_s * 1000)
         return c
 
     # -- called by the application --
 
-    def send_audio(self, pcm: bytes) -> None:
-        """Queue microphone PCM16 24 kHz mono. Never blocks."""
+    def send_audio(self, pcm: bytes, held: bool = False) -> None:
+        """Queue microphone PCM16 24 kHz mono. Never blocks. ``held``: audio the user spoke
+        while the agent could not listen yet (the pre-connect recording, what queued behind
+        it): kept, not dropped as a stall's backlog is. Audio queued while the session is not
+        ready (connecting, reconnecting) is held too. See InputPacer."""
         if self._ending:
             return
-        self.pacer.push(pcm, time.monotonic())
+        self.pacer.push(pcm, time.monotonic(), held=held or not self.protocol.ready)
         self._audio_ready.set()
 
-    async def send_text(self, text: str) -> None:
-        """Typed text as the caller's turn (held while the greeting plays: see Protocol)."""
-        await self._send_all(self.protocol.text_messages(text, time.monotonic()))
+    async def send_text(self, text: str, interrupt: str | None = None) -> None:
+        """Typed text as the caller's turn (held while the greeting plays: see Protocol);
+        ``interrupt``: the reply it cuts off."""
+        await self._perform_all(self.protocol.text_messages(text, time.monotonic(), interrupt))
 
     async def end(self, timeout: float = 2.0) -> None:
         """Send session.end and wait briefly for session.ended (billing stops)."""
@@ -1270,6 +1403,8 @@ class VoiceAgentClient:
                         self._audio_ready.set()
                     if self.protocol.ended:
                         self._ended.set()
+                        if not self._ending:
+                            break  # the service ended it by itself: nothing more comes on this socket
         except TimeoutError:
             log.warning("no session.ready within %.0f s; reconnecting", self.options.ready_timeout_s)
             await ws.close(1000, "ready timeout")

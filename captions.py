@@ -1,10 +1,17 @@
-"""Transcripts for the frontend, as ``lk.transcription`` text streams (what the Agents
-Playground and components-js' ``useSessionMessages`` read).
+"""Transcripts for the frontend, on both channels LiveKit's frontends read (livekit-agents
+sends both): ``lk.transcription`` text streams (the Agents Playground, agent-starter-react,
+components-js' ``useSessionMessages``) and LiveKit transcription packets
+(``publish_transcription``: ``useVoiceAssistant().agentTranscriptions``,
+``useTrackTranscription``, the custom frontends built on them). Both carry the same segment
+ids, the same text and the same final flags.
 
 User text goes out with the user's identity and microphone track (each interim update is
-a new stream of the same segment, carrying the full text so far); agent text goes out word
-by word as its audio is actually played, in one stream per reply that is closed final,
-and cut where an interruption cut the audio. One task writes everything, in order.
+a new stream of the same segment, carrying the full text so far; a packet carries the full
+text too); agent text goes out word by word as its audio is actually played, in one stream
+per reply that is closed final (and a packet per update, with the text shown so far), and
+cut where an interruption cut the audio; once it is closed, its whole text is restated in a
+final stream of the same segment (see ``_restate_final``). A notice (the agent cannot answer: call.TellUser)
+is an agent caption of its own. One task writes everything, in order.
 
 The writer does not poll: it sleeps until the next word's audio is due, computed from how
 much of the reply has been handed to the output and how much is still queued (which plays
@@ -43,6 +50,14 @@ def _attributes(final: bool, segment: str, track_sid: str | None) -> dict[str, s
     return attrs
 
 
+def _packet(identity: str, track_sid: str, segment: str, text: str, final: bool) -> Any:
+    """The same caption as a LiveKit transcription packet (rtc.Transcription)."""
+    from livekit import rtc
+
+    return rtc.Transcription(participant_identity=identity, track_sid=track_sid, segments=[
+        rtc.TranscriptionSegment(id=segment, text=text, start_time=0, end_time=0, language="", final=final)])
+
+
 @dataclass
 class _AgentSegment:
     """The caption of one reply: words with the sample position where their audio starts."""
@@ -51,6 +66,7 @@ class _AgentSegment:
     segment_id: str
     words: list[tuple[int, str]] = field(default_factory=list)
     shown: int = 0
+    text: str = ""  # what has been shown
     writer: Any = None
     done: bool = False  # reply.done seen: flush once the audio has played
     cut: int | None = None  # interrupted: nothing past this sample is ever shown
@@ -78,6 +94,8 @@ class Captions:
         self._agent: dict[str, _AgentSegment] = {}
         self._user_segment: dict[str, str] = {}  # item_id -> segment id (insertion ordered)
         self._turn = 0
+        self._notices: collections.deque[str] = collections.deque(maxlen=4)
+        self._notice_count = 0
 
     @property
     def open_segments(self) -> int:
@@ -101,6 +119,11 @@ class Captions:
         if len(text) > self.MAX_CHARS:
             text = "\u2026" + text[-self.MAX_CHARS:]
         self._pending[segment] = (identity, track_sid, segment, text, final)
+        self._wake.set()
+
+    def notice(self, text: str) -> None:
+        """Show ``text`` as something the agent says, at once and final (it is not spoken)."""
+        self._notices.append(text[:self.MAX_CHARS])
         self._wake.set()
 
     def agent_word(self, reply_id: str, text: str, position: int) -> None:
@@ -150,6 +173,8 @@ class Captions:
             await wait_event(self._wake, self._next_wake_s())
             self._wake.clear()
             try:
+                while self._notices:
+                    await self._publish_notice(self._notices.popleft())
                 while self._pending:
                     _, args = self._pending.popitem(last=False)
                     await self._publish_user(*args)
@@ -162,8 +187,24 @@ class Captions:
     async def _publish_user(self, identity: str, track_sid: str | None, segment: str, text: str, final: bool) -> None:
         if not self.link.connected:
             return
-        writer = await self.link.room.local_participant.stream_text(
+        lp = self.link.room.local_participant
+        if track_sid:  # a packet belongs to a track
+            await lp.publish_transcription(_packet(identity, track_sid, segment, text, final))
+        writer = await lp.stream_text(
             topic=TOPIC_TRANSCRIPTION, sender_identity=identity, attributes=_attributes(final, segment, track_sid))
+        await writer.write(text)
+        await writer.aclose()
+
+    async def _publish_notice(self, text: str) -> None:
+        if not self.link.connected:
+            return
+        self._notice_count += 1
+        segment = f"SG_notice_{self._notice_count}"
+        lp = self.link.room.local_participant
+        if self.link.track_sid:
+            await lp.publish_transcription(_packet(self.agent_identity, self.link.track_sid, segment, text, True))
+        writer = await lp.stream_text(topic=TOPIC_TRANSCRIPTION, sender_identity=self.agent_identity,
+                                      attributes=_attributes(True, segment, self.link.track_sid))
         await writer.write(text)
         await writer.aclose()
 
@@ -183,7 +224,25 @@ class Captions:
             if finished or stale:
                 if seg.writer is not None:
                     await seg.writer.aclose(attributes=_attributes(True, seg.segment_id, self.link.track_sid))
+                    if self.link.connected:
+                        await self._restate_final(seg)
                 del self._agent[rid]
+
+    async def _restate_final(self, seg: _AgentSegment) -> None:
+        """The reply's caption is over: its final text on both channels. The paced stream was
+        closed final (in its trailer), but components-js only looks at a stream's attributes
+        when text arrives, so useSessionMessages() would show it final only once some other
+        caption came: the whole text once more, in a stream of the same segment (which
+        replaces the text, as every caption update does) whose header says final."""
+        lp = self.link.room.local_participant
+        if self.link.track_sid:
+            await lp.publish_transcription(_packet(self.agent_identity, self.link.track_sid, seg.segment_id,
+                                                   seg.text, True))
+        if seg.text:
+            writer = await lp.stream_text(topic=TOPIC_TRANSCRIPTION, sender_identity=self.agent_identity,
+                                          attributes=_attributes(True, seg.segment_id, self.link.track_sid))
+            await writer.write(seg.text)
+            await writer.aclose()
 
     def _next_wake_s(self) -> float | None:
         """Seconds until something is due by the audio clock (None: nothing until woken)."""
@@ -213,5 +272,10 @@ class Captions:
                 topic=TOPIC_TRANSCRIPTION, sender_identity=self.agent_identity,
                 attributes=_attributes(False, seg.segment_id, self.link.track_sid))
         if due:
-            await seg.writer.write("".join(text for _, text in due))
+            words = "".join(text for _, text in due)
+            await seg.writer.write(words)
             seg.shown += len(due)
+            seg.text = (seg.text + words)[-self.MAX_CHARS:]
+            if self.link.track_sid:
+                await self.link.room.local_participant.publish_transcription(
+                    _packet(self.agent_identity, self.link.track_sid, seg.segment_id, seg.text, False))

@@ -1,23 +1,32 @@
 """The agent's link to its LiveKit room: joining and rejoining, the published track, which
-participants are users and their microphones, text typed in the frontend, and the agent
-state attribute. Everything that arrives from the room arrives here first.
+participants are users and their microphones, the pre-connect recording of a microphone,
+text typed in the frontend, and the agent state attribute. Everything that arrives from the
+room arrives here first.
 
 The link decides nothing about the call: it reports users coming and going to the call
 state machine as typed events (``call.UserJoined``, ``UserLeft``, ``RoomJoined``,
 ``RoomLeft``), hands microphone audio and chat to the callables it was given, and shows
 the agent state it is told to show.
+
+A user is a participant the agent talks to: standard, SIP and connector participants (as
+livekit-agents has it), never another agent; only ``USER_IDENTITY`` when it is set. A user
+is reported when they are in the room, microphone or not (a text-only user is a user too);
+which microphone is bridged is this module's business alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import backoff
 import call
 import control
+import preconnect
 from config import Config
 from exits import (
     EXIT_DUPLICATE_IDENTITY,
@@ -34,12 +43,15 @@ log = logging.getLogger("worker")
 
 AGENT_STATE = "lk.agent.state"
 TOPIC_CHAT = "lk.chat"
+TOPIC_LEGACY_CHAT = "lk-chat-topic"  # data packets, frontends before components-react 2.9
 MAX_CHAT_CHARS = 4000
 MAX_CHAT_BYTES = 4 * MAX_CHAT_CHARS  # UTF-8: at most 4 bytes a character
+MAX_LEGACY_CHAT_BYTES = 6 * MAX_CHAT_CHARS + 1024  # the same text as a JSON string (escapes) with its fields
 CHAT_PER_MINUTE, CHAT_BURST = 20.0, 5
 MAX_MIXED_INPUTS = 16  # MIX_PARTICIPANTS=1: microphones mixed at most
 
 Spawn = Callable[..., "asyncio.Task[Any]"]  # spawn(coro, name, isolated=False): a task its owner awaits or cancels
+SendAudio = Callable[[bytes, bool], None]  # send_audio(pcm, held): see bridge.VoiceAgentClient.send_audio
 
 
 @dataclass
@@ -56,7 +68,7 @@ class RoomLink:
     rejoins until ``stop`` is set; it raises FatalError for what a rejoin cannot fix."""
 
     def __init__(self, cfg: Config, log_ctx: LogContext, *, spawn: Spawn, stop: asyncio.Event,
-                 on_event: Callable[[call.Event], None], send_audio: Callable[[bytes], None],
+                 on_event: Callable[[call.Event], None], send_audio: SendAudio,
                  on_chat: Callable[[str, str], Awaitable[None]], job: Any = None) -> None:
         self.cfg = cfg
         # Job mode (serve): a dispatched job (dispatch.JobSpec) whose URL and token join the
@@ -75,12 +87,16 @@ class RoomLink:
         self._disconnected = asyncio.Event()
         self._disconnect_reason: int | None = None
         self.inputs: dict[str, _Input] = {}  # identity -> the microphone we bridge
+        self.present: set[str] = set()  # the users in the room (reported to the call)
         self._room_mixer: Any = None  # rtc.AudioMixer when MIX_PARTICIPANTS=1
         self._shown_state = ""
         self._state_lock = asyncio.Lock()
         self._want_state = ""
         self._input_errors = LogLimiter()  # refusals of what participants send
         self._chat_rate = control.RateLimiter(CHAT_PER_MINUTE, CHAT_BURST)
+        self._chat_ids: dict[str, None] = {}  # ids of recent lk.chat streams (a legacy copy is not a second message)
+        self.preconnect = preconnect.PreConnectAudio(spawn=spawn, is_user=self.is_user,
+                                                     own_microphone=self._own_microphone)
 
     @property
     def connected(self) -> bool:
@@ -110,6 +126,8 @@ class RoomLink:
             self._scan_participants()
             await self._disconnected.wait()
             self._release_all_inputs()
+            self.present.clear()
+            self.preconnect.clear()
             self._on_event(call.RoomLeft())
             if self._stop.is_set():
                 break
@@ -209,12 +227,15 @@ class RoomLink:
             self._disconnected.set()
 
         room.on("disconnected", on_disconnected)
+        room.on("participant_connected", lambda p: self._scan_participants())
         room.on("track_subscribed", lambda track, pub, p: self._scan_participants())
         room.on("track_unsubscribed", self._on_track_unsubscribed)
         room.on("participant_disconnected", self._on_participant_disconnected)
+        room.on("data_received", self._on_data)
         room.on("reconnecting", lambda: log.warning("LiveKit connection interrupted; resuming"))
         room.on("reconnected", lambda: log.info("LiveKit connection resumed"))
         room.register_text_stream_handler(TOPIC_CHAT, self._on_chat)
+        room.register_byte_stream_handler(preconnect.TOPIC, self.preconnect.on_stream)
 
     async def leave(self) -> None:
         if self.connected:
@@ -255,17 +276,49 @@ class RoomLink:
         if self.cfg.user_identity:
             return participant.identity == self.cfg.user_identity
         return participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
-                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
+                                    rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
+                                    rtc.ParticipantKind.PARTICIPANT_KIND_CONNECTOR)
+
+    def _is_user(self, participant: Any) -> bool:
+        """A user of the call. An operator (CONTROL_IDENTITIES) in the room to drive the control
+        API is not one, unless they publish a microphone (then they talk to the agent)."""
+        from livekit import rtc
+
+        if not self._eligible(participant):
+            return False
+        if participant.identity not in self.cfg.control_identities or participant.identity == self.cfg.user_identity:
+            return True
+        return any(pub.source == rtc.TrackSource.SOURCE_MICROPHONE for pub in participant.track_publications.values())
+
+    def is_user(self, identity: str) -> bool:
+        """Whether ``identity`` is a user in the room now (what the room says, not what has
+        been reported yet: a stream can arrive while the agent is still joining)."""
+        room = self.room
+        p = room.remote_participants.get(identity) if room is not None else None
+        return p is not None and self._is_user(p)
+
+    def _own_microphone(self, identity: str, track_sid: str) -> bool:
+        from livekit import rtc
+
+        room = self.room
+        p = room.remote_participants.get(identity) if room is not None else None
+        pub = p.track_publications.get(track_sid) if p is not None else None
+        return pub is not None and pub.source == rtc.TrackSource.SOURCE_MICROPHONE
 
     def _scan_participants(self) -> None:
-        """(Re)consider every subscribed microphone. Idempotent: safe to call after any
-        room event, including the ones the SDK re-emits after a reconnect."""
+        """(Re)consider every user and every subscribed microphone. Idempotent: safe to call
+        after any room event, including the ones the SDK re-emits after a reconnect."""
         from livekit import rtc
 
         room = self.room
         if room is None:
             return
-        for p in room.remote_participants.values():
+        for p in list(room.remote_participants.values()):
+            if self._is_user(p) and p.identity not in self.present:
+                self.present.add(p.identity)
+                log.info("%s is in the room", p.identity)
+                self._on_event(call.UserJoined(p.identity))
+        for p in list(room.remote_participants.values()):
             if not self._eligible(p):
                 continue
             for pub in p.track_publications.values():
@@ -280,11 +333,12 @@ class RoomLink:
                     continue  # someone else is the user
                 if current is None and len(self.inputs) >= MAX_MIXED_INPUTS:
                     continue  # a meeting this big is not one conversation; never unbounded
-                self._attach(p.identity, track)
+                self._attach(p, pub, track)
 
-    def _attach(self, identity: str, track: Any) -> None:
+    def _attach(self, participant: Any, publication: Any, track: Any) -> None:
         from livekit import rtc
 
+        identity = participant.identity
         self._release_input(identity)
         # 50 ms frames (one input.audio message each): a fifth of the SDK round trips of
         # 10 ms frames, no added delay. The room mixer (MIX_PARTICIPANTS) needs 10 ms ones.
@@ -297,9 +351,10 @@ class RoomLink:
             self._room_mix().add_stream(inp.mix_source)
             log.info("mixing the microphone of %s (%d in the mix)", identity, len(self.inputs))
         else:
-            inp.task = self._spawn(self._pump(stream, identity), f"mic-{identity}", isolated=True)
-            log.info("bridging the microphone of %s", identity)
-        self._on_event(call.UserJoined(identity))
+            recording = self.preconnect.expected(participant, publication)
+            inp.task = self._spawn(self._pump(stream, identity, track.sid if recording else None),
+                                   f"mic-{identity}", isolated=True)
+            log.info("bridging the microphone of %s%s", identity, " (with its pre-connect audio)" if recording else "")
 
     def _room_mix(self) -> Any:
         from livekit import rtc
@@ -309,11 +364,25 @@ class RoomLink:
             self._spawn(self._pump(self._room_mixer, None), "mic-mix")
         return self._room_mixer
 
-    async def _pump(self, source: Any, identity: str | None) -> None:
+    async def _pump(self, source: Any, identity: str | None, recorded_track: str | None = None) -> None:
+        """Microphone audio to the session. With ``recorded_track`` (its frontend recorded it
+        before the agent was there), the recording goes first: the live frames queue in the
+        stream meanwhile and follow it, without a gap or an overlap, and all of it is sent
+        as held audio (see bridge.InputPacer) until the live audio is the present again."""
         try:
+            held_s = 0.0
+            if recorded_track is not None:
+                started = time.monotonic()
+                pcm = await self.preconnect.take(recorded_track)
+                if pcm:
+                    self._send_audio(pcm, True)
+                held_s = time.monotonic() - started + 0.1  # the live audio that queued meanwhile
             async for item in source:
                 frame = getattr(item, "frame", item)  # AudioStream events, or the room mixer's frames
-                self._send_audio(bytes(frame.data))
+                data = bytes(frame.data)
+                if held_s > 0:
+                    held_s -= len(data) / (2 * SAMPLE_RATE)
+                self._send_audio(data, held_s > 0)
         finally:
             if identity is not None:
                 await source.aclose()
@@ -324,15 +393,18 @@ class RoomLink:
             self._departed(participant.identity)
 
     def _on_participant_disconnected(self, participant: Any) -> None:
-        if participant.identity in self.inputs:
-            log.info("%s left", participant.identity)
-            self._departed(participant.identity)
+        identity = participant.identity
+        if identity in self.inputs:
+            self._departed(identity)
+        if identity in self.present:
+            self.present.discard(identity)
+            log.info("%s left", identity)
+            self._on_event(call.UserLeft(identity))
 
     def _departed(self, identity: str) -> None:
+        """The microphone we bridged is gone (its user left, or stopped publishing it)."""
         self._release_input(identity)
-        self._scan_participants()  # the next user, if someone is waiting
-        if identity not in self.inputs:
-            self._on_event(call.UserLeft(identity))
+        self._scan_participants()  # the next microphone, if someone is waiting
 
     def _release_input(self, identity: str) -> None:
         inp = self.inputs.pop(identity, None)
@@ -356,16 +428,20 @@ class RoomLink:
         return inp.identity, inp.track_sid
 
     def user(self) -> str | None:
-        """The (first) bridged user's identity."""
-        return next(iter(self.inputs), None)
+        """The (first) bridged user's identity, else a user in the room without a microphone."""
+        return next(iter(self.inputs), None) or next(iter(sorted(self.present)), None)
 
     # -- text typed in the frontend --
 
     def _on_chat(self, reader: Any, sender: str) -> None:
-        """Who sent it and how big it says it is are checked before a byte is read."""
+        """Who sent it and how big it says it is are checked before a byte is read. Any user
+        of the call may type, microphone or not."""
+        self._chat_ids[str(reader.info.stream_id)[:128]] = None
+        while len(self._chat_ids) > 64:
+            self._chat_ids.pop(next(iter(self._chat_ids)))
         refusal = None
-        if sender not in self.inputs:
-            refusal = "not the bridged user"
+        if not self.is_user(sender):
+            refusal = "not a user of this call"
         elif (reader.info.size or 0) > MAX_CHAT_BYTES:
             refusal = f"{reader.info.size} bytes, over the {MAX_CHAT_BYTES}-byte limit"
         elif not self._chat_rate.allow(sender):
@@ -402,6 +478,42 @@ class RoomLink:
             log.warning("chat message from %s truncated to %d characters", sender[:64], MAX_CHAT_CHARS)
             text = text[:MAX_CHAT_CHARS]
         await self._on_chat_text(sender, text)
+
+    def _on_data(self, packet: Any) -> None:
+        """Chat from frontends older than components-react 2.9: a data packet on
+        ``lk-chat-topic`` holding ``{"id", "timestamp", "message"}``. Newer ones send every
+        message twice, as an lk.chat stream and as such a packet marked ``ignoreLegacy``
+        (or with the stream's id): that copy is not a second message. Checked as lk.chat
+        is: the sender, the size, the same rate limit."""
+        if packet.topic != TOPIC_LEGACY_CHAT:
+            return
+        sender = packet.participant.identity if packet.participant is not None else ""
+        refusal = None
+        message = None
+        if not self.is_user(sender):
+            refusal = "not a user of this call"
+        elif len(packet.data) > MAX_LEGACY_CHAT_BYTES:
+            refusal = f"{len(packet.data)} bytes, over the {MAX_LEGACY_CHAT_BYTES}-byte limit"
+        else:
+            try:
+                body = json.loads(bytes(packet.data).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+                refusal = "not a chat message"
+            elif body.get("ignoreLegacy") is True or str(body.get("id", ""))[:128] in self._chat_ids:
+                return  # the copy of an lk.chat stream
+            else:
+                message = body["message"]
+        if refusal is None and not self._chat_rate.allow(sender):
+            refusal = "too many messages"
+        if refusal is not None or message is None:
+            if self._input_errors.allow(f"chat:{sender}"):
+                log.info("ignoring chat from %s (%s)", sender[:64], refusal)
+            return
+        text = message.strip()[:MAX_CHAT_CHARS]
+        if text:
+            self._spawn(self._on_chat_text(sender, text), "chat", isolated=True)
 
 
 async def _frames(stream: Any) -> Any:

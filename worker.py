@@ -67,6 +67,7 @@ from captions import Captions  # noqa: E402
 from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
 from pcm import SAMPLE_RATE  # noqa: E402
 from room import RoomLink  # noqa: E402
+from session_channel import SessionChannel  # noqa: E402
 from systemd import SystemdNotifier  # noqa: E402
 from tokens import (  # noqa: E402
     USER_TOKEN_TTL,
@@ -98,10 +99,14 @@ class Worker:
         # Job mode (`python worker.py job`, dispatch.JobSpec): one call in a dispatched room,
         # joined with the job's token, never rejoined; the process ends with the call.
         self.job = job
-        self.call = Call(CallSettings(idle_timeout_s=cfg.idle_timeout_s))
+        self.call = Call(CallSettings(idle_timeout_s=cfg.idle_timeout_s,
+                                      chat_interrupts=cfg.interrupt_response is not False))
         self._stop = asyncio.Event()
         self.link = RoomLink(cfg, log_ctx, spawn=self._spawn, stop=self._stop, on_event=self._feed,
                              send_audio=self._send_audio, on_chat=self._on_chat, job=job)
+        self.session_channel = SessionChannel(
+            room=lambda: self.link.room if self.link.connected else None, is_user=self.link.is_user,
+            agent_state=lambda: self.call.state.value, agent_identity=cfg.agent_identity, spawn=self._spawn)
         self.mixer: Any = None  # mixer.Mixer: the bed, and the audio the call plays
         self.output: AudioOutput | None = None  # the mixer as the call sees it
         self.captions: Captions | None = None
@@ -118,6 +123,7 @@ class Worker:
         self._fatal_message: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_task: asyncio.Task[None] | None = None
+        self._history: list[tuple[str, str]] = []  # the conversation of the call's last session
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self.notifier = SystemdNotifier()
         self._api_verified = asyncio.Event()
@@ -223,6 +229,7 @@ class Worker:
     def _joined(self, room: Any) -> None:
         self.mixer.on_air = True
         self.controller.register(room, lambda coro, name: self._spawn(coro, name, isolated=True))
+        self.session_channel.register(room)
 
     async def _shutdown(self) -> None:
         t0 = time.monotonic()
@@ -298,6 +305,8 @@ class Worker:
             "threads": threading.active_count(),
             "inputs": len(self.link.inputs),
             "caption_segments": self.captions.open_segments if self.captions is not None else 0,
+            "preconnect": dict(self.link.preconnect.counters),
+            "session_channel": dict(self.session_channel.counters),
             "calls": self.call.calls,
             "rss_kb": _rss_kb(),
         }
@@ -320,8 +329,17 @@ class Worker:
         match action:
             case call.ShowState(state):
                 self.link.show_state(state.value)
-            case call.StartSession(number, new_bed):
-                self._start_session(number, new_bed)
+                self.session_channel.agent_state(state.value)
+            case call.StartSession(number, new_bed, replacement):
+                self._start_session(number, new_bed, replacement)
+            case call.SendText(text, interrupt):
+                if self.client is not None:
+                    self._spawn(self._send_text(self.client, text, interrupt), "chat", isolated=True)
+                else:
+                    log.warning("typed chat dropped: no Voice Agent session")
+            case call.TellUser(notice):
+                log.warning("telling the user: %s", NOTICES[notice])
+                self.captions.notice(NOTICES[notice])
             case call.EndCall(reason):
                 log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
                 self._spawn(self._end_call(), "end-call")
@@ -370,7 +388,9 @@ class Worker:
 
     # -- the Voice Agent session: starts with the first user, ends when the last has gone --
 
-    def _start_session(self, number: int, new_bed: bool) -> None:
+    def _start_session(self, number: int, new_bed: bool, replacement: bool = False) -> None:
+        if self._stop.is_set():
+            return  # shutting down: no new session
         self.client = bridge.VoiceAgentClient(
             self.cfg.voice_agent_url,
             self.cfg.assemblyai_api_key,
@@ -378,26 +398,37 @@ class Worker:
             self,
             bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
                                  input_backlog_ms=self.cfg.input_backlog_ms, tool_timeout_s=self.cfg.tool_timeout_s),
+            # A replacement for a session the service ended: no second greeting, and the
+            # conversation so far in its system prompt (as after a failed resume).
+            greet=not replacement,
+            history=self._history if replacement else None,
         )
-        log.info("starting a Voice Agent session (call %d)", number)
+        if replacement:
+            log.info("the Voice Agent service ended the session: starting a replacement (call %d goes on)", number)
+        else:
+            log.info("starting a Voice Agent session (call %d)", number)
+            self._history = []
         if new_bed and self.controller.active is None:
             self._pick_bed()  # one ambient pick per call
         self._session_task = self._spawn(self._run_session(self.client), "session")
 
     async def _run_session(self, client: bridge.VoiceAgentClient) -> None:
+        by_service = False
         try:
             await client.run()
+            by_service = client.protocol.ended and not client.ending
         finally:
+            self._history = client.protocol.history
             if self.client is client:
                 self.client = None
                 self.log_ctx.fields["session_id"] = None
                 self.log_ctx.fields["reply_id"] = None
-                self._feed(call.SessionClosed())
+                self._feed(call.SessionClosed(by_service=by_service and not self._stop.is_set()))
 
-    def _send_audio(self, pcm: bytes) -> None:
+    def _send_audio(self, pcm: bytes, held: bool = False) -> None:
         client = self.client
         if client is not None:
-            client.send_audio(pcm)
+            client.send_audio(pcm, held)
 
     async def _end_call(self) -> None:
         await self._end_session()
@@ -455,14 +486,16 @@ class Worker:
     # -- text typed in the frontend (read and checked by the room link) --
 
     async def _on_chat(self, sender: str, text: str) -> None:
-        client = self.client
-        if client is None:
-            log.warning("chat message from %s dropped: no Voice Agent session", sender)
-            return
-        # The bridge holds it (bounded) until the session is ready and the greeting has been
-        # spoken, then asks for a reply whose instructions quote it.
+        """Typed text from a user of the call: the call decides (it is the user's turn, and
+        interrupts the agent if it is speaking: call.SendText)."""
         log.info("chat from %s (%d characters)", sender, len(text))
-        await client.send_text(text)
+        self.session_channel.message("user", text)
+        self._feed(call.TextTyped(sender, text))
+
+    async def _send_text(self, client: bridge.VoiceAgentClient, text: str, interrupt: str | None) -> None:
+        # The bridge holds it (bounded) until the session is ready (and, unless it interrupts,
+        # the greeting has been spoken), then asks for a reply whose instructions quote it.
+        await client.send_text(text, interrupt)
 
     # -- bridge.BridgeEvents: called on the event loop by the bridge --
 
@@ -474,17 +507,24 @@ class Worker:
                 log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
             case bridge.SpeechStarted():
                 log.debug("user started speaking")
+                self.session_channel.user_speaking(True)
+            case bridge.SpeechStopped():
+                self.session_channel.user_speaking(False)
             case bridge.UserTranscript(text, item_id, final):
                 who = self.link.caption_speaker()
                 if who is not None and text:
                     self.captions.user(who[0], who[1], item_id, text, final)
+                if text:
+                    self.session_channel.user_transcript(text, final)
             case bridge.ReplyStarted(reply_id):
                 self.log_ctx.fields["reply_id"] = reply_id
             case bridge.AgentTranscriptDelta(reply_id, delta, start_ms):
                 self.captions.agent_word(reply_id, delta, self._word_position(reply_id, start_ms))
-            case bridge.AgentTranscript(reply_id, text):
+            case bridge.AgentTranscript(reply_id, text, interrupted):
                 st = self.output.reply_stats(reply_id)
                 self.captions.agent_text(reply_id, text, st.received if st is not None else 0)
+                if text:
+                    self.session_channel.message("agent", text, interrupted)
             case bridge.ReplyDone(reply_id):
                 self.captions.agent_done(reply_id)
                 if self.log_ctx.fields["reply_id"] == reply_id:
@@ -562,6 +602,12 @@ class Worker:
                 log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, one_line(e))
         await self.link.leave()
 
+
+# What the user is told (the agent's captions) when the agent cannot answer.
+NOTICES: dict[call.Notice, str] = {
+    call.Notice.SERVICE_UNREACHABLE: "Sorry, I can't reach my voice service right now. I'm still trying: "
+                                     "please hold on, or try again in a few minutes.",
+}
 
 # The bridge events the call state machine takes (the rest are for logs and captions).
 CALL_EVENTS = (bridge.SessionReady, bridge.SessionLost, bridge.SpeechStarted, bridge.SpeechStopped,

@@ -27,17 +27,21 @@ from call import (
     HangUp,
     HangUpRequested,
     LogTurn,
+    Notice,
     PlaybackStarted,
     PlaybackStopped,
     PlayReply,
     RoomJoined,
     RoomLeft,
+    SendText,
     SessionClosed,
     ShowState,
     StartSession,
     StartThinking,
     StartTimer,
     StopThinking,
+    TellUser,
+    TextTyped,
     Timer,
     TimerFired,
     ToolFinished,
@@ -80,9 +84,10 @@ def feed(c: Call, *events: object, now: float = 0.0) -> list:
 def test_the_first_user_starts_the_first_call_with_the_bed_picked_at_start():
     c = Call()
     assert shown(c.handle(RoomJoined(), 0.0)) == [INITIALIZING]
-    assert c.handle(UserJoined("alice"), 0.0) == [StartSession(1, new_bed=False)]
-    assert c.state is INITIALIZING, "not listening before the session is ready"
-    assert shown(c.handle(SessionReady("S1", False), 0.1)) == [LISTENING]
+    assert c.handle(UserJoined("alice"), 0.0) == [
+        StartSession(1, new_bed=False), StartTimer(Timer.SERVICE_WAIT, 5.0), ShowState(LISTENING)]
+    assert c.state is LISTENING, "issue 16: listening as soon as the call takes input, session ready or not"
+    assert c.handle(SessionReady("S1", False), 0.1) == [CancelTimer(Timer.SERVICE_WAIT), ShowState(LISTENING)]
 
 
 def test_a_second_user_or_the_same_user_again_starts_nothing():
@@ -117,7 +122,8 @@ def test_the_next_user_after_a_call_ended_starts_a_new_call_with_a_new_bed():
     c.handle(UserLeft("alice"), 0.0)
     c.handle(TimerFired(Timer.IDLE), 30.0)
     assert shown(c.handle(SessionClosed(), 31.0)) == [INITIALIZING]
-    assert c.handle(UserJoined("bob"), 40.0) == [StartSession(2, new_bed=True)]
+    assert c.handle(UserJoined("bob"), 40.0) == [
+        StartSession(2, new_bed=True), StartTimer(Timer.SERVICE_WAIT, 5.0), ShowState(LISTENING)]
 
 
 def test_no_idle_timer_without_a_session():
@@ -222,6 +228,161 @@ def test_a_resumed_session_is_not_initializing_again():
     c = in_call()
     assert shown(c.handle(SessionLost(), 1.0)) == [LISTENING]
     assert shown(c.handle(SessionReady("S1", True), 2.0)) == [LISTENING]
+
+
+# --- issue 16: listening at once, a service that is slow, gone, or ends the session itself ---------
+
+
+def test_a_user_without_a_microphone_is_a_user_and_the_agent_listens_before_the_session_is_ready():
+    """UserJoined is presence (the room link reports participants, microphone or not): the call
+    opens, the session starts and the frontend sees listening (useAgent fails the session if it
+    does not see listening/thinking/speaking within 20 s)."""
+    c = Call()
+    c.handle(RoomJoined(), 0.0)
+    out = c.handle(UserJoined("texter"), 0.0)
+    assert of(out, StartSession) == [StartSession(1, new_bed=False)]
+    assert shown(out) == [LISTENING] and not c.session_ready
+    assert c.handle(SessionReady("S1", False), 3.0) == [CancelTimer(Timer.SERVICE_WAIT), ShowState(LISTENING)]
+
+
+def test_a_user_kept_waiting_on_the_service_is_told_once():
+    c = Call(CallSettings(service_wait_s=5.0))
+    c.handle(RoomJoined(), 0.0)
+    c.handle(UserJoined("alice"), 0.0)
+    assert c.handle(TimerFired(Timer.SERVICE_WAIT), 5.0) == [TellUser(Notice.SERVICE_UNREACHABLE)]
+    assert c.state is LISTENING, "still listening: what the user says is buffered"
+    assert c.handle(TimerFired(Timer.SERVICE_WAIT), 10.0) == [], "once per outage"
+    c.handle(SessionReady("S1", False), 12.0)
+    # The next outage (a dropped socket that does not come back) is told again.
+    assert of(c.handle(SessionLost(), 20.0), StartTimer) == [StartTimer(Timer.SERVICE_WAIT, 5.0)]
+    assert c.handle(TimerFired(Timer.SERVICE_WAIT), 25.0) == [TellUser(Notice.SERVICE_UNREACHABLE)]
+
+
+def test_nobody_is_told_when_the_session_got_ready_in_time_or_nobody_is_there():
+    c = in_call()
+    assert c.handle(TimerFired(Timer.SERVICE_WAIT), 5.0) == [], "a timer that fired as it was cancelled"
+    c = Call()
+    c.handle(UserJoined("alice"), 0.0)
+    c.handle(UserLeft("alice"), 1.0)
+    assert c.handle(TimerFired(Timer.SERVICE_WAIT), 5.0) == []
+    c = in_call()
+    c.handle(SessionLost(), 1.0)
+    assert c.handle(SessionReady("S1", True), 1.5) == [CancelTimer(Timer.SERVICE_WAIT), ShowState(LISTENING)]
+
+
+def test_a_session_the_service_ends_by_itself_is_replaced_while_a_user_is_there():
+    c = in_call()
+    c.handle(SessionReady("S1", False), 10.0)
+    out = c.handle(SessionClosed(by_service=True), 10_810.0)  # the 3-hour limit
+    assert out == [StartSession(1, new_bed=False, replacement=True), StartTimer(Timer.SERVICE_WAIT, 5.0),
+                   ShowState(LISTENING)]
+    assert c.state is LISTENING and c.calls == 1, "the same call goes on: no new bed, no greeting"
+    assert c.handle(SessionReady("S2", False), 10_811.0) == [CancelTimer(Timer.SERVICE_WAIT), ShowState(LISTENING)]
+
+
+def test_a_session_ended_by_us_or_by_the_service_with_nobody_left_is_not_replaced():
+    c = in_call()
+    assert of(c.handle(SessionClosed(by_service=False), 1.0), StartSession) == [], "we ended it (idle, shutdown)"
+    assert c.state is INITIALIZING
+    c = in_call()
+    c.handle(UserLeft("alice"), 1.0)
+    assert of(c.handle(SessionClosed(by_service=True), 2.0), StartSession) == []
+    assert c.state is INITIALIZING
+    c = in_call()
+    c.handle(HangUpRequested("bye"), 1.0)
+    assert of(c.handle(SessionClosed(by_service=True), 2.0), StartSession) == [], "the agent is hanging up"
+
+
+def test_a_service_that_ends_every_session_at_once_is_retried_ever_later():
+    c = in_call(restart_delay_s=2.0, restart_max_delay_s=30.0, stable_session_s=60.0)
+    assert of(c.handle(SessionClosed(by_service=True), 1.0), StartSession) == [
+        StartSession(1, new_bed=False, replacement=True)], "the first replacement is at once"
+    delays = []
+    for i in range(6):
+        c.handle(SessionReady(f"S{i}", False), 2.0)
+        out = c.handle(SessionClosed(by_service=True), 3.0)
+        assert of(out, StartSession) == []
+        (timer,) = [a for a in out if isinstance(a, StartTimer) and a.timer is Timer.RESTART]
+        delays.append(timer.seconds)
+        assert c.state is LISTENING, "the call is still open"
+        assert c.handle(TimerFired(Timer.RESTART), 3.0 + timer.seconds) == [
+            StartSession(1, new_bed=False, replacement=True)]
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    c.handle(SessionReady("S9", False), 100.0)
+    out = c.handle(SessionClosed(by_service=True), 200.0)
+    assert of(out, StartSession) == [StartSession(1, new_bed=False, replacement=True)], "one that lasted: at once"
+
+
+def test_everyone_leaving_while_a_replacement_is_due_ends_the_call():
+    c = in_call()
+    c.handle(SessionClosed(by_service=True), 1.0)
+    c.handle(SessionReady("S2", False), 1.5)
+    c.handle(SessionClosed(by_service=True), 2.0)  # quick: a replacement in 2 s
+    assert c.restart_pending
+    assert c.handle(UserLeft("alice"), 2.5) == [StartTimer(Timer.IDLE, 30.0)]
+    out = c.handle(TimerFired(Timer.IDLE), 32.5)
+    assert out == [CancelTimer(Timer.RESTART), CancelTimer(Timer.SERVICE_WAIT), EndCall("idle"),
+                   ShowState(INITIALIZING)]
+    assert c.handle(TimerFired(Timer.RESTART), 33.0) == []
+    assert of(c.handle(UserJoined("bob"), 40.0), StartSession) == [StartSession(2, new_bed=True)]
+
+
+# --- issue 16: typed text ----------------------------------------------------------------------------
+
+
+def test_typed_text_while_listening_is_the_users_turn():
+    c = in_call()
+    out = c.handle(TextTyped("alice", "hello"), 1.0)
+    assert out == [SendText("hello", None), StartThinking(), ShowState(THINKING)]
+    out = c.handle(ReplyAudio("r1", b"\0\0"), 1.8)
+    assert of(out, LogTurn) == [LogTurn(1, pytest.approx(800.0))], "its latency is a turn's latency"
+
+
+def test_typed_text_with_no_session_to_take_it_is_not_a_turn():
+    c = Call(CallSettings())
+    assert c.handle(TextTyped("alice", "anyone?"), 0.5) == [SendText("anyone?", None)]
+    c = in_call(restart_delay_s=2.0)
+    c.handle(SessionClosed(by_service=True), 1.0)
+    c.handle(SessionReady("S1", False), 2.0)
+    c.handle(SessionClosed(by_service=True), 3.0)  # the replacement is due in 2 s: no session now
+    assert c.handle(TextTyped("alice", "hello?"), 3.5) == [SendText("hello?", None)]
+    assert c.state is LISTENING
+
+
+def test_typed_text_while_the_agent_speaks_interrupts_it():
+    c = in_call()
+    feed(c, ReplyStarted("r1"), ReplyAudio("r1", b"\0\0"), PlaybackStarted("r1"))
+    assert c.state is SPEAKING
+    out = c.handle(TextTyped("alice", "stop, I meant tuesday"), 1.0)
+    assert out == [DropReply("r1", "typed text"), SendText("stop, I meant tuesday", "r1"), StartThinking()]
+    assert shown(c.handle(PlaybackStopped(), 1.01)) == [THINKING], "r1 is abandoned: not a stall"
+    assert shown(c.handle(ReplyDone("r1", "completed"), 3.0)) == [THINKING], "the old reply's end changes nothing"
+    feed(c, ReplyStarted("r2"), ReplyAudio("r2", b"\0\0"))
+    assert shown(c.handle(PlaybackStarted("r2"), 3.5)) == [SPEAKING]
+
+
+def test_typed_text_drops_a_reply_still_playing_after_the_service_finished_it():
+    c = in_call()
+    feed(c, ReplyStarted("r1"), ReplyAudio("r1", b"\0\0"), PlaybackStarted("r1"), ReplyDone("r1", "completed"))
+    feed(c, ReplyStarted("r2"))  # the next reply is on its way while r1 is still heard
+    out = c.handle(TextTyped("alice", "wait"), 1.0)
+    assert of(out, DropReply) == [DropReply("r2", "typed text"), DropReply("r1", "typed text")]
+    assert of(out, SendText) == [SendText("wait", "r2")]
+
+
+def test_typed_text_does_not_interrupt_when_the_user_may_not_interrupt():
+    c = in_call(chat_interrupts=False)
+    feed(c, ReplyStarted("r1"), ReplyAudio("r1", b"\0\0"), PlaybackStarted("r1"))
+    out = c.handle(TextTyped("alice", "hello"), 1.0)
+    assert of(out, DropReply) == [] and of(out, SendText) == [SendText("hello", None)]
+    assert c.state is SPEAKING
+
+
+def test_typed_text_during_a_stall_mid_reply_is_not_speaking_any_more():
+    c = in_call()
+    feed(c, ReplyStarted("r1"), ReplyAudio("r1", b"\0\0"), PlaybackStarted("r1"), PlaybackStopped())
+    assert c.state is SPEAKING, "stalled mid-reply"
+    assert shown(c.handle(TextTyped("alice", "hello?"), 1.0)) == [THINKING]
 
 
 # --- tools ------------------------------------------------------------------------------------------

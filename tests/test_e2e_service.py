@@ -1,7 +1,7 @@
 """The Voice Agent service's hard cases, with the real room and the worker as a user runs it: a
 full service is waited out (never taken for a bad key), a start-up check gives up after
-RECONNECT_GIVE_UP_S seconds, typed chat reaches the model only after the greeting, and reply
-chunks of odd length play without a hole."""
+RECONNECT_GIVE_UP_S seconds, typed chat reaches the model (after the greeting when the user may
+not interrupt), and reply chunks of odd length play without a hole."""
 
 from __future__ import annotations
 
@@ -82,14 +82,15 @@ async def test_the_start_up_check_gives_up_after_reconnect_give_up_s_seconds(liv
 
 
 async def test_typed_chat_waits_for_the_greeting_and_reaches_the_model(livekit_server, standin, room_name, tmp_path):
-    """Typed while the greeting plays, the text is sent once the greeting is over (a
-    reply.create would cut it off), in the instructions of a reply.create: the stand-in's model
-    never sees conversation.message content and says what it was told, so the agent's caption
-    in the room quotes the typed text."""
+    """With INTERRUPT_RESPONSE=0 (the user may not interrupt the agent; by default typed text
+    interrupts it as the voice does: issue 16), text typed while the greeting plays is sent once
+    the greeting is over (a reply.create would cut it off), in the instructions of a
+    reply.create: the stand-in's model never sees conversation.message content and says what it
+    was told, so the agent's caption in the room quotes the typed text."""
     standin.options.greeting_seconds = 2.5
     standin.options.model_echo = True
     typed = "do you deliver on sundays?"
-    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND="none",
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND="none", INTERRUPT_RESPONSE="0",
                                       GREETING="Welcome to the bakery, what can I get you?"), tmp_path / "w").start()
     user = RoomUser(livekit_server, room_name)
     try:

@@ -25,6 +25,7 @@ from bridge import (
     SessionSettings,
     SpeechStarted,
     UserTranscript,
+    is_voiced,
 )
 
 
@@ -638,3 +639,195 @@ def test_pacer_fills_silence_when_the_microphone_stops():
     assert pacer.silence_s == pytest.approx(1.0, abs=0.05)
     sent = sum(len(c) for c in pacer.pop(1.0))
     assert sent > 0
+
+
+# --- issue 16: held audio (pre-connect, not ready yet) is caught up with, not dropped ----------------
+
+
+def _tone(seconds: float, freq: float = 440.0, amplitude: float = 0.3) -> bytes:
+    import numpy as np
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    return (amplitude * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+
+
+def _silence(seconds: float) -> bytes:
+    return b"\x00\x00" * int(seconds * 24000)
+
+
+def _voiced(chunk: bytes) -> bool:
+    from bridge import is_voiced
+
+    return is_voiced(chunk, -50.0)
+
+
+def _run(pacer: InputPacer, seconds: float, t: float, live: bytes = b"", held: bool = False) -> tuple[list[bytes], float]:
+    """Push ``live`` 10 ms at a time in real time (silence when it runs out), popping as the
+    sender does; returns what was sent and the time."""
+    sent_chunks: list[bytes] = []
+    frame_bytes = 480
+    pos = 0
+    for _ in range(int(seconds * 100)):
+        piece = live[pos:pos + frame_bytes] if pos < len(live) else b"\x00" * frame_bytes
+        pos += frame_bytes
+        pacer.push(piece, t, held=held)
+        sent_chunks += pacer.pop(t)
+        t += 0.01
+    return sent_chunks, t
+
+
+def test_held_audio_is_not_dropped_for_its_age_and_reaches_the_present_at_the_first_pause():
+    """A pre-connect recording (1 s of silence, 1.5 s of speech, 1 s of silence) arrives at once,
+    then the live microphone goes on (0.5 s of speech, then silence). Every voiced chunk is sent,
+    in order; pauses are shortened, never the speech; the agent is back to the present soon."""
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    recording = _silence(1.0) + _tone(1.5, 440) + _silence(1.0)
+    pacer.push(recording, 0.0, held=True)
+    assert pacer.catching_up
+    sent_chunks, t = _run(pacer, 8.0, 0.0, live=_tone(0.5, 660) + _silence(1.0))
+    assert pacer.dropped_s == 0, "nothing held is dropped"
+    voiced = [c for c in sent_chunks if _voiced(c)]
+    assert len(voiced) * 0.05 == pytest.approx(1.5 + 0.5, abs=0.051), "all the speech, recorded and live"
+    first, last = sent_chunks.index(voiced[0]), max(i for i, c in enumerate(sent_chunks) if _voiced(c))
+    assert first <= 4, "leading silence shortened to 0.2 s"
+    pause = [c for c in sent_chunks[first:last] if not _voiced(c)]
+    assert len(pause) * 0.05 <= 0.2 + 1e-9, "the pause between the recording and the live speech: 0.2 s"
+    assert not pacer.catching_up and pacer.backlog_s <= 0.5, "back to the present"
+    assert pacer.skipped_s > 1.5
+
+
+def test_held_audio_is_bounded():
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500, max_held_ms=4000)
+    pacer.push(_tone(10.0), 0.0, held=True)  # 10 s of speech, no pause to shorten
+    assert pacer.backlog_s == pytest.approx(4.0)
+    assert pacer.dropped_s == pytest.approx(6.0)
+
+
+def test_the_live_audio_behind_held_audio_is_held_too_and_none_is_dropped_when_caught_up():
+    """Ages do not count while catching up; once caught up, what is left counts as just arrived
+    (a chunk queued for seconds is not dropped for its age the moment catching up ends)."""
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    pacer.push(_tone(2.0), 0.0, held=True)
+    sent_chunks, t = _run(pacer, 30.0, 0.0, live=_tone(30.0, 660))  # speech all along: no pause
+    assert pacer.dropped_s == 0
+    assert len(sent_chunks) * 0.05 == pytest.approx(2.0 + 30.0 - pacer.backlog_s, abs=0.06)
+    assert 0.4 <= pacer.backlog_s <= 2.0, "speech drains at the pacer's rate only (1.02x)"
+
+
+def test_audio_queued_while_the_session_is_not_ready_is_kept_its_pauses_shortened():
+    """Before session.ready the client pushes everything held: a user talking while the service
+    connects is heard; their silence meanwhile is not queued up as delay."""
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    t = 0.0
+    live = _silence(2.0) + _tone(1.0) + _silence(3.0)
+    for i in range(0, len(live), 480):
+        pacer.push(live[i:i + 480], t, held=True)
+        t += 0.01
+    assert pacer.dropped_s == 0
+    queued = list(pacer._chunks)
+    assert sum(c.voiced for c in queued) == 20, "the whole second of speech"
+    assert pacer.backlog_s <= 1.0 + 0.2 + 0.2 + 1e-9, "silences shortened to 0.2 s each"
+    sent_chunks, _ = _run(pacer, 2.0, t)
+    assert sum(_voiced(c) for c in sent_chunks) == 20
+
+
+def _noise(seconds: float, dbfs: float = -45.0) -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    return (rng.standard_normal(int(seconds * 24000)) * 32767 * 10 ** (dbfs / 20)).astype("<i2").tobytes()
+
+
+def _mix(a: bytes, b: bytes) -> bytes:
+    import numpy as np
+
+    x = np.frombuffer(a, "<i2").astype(np.int32) + np.frombuffer(b, "<i2").astype(np.int32)
+    return np.clip(x, -32768, 32767).astype("<i2").tobytes()
+
+
+def test_pauses_over_a_rooms_noise_floor_are_shortened_too():
+    """A real microphone rarely sends digital silence: with a -45 dBFS noise floor under
+    everything, the pauses are still found (the backlog's quietest tenth + 6 dB), the speech is
+    all sent, and the agent is back to the present soon; a backlog of nothing but noise (the user
+    quiet while the service connects) shrinks to the pause kept."""
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    recording = _mix(_silence(1.0) + _tone(1.5, 440) + _silence(1.0), _noise(3.5))
+    pacer.push(recording, 0.0, held=True)
+    assert -45.0 < pacer.pause_threshold_dbfs() <= -35.0
+    sent_chunks, _ = _run(pacer, 8.0, 0.0, live=_mix(_tone(0.5, 660) + _silence(1.0), _noise(1.5)))
+    assert pacer.dropped_s == 0
+    loud = [c for c in sent_chunks if is_voiced(c, -30.0)]
+    assert len(loud) * 0.05 == pytest.approx(2.0, abs=0.051), "all the speech, recorded and live"
+    assert pacer.skipped_s > 1.5 and not pacer.catching_up
+
+    quiet = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    quiet.push(_noise(3.0), 0.0, held=True)
+    assert quiet.backlog_s <= 0.25 + 1e-9
+
+
+def test_a_stall_without_held_audio_still_drops_the_old_backlog():
+    pacer = InputPacer(chunk_ms=50, max_backlog_ms=500)
+    pacer.push(_tone(3.0), 0.0, held=True)
+    _run(pacer, 10.0, 0.0)  # caught up (silence after the speech)
+    assert not pacer.catching_up
+    t = 20.0
+    for _ in range(300):  # then a stall: 3 s pushed, nothing sent
+        pacer.push(b"\x00\x00" * 240, t)
+        t += 0.01
+    assert pacer.backlog_s == pytest.approx(0.5)
+
+
+# --- issue 16: typed text that cuts the agent off; a replacement session's history -----------------
+
+
+def test_typed_text_that_interrupts_a_reply_drops_its_late_audio_and_goes_out_at_once():
+    p = ready_protocol(greet=False)
+    p.receive(frame("reply.started", reply_id="r1"))
+    p.receive(frame("reply.audio", reply_id="r1", data=pcm(480)))
+    out = p.text_messages("no, tuesday", 1.0, interrupt="r1")
+    assert [m["type"] for m in sent(out)] == ["conversation.message", "reply.create"]
+    assert not [a for a in out if isinstance(a, ReplyInterrupted)], "the application stopped it already"
+    assert p.receive(frame("reply.audio", reply_id="r1", data=pcm(480))) == [], "late audio of r1 is dropped"
+    assert p.receive(frame("transcript.agent.delta", reply_id="r1", delta="more")) == []
+    assert p.counters["barge_ins"] == 1
+
+
+def test_typed_text_that_cuts_the_greeting_off_is_not_held_for_it_and_releases_what_was():
+    p = greeting_protocol()
+    p.receive(frame("reply.started", reply_id="g1"))
+    p.receive(frame("reply.audio", reply_id="g1", data=pcm(480)))
+    assert sent(p.text_messages("first", 1.0)) == [], "not interrupting: held for the greeting"
+    out = p.text_messages("second", 1.5, interrupt="g1")
+    msgs = sent(out)
+    assert [m["type"] for m in msgs] == ["conversation.message", "conversation.message", "reply.create"]
+    assert json.loads(msgs[-1]["instructions"].rpartition("\n")[2]) == ["first", "second"], "one reply for both"
+
+
+def test_typed_text_cutting_a_reply_discards_the_results_of_its_tools():
+    from bridge import ToolResultSent
+
+    p = ready_protocol(greet=False)
+    p.receive(frame("reply.started", reply_id="r1"))
+    p.receive(frame("tool.call", call_id="c1", name="lookup", arguments={}))
+    p.tool_result("c1", {"ok": True})  # deferred until r1 is done
+    out = p.text_messages("never mind", 1.0, interrupt="r1")
+    assert ToolResultSent("c1", False) in out
+    assert sent(p.receive(frame("reply.done", reply_id="r1")), "tool.result") == []
+
+
+def test_a_replacement_session_carries_the_conversation_and_does_not_greet():
+    """The service ended the session by itself: the worker starts a new client with the old
+    one's history and greet=False; its first update is a fresh session's after a failed resume."""
+    old = ready_protocol()
+    old.receive(frame("transcript.user", text="my order is 42", item_id="i1"))
+    old.receive(frame("transcript.agent", reply_id="r1", text="Order 42 ships today.", interrupted=False))
+    assert [e for e in old.receive(frame("session.ended"))] and old.ended
+    new = Protocol(SessionSettings(greeting="Hello", system_prompt="Be brief"), greet=False, history=old.history)
+    (update,) = sent(new.connection_opened(0.0))
+    session = update["session"]
+    assert "greeting" not in session
+    assert session["system_prompt"].startswith("Be brief")
+    transcript = json.loads(session["system_prompt"].rpartition("\n")[2])
+    assert transcript == [{"speaker": "caller", "text": "my order is 42"},
+                          {"speaker": "agent", "text": "Order 42 ships today."}]
+    assert new.counters["fresh_sessions"] == 1

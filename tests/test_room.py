@@ -70,8 +70,14 @@ async def test_agent_kind_state_sequence_and_captions(livekit_server, standin, r
         assert len({c["attributes"]["lk.segment_id"] for c in mine}) == 1, "interim and final must share a segment"
         interim = [c for c in mine if c["attributes"]["lk.transcription_final"] == "false"]
         assert interim, "no interim user caption"
+        # One segment: the paced stream, then (issue 16) its whole text restated in a stream
+        # whose header says final, which components-js shows as final at once.
+        await wait_until(lambda: len([c for c in user.captions if c["sender"] == "voice-agent"]) >= 2, 5,
+                         "the final restatement")
         agent_caps = [c for c in user.captions if c["sender"] == "voice-agent"]
-        (cap,) = agent_caps
+        cap, restated = agent_caps
+        assert restated["attributes"]["lk.segment_id"] == cap["attributes"]["lk.segment_id"]
+        assert restated["text"] == reply.text and restated["attributes"]["lk.transcription_final"] == "true"
         assert cap["text"] == reply.text
         assert cap["attributes"]["lk.transcription_final"] == "true"
         assert cap["attributes"]["lk.transcribed_track_id"] == next(iter(agent.track_publications))
