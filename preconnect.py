@@ -200,7 +200,10 @@ class PreConnectAudio:
             self.counters["failed"] += 1
             slot.pcm = b""
             if self._errors.allow(f"failed:{sender}"):
-                log.info("ignoring pre-connect audio from %s (%s)", _printable(sender), one_line(e)[:200])
+                # A SoundError's advice (play it, convert it with ffmpeg) is for files, not for
+                # a recording a browser sent: keep the reason only.
+                reason = one_line(e).split("; check it plays")[0]
+                log.info("ignoring pre-connect audio from %s (%s)", _printable(sender), reason[:200])
         except Exception as e:  # noqa: BLE001 - a decoder bug costs the recording, not the call
             self.counters["failed"] += 1
             slot.pcm = b""
