@@ -154,7 +154,9 @@ async def test_close_1011_mid_reply_resumes_and_audio_continues(standin):
     await standin.drop(1011, "internal error")
     await standin.wait_for(lambda: session.resumes == 1, 5, "the resume")
     assert len(standin.sessions) == 1, "a resume must not create a new session"
-    assert events.names(bridge.SessionReady)[-1] == (session.session_id, True)
+    # The stand-in counts the resume before its session.ready reaches the client: wait for that.
+    await standin.wait_for(lambda: events.names(bridge.SessionReady)[-1:] == [(session.session_id, True)], 5,
+                           "the resumed session.ready")
     # Input audio flows again into the same session, and a new reply is heard.
     before = len(session.audio_arrivals)
     feeder = asyncio.create_task(mic(client, [(1.0, 0.0)]))
