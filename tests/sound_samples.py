@@ -227,6 +227,22 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
 def thread_sched(pid: int | str, tid: int | str) -> tuple[str, int, int]:
     """(comm, policy, nice) of a thread, from /proc/<pid>/task/<tid>/stat."""
     stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return _sched_of(stat)
+
+
+def threads_sched(pid: int | str) -> dict[str, tuple[str, int, int]]:
+    """thread_sched of every thread of ``pid`` still running once read: a thread listed in
+    /proc/<pid>/task can end before its stat is read (the SDK's threads come and go)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[tid] = thread_sched(pid, tid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def _sched_of(stat: str) -> tuple[str, int, int]:
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2:].split()
     return comm, int(fields[38]), int(fields[16])  # fields 41 and 19 of proc(5), counted from 3

@@ -31,6 +31,7 @@ from sound_samples import (
     rss_mb,
     sdp,
     thread_sched,
+    threads_sched,
     truncated_rf64,
     udp_ports_of,
     udp_sockets,
@@ -482,7 +483,7 @@ async def test_hostile_uploads_are_refused_and_the_call_goes_on(livekit_server, 
         assert grew < 150, f"the worker's peak RSS grew {grew:.0f} MB"
 
         # --- the decode thread ran at ordinary priority, below the real-time main thread --------
-        threads = {tid: thread_sched(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
+        threads = threads_sched(pid)
         decode = [s for s in threads.values() if s[0] == "sound-decode"]
         assert decode and all(policy == 0 and nice >= 10 for _, policy, nice in decode), threads
         if thread_sched(pid, pid)[1] == 0:
@@ -575,7 +576,7 @@ async def test_the_configured_sounds_are_decoded_at_ordinary_priority(livekit_se
     try:
         await worker.wait_for_output(r"joined room", 20)
         pid = worker.proc.pid
-        threads = [thread_sched(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        threads = list(threads_sched(pid).values())
         decode = [t for t in threads if t[0] == "sound-decode"]
         assert decode, f"no decoding thread: the sounds were decoded elsewhere ({sorted(t[0] for t in threads)})"
         (_, policy, nice), = decode
