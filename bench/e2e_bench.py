@@ -1481,6 +1481,6 @@ if __name__ == "__main__":
     main()
     # Skip the interpreter's teardown of the LiveKit native library: it can abort on the way
     # out ("panic in a function that cannot unwind"), after the results, with exit 134.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    import exits
+
+    exits.exit_now(0)
