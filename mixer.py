@@ -25,7 +25,7 @@ How the writer feeds the output, and why (README, *Latency and benchmarks*):
   next 10 ms tick, which tells the writer where that clock is (``_check_clock``); it knows,
   at any moment, how much of what it handed over has not been played yet.
 * What must change now flushes the queue and hands it the same frames again, mixed
-  anew (``_rerender``): at barge-in without the reply (a 5 ms fade; the bed goes on
+  anew (``_rerender``): at barge-in without the reply (a 2 ms fade; the bed goes on
   sample for sample), and when a reply starts (or resumes after running dry) with the
   reply mixed in from the first frame not yet played, so it does not wait behind the
   queued bed; and when a cue, the thinking cue or a bed (from silence) starts, with it
@@ -540,7 +540,9 @@ class MixerSettings:
     duck_attack_ms: float = 60.0
     duck_release_ms: float = 600.0
     reply_volume: float = 1.0
-    barge_in_fade_ms: float = 5.0
+    # A raised-cosine fade: 2 ms of it leaves less above 3 kHz (-77 dB, the click) than a
+    # quarter-cosine over 5 ms (-67 dB), and the reply is gone 2.5 ms sooner.
+    barge_in_fade_ms: float = 2.0
     thinking_volume: float = 0.3
     cue_fade_ms: int = 150
     limiter_ceiling: float = 0.89
@@ -709,7 +711,8 @@ class MixerCore:
         return st
 
     def _fade_out(self, n: int) -> np.ndarray:
-        return np.cos(np.linspace(0.0, math.pi / 2, n + 1, dtype=np.float64)[1:]).astype(np.float32)
+        """A raised-cosine fade from 1 to 0 over ``n`` samples (the first below 1, the last 0)."""
+        return (0.5 * (1.0 + np.cos(np.linspace(0.0, math.pi, n + 1, dtype=np.float64)[1:]))).astype(np.float32)
 
     def _record_silence(self, st: ReplyStats) -> None:
         if st.interrupted_at is not None and st.silent_at is not None:

@@ -98,7 +98,7 @@ def test_barge_in_removes_reply_within_one_frame_and_leaves_the_bed_untouched():
     y = run(with_reply, 10)
     ref = run(bed_only, 10)
     diff = np.abs(y - ref)
-    fade = int(0.005 * RATE)
+    fade = int(MixerSettings().barge_in_fade_ms * RATE / 1000)
     assert diff[:fade].max() > 0, "no fade at all: the reply was cut with a click"
     assert diff[fade:].max() < 2 / 32767, "reply audio still present after the fade"
     natural = np.max(np.abs(np.diff(before)))
@@ -289,7 +289,7 @@ def test_a_reply_mixed_into_queued_frames_is_exactly_as_if_it_had_come_in_time()
 
 
 def test_barge_in_mixed_into_queued_frames_is_exactly_a_barge_in_in_time():
-    """Barge-in (drop): the queued frames are mixed again without the reply, a 5 ms fade
+    """Barge-in (drop): the queued frames are mixed again without the reply, a 2 ms fade
     from the first of them; the same as interrupting before they were mixed."""
     reply = pcm(sine(1000, 2.0, 0.6))
     late, in_time = bed_core(), bed_core()
@@ -305,7 +305,7 @@ def test_barge_in_mixed_into_queued_frames_is_exactly_a_barge_in_in_time():
     assert changed == 20 * FRAME
     assert np.array_equal(again.astype(np.float32) / 32767, expected[:10 * FRAME])
     assert np.array_equal(after, expected[10 * FRAME:])
-    assert late.stats["r1"].played == in_time.stats["r1"].played == 20 * FRAME + int(0.005 * RATE)
+    assert late.stats["r1"].played == in_time.stats["r1"].played == 20 * FRAME + int(0.002 * RATE)
 
 
 def test_a_reply_that_ran_dry_continues_right_after_its_last_sample():
@@ -381,3 +381,24 @@ def test_a_voice_mixed_once_is_not_mixed_again_into_earlier_frames():
     assert not c.wants_voices()
     data, _ = c.rerender_voices(10)
     assert len(data) == 0
+
+
+def test_a_barge_in_cuts_the_reply_within_its_fade_and_without_a_click():
+    """The reply is gone barge_in_fade_ms after the cut, and the fade leaves nothing a listener
+    would hear as a click: the energy above 3 kHz around the cut stays 70 dB below the
+    tone's (a hard cut: about -27 dB; a 5 ms quarter-cosine fade: about -67 dB)."""
+    fade = int(MixerSettings().barge_in_fade_ms * RATE / 1000)
+    ratios = []
+    for f, offset in ((200, 0), (440, 97), (1000, 173)):
+        c = core(duck_db=0.0)
+        c.push_reply("r1", pcm(sine(f, 1.0)))
+        before = run(c, 20 + offset // FRAME)[-FRAME:]
+        c.interrupt("r1")
+        after = run(c, 10)
+        assert np.all(after[fade:] == 0), "the reply went on after its fade"
+        assert np.abs(after[:fade]).max() > 0, "no fade at all: a hard cut"
+        seg = np.concatenate([before, after[:FRAME]]) * np.hanning(2 * FRAME)
+        power = np.abs(np.fft.rfft(seg)) ** 2
+        freqs = np.fft.rfftfreq(2 * FRAME, 1 / RATE)
+        ratios.append(power[freqs > 3000].sum() / power.sum())
+    assert 10 * np.log10(max(ratios)) < -70, f"a click: {10 * np.log10(max(ratios)):.0f} dB above 3 kHz"
