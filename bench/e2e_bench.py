@@ -22,8 +22,10 @@ fresh rooms with fresh processes:
 * **naive**   = the worker with ``OUTPUT_QUEUE_MS=1000`` and ``BARGE_IN_CLEAR_QUEUE=1``:
   LiveKit's default queue, replies wait behind it, and ``clear_queue()`` on barge-in
   (which also throws away queued bed).
-* **ours-normal** = ours with ``AUDIO_PRIORITY=normal``: what real-time scheduling costs
-  (full runs; ``--designs`` picks any of them).
+* **ours-normal** = ours with ``AUDIO_PRIORITY=normal``: what real-time scheduling costs.
+* **ours-no-bed** = ours with ``AMBIENT_SOUND=none``: what playing the bed costs (the same
+  bridge, mixer and writer, with nothing but replies to play, like minimal). Both extra
+  designs run in full runs only; ``--designs`` picks any of them.
 
 Signals (tones at multiples of 50 Hz, so 20 ms windows hold whole periods): the bed is a
 3 s loop of a 300 Hz tone plus seeded noise band-limited to 1.4-4 kHz
@@ -149,7 +151,9 @@ DESIGNS = {
     "minimal": {},  # bench/minimal_bridge.py, not the worker: see MinimalBridge
     "naive": {"OUTPUT_QUEUE_MS": "1000", "BARGE_IN_CLEAR_QUEUE": "1"},
     "ours-normal": {"AUDIO_PRIORITY": "normal"},  # what real-time scheduling costs (full runs only)
+    "ours-no-bed": {"AMBIENT_SOUND": "none"},  # what playing the bed costs (full runs only)
 }
+NO_BED = ("minimal", "ours-no-bed")  # designs whose track carries no bed: no bed figures
 QUICK_DESIGNS = ("ours", "minimal", "naive")
 HOST_LOAD = 0.8  # a host is "full" at this share of its cores busy (audio needs headroom)
 BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
@@ -1230,8 +1234,9 @@ def report(res: dict[str, Any]) -> str:
             fig.setdefault("rss", {})[d] = stats([s["peak_rss_mb"] for s in ss])
             fig.setdefault("late_lat", {})[d] = stats([x["latency_ms"] for s in ss for x in s.get("late", [])])
             fig.setdefault("late_holes", {})[d] = stats([x["holes_ms"] for s in ss for x in s.get("late", [])])
-            fig.setdefault("skip", {})[d] = stats([b["skip_ms"] for s in ss for b in s["barge_ins"]])
-            fig.setdefault("dip", {})[d] = stats([b["bed_min_local"] * 100 for s in ss for b in s["barge_ins"]
+            bed_ss = [] if d in NO_BED else ss
+            fig.setdefault("skip", {})[d] = stats([b["skip_ms"] for s in bed_ss for b in s["barge_ins"]])
+            fig.setdefault("dip", {})[d] = stats([b["bed_min_local"] * 100 for s in bed_ss for b in s["barge_ins"]
                                                   if b.get("bed_min_local") is not None])
         w0, w1 = 50, 27
         ratios = []
@@ -1241,6 +1246,8 @@ def report(res: dict[str, Any]) -> str:
             ratios.append(("naive", "ours"))
         if "ours" in designs and "ours-normal" in designs:
             ratios.append(("ours-normal", "ours"))
+        if "ours-no-bed" in designs and BASELINE in designs:
+            ratios.append(("ours-no-bed", BASELINE))
         add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
             + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 
@@ -1249,8 +1256,8 @@ def report(res: dict[str, Any]) -> str:
             add(f"   {label:<{w0}} {cells} " + " ".join(f"{ratio(fig[key][b], fig[key][a]):<{len(a) + len(b) + 10}}"
                                                       for a, b in ratios))
 
-        def line(label: str, f: Callable[[str], str]) -> None:
-            add(f"   {label:<{w0}} " + " ".join(f"{f(d):<{w1}}" for d in designs))
+        def line(label: str, f: Callable[[str], str], bed: bool = False) -> None:
+            add(f"   {label:<{w0}} " + " ".join(f"{'no bed' if bed and d in NO_BED else f(d):<{w1}}" for d in designs))
 
         def bed_sum(d: str, key: str) -> float:
             return _sum([s["bed"][key] for s in by[d]])
@@ -1261,18 +1268,18 @@ def report(res: dict[str, Any]) -> str:
         row("2 barge-in (stand-in interrupts) -> reply silent", "barge", " ms")
         line("3 bed gaps: 20 ms windows < -12 dB of bed level",
              lambda d: f"{bed_sum(d, 'gap_windows'):.0f} of {bed_sum(d, 'windows'):.0f}, longest "
-                       f"{max([s['bed']['longest_gap_ms'] for s in by[d]] or [0]):.0f} ms")
+                       f"{max([s['bed']['longest_gap_ms'] for s in by[d]] or [0]):.0f} ms", bed=True)
         line("3 bed dips: windows < 50% of their neighbours",
-             lambda d: f"{bed_sum(d, 'dip_windows'):.0f} of {bed_sum(d, 'windows'):.0f}")
+             lambda d: f"{bed_sum(d, 'dip_windows'):.0f} of {bed_sum(d, 'windows'):.0f}", bed=True)
         line("3 bed discontinuities (position jumps > 0.5 ms)",
              lambda d: f"{bed_sum(d, 'discontinuities'):.0f}: skip {bed_sum(d, 'skipped_ms'):.0f} ms, "
-                       f"insert {bed_sum(d, 'inserted_ms'):.0f} ms")
+                       f"insert {bed_sum(d, 'inserted_ms'):.0f} ms", bed=True)
         line("  bed located (share of 20 ms steps, worst session)",
-             lambda d: f"{min([s['bed']['tracked_fraction'] for s in by[d]] or [0]) * 100:.1f}%")
+             lambda d: f"{min([s['bed']['tracked_fraction'] for s in by[d]] or [0]) * 100:.1f}%", bed=True)
         row("3 bed skipped at each barge-in", "skip", " ms")
         line("  barge-ins with a bed jump > 5 ms",
              lambda d: f"{sum(b['skip_ms'] + b['insert_ms'] > 5 for s in by[d] for b in s['barge_ins'])}"
-                       f" of {sum(len(s['barge_ins']) for s in by[d])}")
+                       f" of {sum(len(s['barge_ins']) for s in by[d])}", bed=True)
         row("  deepest bed dip within 1.5 s of a barge-in", "dip", "%")
 
         def listened(d: str) -> list[dict[str, Any]]:
