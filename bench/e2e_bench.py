@@ -752,8 +752,9 @@ class Bench:
         return f"{prefix}-{self._rooms}"
 
     def env(self, standin: StandIn, room: str, **extra: str) -> dict[str, str]:
-        env = worker_env(self.server, standin.url, room, AMBIENT_SOUND=str(self.bed_path), AMBIENT_VOLUME="0.5",
-                         GREETING="", LOG_LEVEL="info", STATE_DIR="", **extra)
+        base = {"AMBIENT_SOUND": str(self.bed_path), "AMBIENT_VOLUME": "0.5", "GREETING": "", "LOG_LEVEL": "info",
+                "STATE_DIR": ""}
+        env = worker_env(self.server, standin.url, room, **{**base, **extra})  # a design's own settings win
         for item in self.args.worker_env:  # --worker-env: every worker, both designs
             key, _, value = item.partition("=")
             if key not in extra:  # the naive design's own settings win
