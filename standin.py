@@ -131,6 +131,10 @@ class StandInOptions:
     first_chunk_ms: int | None = None  # duration of every reply's first chunk (None: drawn like the rest)
     chunk_gap_ms: tuple[int, int] | None = None  # (k, ms): chunk k (0 = first) of every reply is sent ms late
     chunk_jitter_ms: int = 0  # every chunk after the first is held back a random 0..this ms
+    # A barge-in is decided a random 0..this ms after the audio that triggers it (a real API's
+    # processing and network time vary): without it, the decision is locked to the client's
+    # 10 ms audio clocks at one phase for a whole session, which a benchmark must not measure.
+    barge_in_jitter_ms: int = 0
     wrap_greeting: bool = True  # False: bare greeting audio + transcript, no reply.started/done
     barge_in_order: Literal["transcript_first", "done_first"] = "transcript_first"
     late_audio_after_interrupt: int = 0  # reply.audio chunks sent after the interruption events
@@ -1071,6 +1075,10 @@ class _Session:
         delay = self._turn_detection("interruption_delay", self.opts.default_interruption_delay_ms)
         if detector.voiced_since_start_ms < delay:
             return
+        if self.opts.barge_in_jitter_ms:
+            await asyncio.sleep(self.server.rng.uniform(0, self.opts.barge_in_jitter_ms) / 1000)
+            if self.on_air is not air or air.interrupt.is_set() or self._turn is None:
+                return
         if not self._turn.announced:
             await self._announce_turn()
         log.info("[%s] barge-in: interrupting %s", self.sid, air.record.reply_id)

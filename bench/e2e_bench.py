@@ -45,7 +45,10 @@ Figures
 2. Barge-in to silence: the stand-in decides the user interrupted (``interrupted_at``; the
    user speaks 0.6 s over a 4 s reply, 0.4-1.0 s after they started to hear it) -> the
    first window after which the 1000 Hz amplitude stays below 0.05 (until the next
-   triggered reply or 2.5 s).
+   triggered reply or 2.5 s). The stand-in decides a random 0-10 ms after the audio that
+   triggers it (``barge_in_jitter_ms``): otherwise every barge-in of a session lands at the
+   same phase of the bridge's 10 ms clocks (its microphone frames drive the decision), and
+   a session's figures differ from another's by up to a tick for that reason alone.
 3. Ambient continuity, after the bed first appears: gaps = 20 ms windows (no overlap)
    where the 300 Hz amplitude is below 1/4 of the bed's unducked level (-12 dB; ducking
    under a reply is -6 dB), their number and the longest run; dips = windows below half
@@ -786,7 +789,8 @@ class Bench:
     async def session(self, design: str, n_lat: int, n_barge: int, index: int) -> dict[str, Any]:
         room = self.room(f"bench-{design}")
         standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, seed=self.args.seed + index,
-                                         reply_freq_hz=ANSWER_HZ, reply_seconds=0.5, default_min_silence_ms=500))
+                                         reply_freq_hz=ANSWER_HZ, reply_seconds=0.5, default_min_silence_ms=500,
+                                         barge_in_jitter_ms=10))
         await standin.start()
         worker = self.start_worker(self.env(standin, room, **DESIGNS[design]), f"{design}-{index}", design)
         minimal = design == "minimal"

@@ -3,10 +3,12 @@ jittery Voice Agent API: a fixed first chunk, one late chunk (a gap), random jit
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from standin import StandIn, StandInOptions
-from test_standin import RATE, client, pcm_of
+from standin import StandIn, StandInOptions, tone
+from test_standin import RATE, client, pcm_of, silence
 
 
 async def test_a_late_chunk_leaves_a_gap_then_the_reply_catches_up() -> None:
@@ -33,3 +35,24 @@ async def test_jitter_holds_chunks_back_but_loses_nothing() -> None:
     gaps = np.diff(arrivals)
     assert gaps.max() > 0.06, "no chunk was held back beyond its 40 ms"
     assert sum(len(pcm_of(e)) for _, e in c.events if e["type"] == "reply.audio") == RATE
+
+
+async def test_barge_in_jitter_delays_the_decision_by_up_to_its_ms() -> None:
+    """barge_in_jitter_ms holds the decision back a random 0..ms after the audio that
+    triggers it (the bench's barge-ins then fall at every phase of the bridge's clocks)."""
+    async def barge_in(jitter_ms: int, draw: str) -> float:
+        opts = StandInOptions(think_ms=50, barge_in_jitter_ms=jitter_ms)
+        async with StandIn(opts) as agent, client(agent) as c:
+            agent.rng.uniform = lambda lo, hi: hi if draw == "max" else lo  # type: ignore[method-assign]
+            await c.ready()
+            reply = await agent.trigger_reply(seconds=3.0)
+            await c.expect("reply.started")
+            t0 = time.monotonic()
+            await c.stream(np.concatenate([tone(300, 0.5), silence(0.3)]))
+            await c.expect("reply.done", timeout=4)
+            assert reply.status == "interrupted"
+            return reply.interrupted_at - t0
+
+    at_once, held, no_draw = await barge_in(300, "min"), await barge_in(300, "max"), await barge_in(0, "max")
+    assert held - at_once > 0.25, f"held back {1000 * (held - at_once):.0f} ms, not the 300 drawn"
+    assert abs(no_draw - at_once) < 0.1, "without jitter the decision waits for nothing"
