@@ -59,6 +59,11 @@ DEFAULT_QUEUE_MS = 100  # audio always queued ahead of the listener; README says
 DEFAULT_BATCH_MS = 100  # mixed and handed over at once; README says why 100
 INT16_SCALE = 32767.0
 TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
+# A tick runs at most this late (the source's clock thread runs at SCHED_FIFO, set by WebRTC).
+TICK_LATE_S = 0.001
+# clear_queue() and a capture reach the source's queue within this (measured: a few hundred
+# microseconds; with 0.5 ms some barge-ins lost the race, with 1 ms none of 120).
+HANDOFF_S = 0.001
 BLOCK = SAMPLE_RATE // 100  # samples per tick
 
 
@@ -1515,7 +1520,7 @@ class Mixer:
         MixerCore.rerender). Done between two ticks of the source, so that the whole queue
         is ours to replace before it takes the next block."""
         n = self.core.frame
-        tick = await self._between_ticks()
+        tick = await self._after_tick()
         blocks = round((self._handed_until - tick) / TICK_S)
         if blocks <= 0:
             return  # nothing queued: the next frames mixed carry the change
@@ -1530,9 +1535,11 @@ class Mixer:
             if not len(data):
                 return
             posts = self._timed_locked(self._drain_locked())
-        # If this thread lost the GIL while mixing, the source took blocks meanwhile: those
-        # have played, so they are not handed over again (the bed would repeat).
-        checked = time.monotonic()
+        # Replace the queue now, unless the source's next tick is about to take its first
+        # block (then just after that tick). If this thread lost the GIL while mixing, or
+        # waited for that tick, the source took blocks meanwhile: those have played, so they
+        # are not handed over again (the bed would repeat).
+        checked = await self._clear_of_tick()
         late = round((self._next_tick(checked) - tick) / TICK_S)
         if late:
             self.misses += 1
@@ -1565,21 +1572,30 @@ class Mixer:
             self.voice_fills += 1
         self.heartbeat = time.monotonic()
 
-    async def _between_ticks(self, margin: float = 0.002) -> float:
-        """Wait (3 ms at most) until the source's last tick has surely run (a tick can run a
-        little late) and its next one is not about to: the moment to replace its queue.
-        Returns the time of the next tick, which takes the first block handed over then."""
+    async def _after_tick(self) -> float:
+        """Wait, if the source's last tick may not have run yet, until it surely has. Returns
+        the time of its next tick, which takes the first block handed over from then on."""
         now = time.monotonic()
         if self._phase is None:
             return self._next_tick(now)
         prev = self._phase + TICK_S * math.floor((now - self._phase) / TICK_S)
-        if now - prev < margin:
-            await asyncio.sleep(prev + margin - now)
-            return prev + TICK_S
-        if prev + TICK_S - now < margin:
-            await asyncio.sleep(prev + TICK_S + margin - now)
-            return prev + 2 * TICK_S
+        if now - prev < TICK_LATE_S:
+            await asyncio.sleep(prev + TICK_LATE_S - now)
         return prev + TICK_S
+
+    async def _clear_of_tick(self) -> float:
+        """The moment to replace the source's queue: now, if its next tick is at least
+        HANDOFF_S away (clear_queue and the capture reach it before), else just after that
+        tick. Checked after mixing, so that the mixing's own time does not widen the window
+        in which a barge-in lets one more block of the reply out."""
+        now = time.monotonic()
+        if self._phase is None:
+            return now
+        nxt = self._next_tick(now)
+        if nxt - now >= HANDOFF_S:
+            return now
+        await asyncio.sleep(nxt + TICK_LATE_S - now)
+        return time.monotonic()
 
     def _drain_locked(self) -> list[tuple[str, str | None, int]]:
         items, self.core.events = self.core.events, []
