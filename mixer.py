@@ -30,6 +30,9 @@ How the writer feeds the output, and why (README, *Latency and benchmarks*):
   reply mixed in from the first frame not yet played, so it does not wait behind the
   queued bed; and when a cue, the thinking cue or a bed (from silence) starts, with it
   mixed in. Everything else (a volume change, a stop) takes effect with the next batch.
+  The replacement is made between two ticks of the source, checked after the mixing, and
+  in one go (``_QueueReplacer``: clear_queue() and the capture request without letting go
+  of the GIL in between), so that no other thread can leave the queue empty at a tick.
 
 Playback is reported as typed events (``ReplyStartedPlaying``, ``ReplyAudioStopped``)
 delivered on the listener's event loop at the moment the audio leaves the source;
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import math
 import threading
@@ -61,9 +65,14 @@ INT16_SCALE = 32767.0
 TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
 # A tick runs at most this late (the source's clock thread runs at SCHED_FIFO, set by WebRTC).
 TICK_LATE_S = 0.001
-# clear_queue() and a capture reach the source's queue within this (measured: a few hundred
-# microseconds; with 0.5 ms some barge-ins lost the race, with 1 ms none of 120).
-HANDOFF_S = 0.001
+# A re-render replaces the source's queue only this long before its next tick at the least
+# (else just after it): the time to hand the frames over and for the SDK's thread to queue
+# them. In one go (_QueueReplacer): the request is made no later than REPLACE_LEAD_S before
+# the tick. Through the SDK's public calls, which let other threads take the GIL in between:
+# measured, 0.5 ms lost some races, 1 ms none of 120.
+HANDOFF_S = 0.0006
+REPLACE_LEAD_S = 0.0003
+HANDOFF_PUBLIC_S = 0.001
 BLOCK = SAMPLE_RATE // 100  # samples per tick
 
 
@@ -1195,6 +1204,85 @@ class MixerCore:
 # --- the writer ---------------------------------------------------------------------------
 
 
+class _QueueReplacer:
+    """``clear_queue()`` and the request of a ``capture_frame`` for one ``rtc.AudioSource``,
+    made as two calls into the SDK's native library back to back, without letting go of the
+    GIL in between.
+
+    Through the SDK's Python API each call releases the GIL (ctypes) and must take it back
+    after; a thread that takes it meanwhile (the event loop, for up to Python's 5 ms switch
+    interval when it is busy) leaves the source's queue empty that long, and a tick of the
+    source that finds its queue empty sends nothing: the track runs a block late from there,
+    and a replacement could only be made safely well clear of a tick. Both native calls are
+    short and run no Python code (the capture's completion comes later, on the SDK's thread).
+    This uses the SDK's internals (livekit 1.2: ``FfiClient``, its request protobuf): where
+    they are missing, ``create`` returns None and the writer makes the two public calls."""
+
+    def __init__(self, source: Any) -> None:
+        from livekit.rtc._ffi_client import FfiClient, FfiHandle
+        from livekit.rtc._proto import ffi_pb2
+
+        self._client = FfiClient.instance
+        self._handle_cls = FfiHandle
+        self._pb = ffi_pb2
+        self._source = source
+        self._source_handle = source._ffi_handle.handle
+        fn = self._client._ffi_lib.livekit_ffi_request
+        u8p = ctypes.POINTER(ctypes.c_ubyte)
+        # The same function, through a prototype that keeps the GIL during the call.
+        self._request = ctypes.PYFUNCTYPE(ctypes.c_uint64, u8p, ctypes.c_size_t, ctypes.POINTER(u8p),
+                                          ctypes.POINTER(ctypes.c_size_t))(ctypes.cast(fn, ctypes.c_void_p).value)
+        clear = ffi_pb2.FfiRequest()
+        clear.clear_audio_buffer.source_handle = self._source_handle
+        self._clear = clear.SerializeToString()
+
+    @classmethod
+    def create(cls, source: Any) -> "_QueueReplacer | None":
+        try:
+            return cls(source)
+        except Exception as e:  # another SDK version: the public calls will do
+            log.debug("queue replacement through the SDK's public calls (%s)", e)
+            return None
+
+    async def replace(self, frame: Any, deadline: float | None = None) -> float | None:
+        """Empty the source's queue and queue ``frame`` instead; returns when the SDK says the
+        frame is queued, with the time just before the two calls. None, and nothing done, if
+        that time would have been past ``deadline``."""
+        req = self._pb.FfiRequest()
+        req.capture_audio_frame.source_handle = self._source_handle
+        req.capture_audio_frame.buffer.CopyFrom(frame._proto_info())
+        capture = req.SerializeToString()
+        u8p = ctypes.POINTER(ctypes.c_ubyte)
+        args = []
+        for data in (self._clear, capture):
+            args.append((ctypes.cast(ctypes.c_char_p(data), u8p), len(data), u8p(), ctypes.c_size_t()))
+        async_id: int | None = None
+        queue = self._client.queue.subscribe(
+            loop=asyncio.get_running_loop(),
+            filter_fn=lambda e: e.WhichOneof("message") == "capture_audio_frame"
+            and (async_id is None or e.capture_audio_frame.async_id == async_id))
+        try:
+            (c_ptr, c_len, c_rp, c_rl), (k_ptr, k_len, k_rp, k_rl) = args
+            at = time.monotonic()
+            if deadline is not None and at > deadline:
+                return None
+            h_clear = self._request(c_ptr, c_len, ctypes.byref(c_rp), ctypes.byref(c_rl))
+            h_capture = self._request(k_ptr, k_len, ctypes.byref(k_rp), ctypes.byref(k_rl))
+            resp = self._pb.FfiResponse()
+            resp.ParseFromString(ctypes.string_at(k_rp, k_rl.value))
+            self._handle_cls(h_clear).dispose()
+            self._handle_cls(h_capture).dispose()
+            if not h_clear or not h_capture or not resp.HasField("capture_audio_frame"):
+                raise RuntimeError("the SDK refused the queue replacement")
+            async_id = resp.capture_audio_frame.async_id
+            done = await queue.wait_for(lambda e: e.capture_audio_frame.async_id == async_id)
+        finally:
+            self._client.queue.unsubscribe(queue)
+        if done.capture_audio_frame.error:
+            raise RuntimeError(done.capture_audio_frame.error)
+        return at
+
+
 class Mixer:
     """Thread-safe facade over ``MixerCore`` plus the single writer (an audio thread
     with its own event loop) feeding one ``rtc.AudioSource``."""
@@ -1202,7 +1290,7 @@ class Mixer:
     def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = DEFAULT_QUEUE_MS,
                  batch_ms: int = DEFAULT_BATCH_MS, clear_queue_on_barge_in: bool = False,
                  flush_on_barge_in: bool = True, start_reply_at_once: bool | None = None,
-                 priority: str = "realtime", on_air: bool = True) -> None:
+                 priority: str = "realtime", on_air: bool = True, atomic_replace: bool = True) -> None:
         settings = settings or MixerSettings()
         frame_ms = settings.frame_ms
         self.batch_frames = max(1, -(-int(batch_ms) // frame_ms))
@@ -1221,6 +1309,10 @@ class Mixer:
         # so a busy start-up, or a config error right after it, says nothing about starving.
         self.on_air = on_air
         self.priority_mode = priority
+        # Replace the source's queue with clear_queue() and the capture in one go, without
+        # letting go of the GIL (_QueueReplacer); False: through the SDK's public calls.
+        self.atomic_replace = atomic_replace
+        self._replacer: _QueueReplacer | None = None
         # Barge-in without waiting for the queue: flush the output's queue and hand it the
         # same frames again without the reply, so the reply stops within a frame and the
         # bed goes on sample for sample.
@@ -1291,6 +1383,7 @@ class Mixer:
             # inherit this thread's scheduling whatever ran before (Mixer.start is called
             # before anything else touches LiveKit).
             self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=self.source_queue_ms, loop=loop)
+            self._replacer = _QueueReplacer.create(self.source) if self.atomic_replace else None
         except BaseException as e:  # reported to start()
             self._error = e
             self._source_ready.set()
@@ -1376,6 +1469,7 @@ class Mixer:
             shift = sorted(self._offsets)[1] if len(self._offsets) > 1 else late
             if abs(shift) > 5e-5:
                 self._shift_clock(shift)
+
         if not waited and not overfilled:
             return
         # Consistently late by the same amount (three in a row, within a ms): the ticks fall
@@ -1540,21 +1634,34 @@ class Mixer:
         # waited for that tick, the source took blocks meanwhile: those have played, so they
         # are not handed over again (the bed would repeat).
         checked = await self._clear_of_tick()
-        late = round((self._next_tick(checked) - tick) / TICK_S)
+        while True:
+            late = round((self._next_tick(checked) - tick) / TICK_S)
+            keep = (blocks - late) * BLOCK
+            if keep <= 0:
+                self.misses += 1
+                self._deliver(posts, None if mode == "voices" else changed)
+                return
+            frame, buf = self._frame_of(rtc, keep)
+            buf[:] = data[len(data) - keep:]
+            # One hand-off: the queue is whole again after a single call.
+            if self._replacer is None:
+                # Through the public calls both release the GIL: a thread that takes it in
+                # between and holds it past the source's next tick makes that tick send
+                # nothing (counted, a likely gap: gaps).
+                self.source.clear_queue()
+                cleared = time.monotonic()
+                await self.source.capture_frame(frame)
+                break
+            # In one go, and only if the tick the first block is for is still far enough
+            # (this thread may have lost the GIL since the check); else check again.
+            deadline = None if self._phase is None else self._next_tick(checked) - REPLACE_LEAD_S
+            at = await self._replacer.replace(frame, deadline)
+            if at is not None:
+                cleared = at
+                break
+            checked = await self._clear_of_tick()
         if late:
             self.misses += 1
-        keep = (blocks - late) * BLOCK
-        if keep <= 0:
-            self._deliver(posts, None if mode == "voices" else changed)
-            return
-        frame, buf = self._frame_of(rtc, keep)
-        buf[:] = data[len(data) - keep:]
-        self.source.clear_queue()
-        cleared = time.monotonic()
-        # One hand-off: the queue is whole again after a single call. Both are SDK calls that
-        # release the GIL: a thread that takes it in between and holds it past the source's
-        # next tick makes that tick play silence (counted, a likely gap: gaps).
-        await self.source.capture_frame(frame)
         if self._phase is not None and self._next_tick(time.monotonic() - 0.0004) > self._next_tick(cleared):
             self.gaps += 1
         self._lateness.clear()  # the queue is now what the writer handed over: older evidence is void
@@ -1592,7 +1699,7 @@ class Mixer:
         if self._phase is None:
             return now
         nxt = self._next_tick(now)
-        if nxt - now >= HANDOFF_S:
+        if nxt - now >= (HANDOFF_S if self._replacer is not None else HANDOFF_PUBLIC_S):
             return now
         await asyncio.sleep(nxt + TICK_LATE_S - now)
         return time.monotonic()
