@@ -31,7 +31,7 @@ How the writer feeds the output, and why (README, *Latency and benchmarks*):
   queued bed; and when a cue, the thinking cue or a bed (from silence) starts, with it
   mixed in. Everything else (a volume change, a stop) takes effect with the next batch.
   The replacement is made between two ticks of the source, checked after the mixing, and
-  in one go (``_QueueReplacer``: clear_queue() and the capture request without letting go
+  in one go (``_DirectSource``: clear_queue() and the capture request without letting go
   of the GIL in between), so that no other thread can leave the queue empty at a tick.
 
 Playback is reported as typed events (``ReplyStartedPlaying``, ``ReplyAudioStopped``)
@@ -67,12 +67,23 @@ TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
 TICK_LATE_S = 0.001
 # A re-render replaces the source's queue only this long before its next tick at the least
 # (else just after it): the time to hand the frames over and for the SDK's thread to queue
-# them. In one go (_QueueReplacer): the request is made no later than REPLACE_LEAD_S before
+# them. In one go (_DirectSource): the request is made no later than REPLACE_LEAD_S before
 # the tick. Through the SDK's public calls, which let other threads take the GIL in between:
 # measured, 0.5 ms lost some races, 1 ms none of 120.
 HANDOFF_S = 0.0006
 REPLACE_LEAD_S = 0.0003
 HANDOFF_PUBLIC_S = 0.001
+# The source's clock starts this long after its constructor returns; once the phase learned
+# from six completions is within PHASE_TOLERANCE_S of that, what is learned later stays that
+# close (see Mixer._phase_prior). ANCHOR_CLOCK = False: learned from completions alone.
+ANCHOR_CLOCK = True
+CLOCK_START_S = 0.0001
+PHASE_TOLERANCE_S = 0.0004
+
+
+def _wrap(d: float) -> float:
+    """A difference of two phases of the source's clock, in [-5, 5) ms."""
+    return (d + TICK_S / 2) % TICK_S - TICK_S / 2
 BLOCK = SAMPLE_RATE // 100  # samples per tick
 
 
@@ -1204,19 +1215,22 @@ class MixerCore:
 # --- the writer ---------------------------------------------------------------------------
 
 
-class _QueueReplacer:
-    """``clear_queue()`` and the request of a ``capture_frame`` for one ``rtc.AudioSource``,
-    made as two calls into the SDK's native library back to back, without letting go of the
-    GIL in between.
+class _DirectSource:
+    """The two calls the writer makes to one ``rtc.AudioSource`` (``capture_frame`` and
+    ``clear_queue``), made straight into the SDK's native library through a ctypes
+    prototype that keeps the GIL during the call.
 
     Through the SDK's Python API each call releases the GIL (ctypes) and must take it back
-    after; a thread that takes it meanwhile (the event loop, for up to Python's 5 ms switch
-    interval when it is busy) leaves the source's queue empty that long, and a tick of the
-    source that finds its queue empty sends nothing: the track runs a block late from there,
-    and a replacement could only be made safely well clear of a tick. Both native calls are
-    short and run no Python code (the capture's completion comes later, on the SDK's thread).
-    This uses the SDK's internals (livekit 1.2: ``FfiClient``, its request protobuf): where
-    they are missing, ``create`` returns None and the writer makes the two public calls."""
+    after, and prepares its request in Python first: a thread that takes the GIL meanwhile
+    (the event loop, for up to Python's 5 ms switch interval when it is busy) delays the
+    request by that much. At a re-render, that leaves the source's queue empty at a tick,
+    and this SDK then sends 10 ms of silence; at a regular hand-over, the writer takes the
+    delayed request for an early completion and misplaces the source's clock by a block.
+    Here the time is taken just before the native call, and a re-render's clear and capture
+    are made back to back. Both native calls are short and run no Python code (the capture's
+    completion comes later, on the SDK's own thread). This uses the SDK's internals (livekit
+    1.2: ``FfiClient``, its request protobuf): where they are missing, ``create`` returns
+    None and the writer uses the public calls."""
 
     def __init__(self, source: Any) -> None:
         from livekit.rtc._ffi_client import FfiClient, FfiHandle
@@ -1225,7 +1239,6 @@ class _QueueReplacer:
         self._client = FfiClient.instance
         self._handle_cls = FfiHandle
         self._pb = ffi_pb2
-        self._source = source
         self._source_handle = source._ffi_handle.handle
         fn = self._client._ffi_lib.livekit_ffi_request
         u8p = ctypes.POINTER(ctypes.c_ubyte)
@@ -1235,45 +1248,47 @@ class _QueueReplacer:
         clear = ffi_pb2.FfiRequest()
         clear.clear_audio_buffer.source_handle = self._source_handle
         self._clear = clear.SerializeToString()
+        self._capture = ffi_pb2.FfiRequest()
+        self._capture.capture_audio_frame.source_handle = self._source_handle
 
     @classmethod
-    def create(cls, source: Any) -> "_QueueReplacer | None":
+    def create(cls, source: Any) -> "_DirectSource | None":
         try:
             return cls(source)
         except Exception as e:  # another SDK version: the public calls will do
-            log.debug("queue replacement through the SDK's public calls (%s)", e)
+            log.debug("the audio source through the SDK's public calls (%s)", e)
             return None
 
-    async def replace(self, frame: Any, deadline: float | None = None) -> float | None:
-        """Empty the source's queue and queue ``frame`` instead; returns when the SDK says the
-        frame is queued, with the time just before the two calls. None, and nothing done, if
-        that time would have been past ``deadline``."""
-        req = self._pb.FfiRequest()
-        req.capture_audio_frame.source_handle = self._source_handle
-        req.capture_audio_frame.buffer.CopyFrom(frame._proto_info())
-        capture = req.SerializeToString()
+    async def capture(self, frame: Any, clear: bool = False, deadline: float | None = None) -> float | None:
+        """Queue ``frame`` (after emptying the source's queue, with ``clear``); returns once
+        the SDK says it is queued, with the time just before the native call(s). None, and
+        nothing done, if that time would have been past ``deadline``."""
+        buffer = self._capture.capture_audio_frame.buffer
+        buffer.data_ptr = frame._proto_info().data_ptr
+        buffer.sample_rate, buffer.num_channels = frame.sample_rate, frame.num_channels
+        buffer.samples_per_channel = frame.samples_per_channel
+        capture = self._capture.SerializeToString()
         u8p = ctypes.POINTER(ctypes.c_ubyte)
-        args = []
-        for data in (self._clear, capture):
-            args.append((ctypes.cast(ctypes.c_char_p(data), u8p), len(data), u8p(), ctypes.c_size_t()))
+        k_ptr, k_rp, k_rl = ctypes.cast(ctypes.c_char_p(capture), u8p), u8p(), ctypes.c_size_t()
+        c_ptr, c_rp, c_rl = ctypes.cast(ctypes.c_char_p(self._clear), u8p), u8p(), ctypes.c_size_t()
         async_id: int | None = None
         queue = self._client.queue.subscribe(
             loop=asyncio.get_running_loop(),
             filter_fn=lambda e: e.WhichOneof("message") == "capture_audio_frame"
             and (async_id is None or e.capture_audio_frame.async_id == async_id))
         try:
-            (c_ptr, c_len, c_rp, c_rl), (k_ptr, k_len, k_rp, k_rl) = args
             at = time.monotonic()
             if deadline is not None and at > deadline:
                 return None
-            h_clear = self._request(c_ptr, c_len, ctypes.byref(c_rp), ctypes.byref(c_rl))
-            h_capture = self._request(k_ptr, k_len, ctypes.byref(k_rp), ctypes.byref(k_rl))
+            h_clear = self._request(c_ptr, len(self._clear), ctypes.byref(c_rp), ctypes.byref(c_rl)) if clear else None
+            h_capture = self._request(k_ptr, len(capture), ctypes.byref(k_rp), ctypes.byref(k_rl))
             resp = self._pb.FfiResponse()
             resp.ParseFromString(ctypes.string_at(k_rp, k_rl.value))
-            self._handle_cls(h_clear).dispose()
-            self._handle_cls(h_capture).dispose()
-            if not h_clear or not h_capture or not resp.HasField("capture_audio_frame"):
-                raise RuntimeError("the SDK refused the queue replacement")
+            for h in (h_clear, h_capture):
+                if h:
+                    self._handle_cls(h).dispose()
+            if h_clear == 0 or not h_capture or not resp.HasField("capture_audio_frame"):
+                raise RuntimeError("the SDK refused a request to the audio source")
             async_id = resp.capture_audio_frame.async_id
             done = await queue.wait_for(lambda e: e.capture_audio_frame.async_id == async_id)
         finally:
@@ -1290,7 +1305,7 @@ class Mixer:
     def __init__(self, settings: MixerSettings | None = None, *, queue_ms: int = DEFAULT_QUEUE_MS,
                  batch_ms: int = DEFAULT_BATCH_MS, clear_queue_on_barge_in: bool = False,
                  flush_on_barge_in: bool = True, start_reply_at_once: bool | None = None,
-                 priority: str = "realtime", on_air: bool = True, atomic_replace: bool = True) -> None:
+                 priority: str = "realtime", on_air: bool = True, direct_calls: bool = True) -> None:
         settings = settings or MixerSettings()
         frame_ms = settings.frame_ms
         self.batch_frames = max(1, -(-int(batch_ms) // frame_ms))
@@ -1309,10 +1324,11 @@ class Mixer:
         # so a busy start-up, or a config error right after it, says nothing about starving.
         self.on_air = on_air
         self.priority_mode = priority
-        # Replace the source's queue with clear_queue() and the capture in one go, without
-        # letting go of the GIL (_QueueReplacer); False: through the SDK's public calls.
-        self.atomic_replace = atomic_replace
-        self._replacer: _QueueReplacer | None = None
+        # Capture (and replace the source's queue with clear_queue() and a capture in one
+        # go) straight into the SDK's native library, keeping the GIL (_DirectSource);
+        # False: through the SDK's public calls.
+        self.direct_calls = direct_calls
+        self._direct: _DirectSource | None = None
         # Barge-in without waiting for the queue: flush the output's queue and hand it the
         # same frames again without the reply, so the reply stops within a frame and the
         # bed goes on sample for sample.
@@ -1345,6 +1361,16 @@ class Mixer:
         self._handed_until = 0.0
         self._end_pos = 0
         self._phase: float | None = None
+        # Where the ticks must fall: the source's clock is a native task that runs as its
+        # constructor returns and then every 10 ms of the monotonic clock, without drift
+        # (WebRTC's RepeatingTask). Measured: the phase learned from completions settles
+        # 0.05-0.3 ms after that moment. Completions reach this thread late when other
+        # threads hold the GIL, and learning from them alone drifts then by a few ms (a
+        # re-render then replaces the queue a block off: the bed skips or repeats 10 ms); so
+        # once the phase learned from the first completions agrees with this one, what is
+        # learned later stays within PHASE_TOLERANCE_S of it. None: unknown, or no agreement.
+        self._phase_prior: float | None = None
+        self._prior_confirmed = False
         self._cleared = False  # clear_queue() ran while a capture was pending
         self.writer_cpu_s = 0.0  # CPU seconds used so far by the writer thread (for the bench)
         self.misses = 0  # flushes during which the output took blocks being mixed again
@@ -1383,7 +1409,9 @@ class Mixer:
             # inherit this thread's scheduling whatever ran before (Mixer.start is called
             # before anything else touches LiveKit).
             self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=self.source_queue_ms, loop=loop)
-            self._replacer = _QueueReplacer.create(self.source) if self.atomic_replace else None
+            if ANCHOR_CLOCK:
+                self._phase_prior = (time.monotonic() + CLOCK_START_S) % TICK_S
+            self._direct = _DirectSource.create(self.source) if self.direct_calls else None
         except BaseException as e:  # reported to start()
             self._error = e
             self._source_ready.set()
@@ -1469,6 +1497,14 @@ class Mixer:
             shift = sorted(self._offsets)[1] if len(self._offsets) > 1 else late
             if abs(shift) > 5e-5:
                 self._shift_clock(shift)
+            if self._phase_prior is not None and not self._prior_confirmed and len(self._offsets) >= 6:
+                # Learned from enough completions: the clock's start, if they agree on it.
+                off = _wrap(self._phase - self._phase_prior)
+                if abs(off) <= PHASE_TOLERANCE_S:
+                    self._prior_confirmed = True
+                else:
+                    log.debug("the source's ticks are %.2f ms from where its start put them", off * 1000)
+                    self._phase_prior = None
 
         if not waited and not overfilled:
             return
@@ -1489,7 +1525,14 @@ class Mixer:
 
     def _shift_clock(self, shift: float) -> None:
         """The ticks fall ``shift`` later than thought (earlier if negative): the same ticks,
-        better placed, and what was learned relative to the old guess moves with them."""
+        better placed, and what was learned relative to the old guess moves with them (no
+        further than PHASE_TOLERANCE_S from where the clock's start puts them, once known)."""
+        if self._phase_prior is not None and self._prior_confirmed:
+            off = _wrap(self._phase + shift - self._phase_prior)
+            off = min(PHASE_TOLERANCE_S, max(-PHASE_TOLERANCE_S, off))
+            shift = _wrap(self._phase_prior + off - self._phase)
+            if shift == 0.0:
+                return
         self._phase = (self._phase + shift) % TICK_S
         self._handed_until += shift
         for q in (self._offsets, self._lateness):
@@ -1582,8 +1625,11 @@ class Mixer:
             counters.queue_ms = max(0.0, (self._handed_until - now) * 1000)
             posts = self._timed_locked(items)
         self._cleared = False
-        t_call = time.monotonic()
-        await self.source.capture_frame(frame)
+        if self._direct is not None:
+            t_call = await self._direct.capture(frame)
+        else:
+            t_call = time.monotonic()
+            await self.source.capture_frame(frame)
         t_done = time.monotonic()
         self._check_clock(t_call, t_done, expected)
         self._deliver(posts, None)
@@ -1644,7 +1690,7 @@ class Mixer:
             frame, buf = self._frame_of(rtc, keep)
             buf[:] = data[len(data) - keep:]
             # One hand-off: the queue is whole again after a single call.
-            if self._replacer is None:
+            if self._direct is None:
                 # Through the public calls both release the GIL: a thread that takes it in
                 # between and holds it past the source's next tick makes that tick send
                 # nothing (counted, a likely gap: gaps).
@@ -1655,7 +1701,7 @@ class Mixer:
             # In one go, and only if the tick the first block is for is still far enough
             # (this thread may have lost the GIL since the check); else check again.
             deadline = None if self._phase is None else self._next_tick(checked) - REPLACE_LEAD_S
-            at = await self._replacer.replace(frame, deadline)
+            at = await self._direct.capture(frame, clear=True, deadline=deadline)
             if at is not None:
                 cleared = at
                 break
@@ -1699,7 +1745,7 @@ class Mixer:
         if self._phase is None:
             return now
         nxt = self._next_tick(now)
-        if nxt - now >= (HANDOFF_S if self._replacer is not None else HANDOFF_PUBLIC_S):
+        if nxt - now >= (HANDOFF_S if self._direct is not None else HANDOFF_PUBLIC_S):
             return now
         await asyncio.sleep(nxt + TICK_LATE_S - now)
         return time.monotonic()

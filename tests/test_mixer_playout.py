@@ -35,10 +35,10 @@ async def run_barge_in(flush: bool, queue_ms: int = 100, atomic: bool = True
     from livekit import rtc
 
     mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0), queue_ms=queue_ms, flush_on_barge_in=flush,
-                  atomic_replace=atomic)
+                  direct_calls=atomic)
     source = mixer.start()
-    assert (mixer._replacer is not None) == atomic, \
-        "the SDK internals that replace the queue in one go are gone (see mixer._QueueReplacer)"
+    assert (mixer._direct is not None) == atomic, \
+        "the SDK internals the writer calls directly are gone (see mixer._DirectSource)"
     bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)  # a 1 s noise loop
     mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
     track = rtc.LocalAudioTrack.create_audio_track("observed", source)
@@ -83,7 +83,7 @@ def bed_positions(heard: list[tuple[float, np.ndarray]], bed: np.ndarray, since:
 @pytest.mark.parametrize("flush,atomic", [(True, True), (False, True), (True, False)],
                          ids=["flush", "no-flush", "flush-through-public-calls"])
 async def test_barge_in_at_the_output_with_a_continuous_bed(flush, atomic):
-    """The flush replaces the source's queue in one go (mixer._QueueReplacer), or through the
+    """The flush replaces the source's queue in one go (mixer._DirectSource), or through the
     SDK's public calls where its internals are not there: either way the reply stops within
     a few ms and the bed goes on sample for sample."""
     heard, t_interrupt, bed = await run_barge_in(flush, atomic=atomic)
@@ -385,3 +385,50 @@ async def test_a_cue_starts_at_once_over_a_queued_bed():
     positions = bed_positions(heard, bed, started[0] - 0.3)
     steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
     assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
+async def test_re_renders_never_leave_the_track_silent_while_another_thread_holds_the_gil():
+    """A re-render empties the source's queue and queues the frames again. This SDK sends
+    10 ms of silence at a tick that finds the queue empty, so nothing may come between the
+    two: with the SDK's public calls a thread that takes the GIL in between (here one that
+    spins for whole switch intervals) makes ticks play silence; the writer's direct calls
+    (mixer._DirectSource) make both without letting go of the GIL."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            for i in range(20000):
+                x += i
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    assert mixer._direct is not None
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    spinner = threading.Thread(target=spin, daemon=True)
+
+    async def body() -> None:
+        await asyncio.sleep(0.5)
+        spinner.start()
+        for i in range(10):
+            await asyncio.sleep(0.13 + 0.0037 * i)  # a few phases against the source's clock
+            mixer.push_reply(f"r{i}", reply.tobytes())
+            await asyncio.sleep(0.3 + 0.0013 * i)
+            mixer.interrupt(f"r{i}")
+            await asyncio.sleep(0.2)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        stop.set()
+        await mixer.aclose()
+    assert mixer.fills >= 5 and mixer.flushes >= 5
+    since = heard[0][0] + 0.45
+    silent = [round(t - since, 3) for t, chunk in heard if t >= since and not np.any(chunk)]
+    assert not silent, f"{len(silent)} silent 10 ms blocks at {silent[:5]} s (fills {mixer.fills}, flushes " \
+                       f"{mixer.flushes}, gaps {mixer.gaps})"
