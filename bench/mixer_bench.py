@@ -11,7 +11,7 @@ Two designs run side by side in the same process, same seed, same turns:
 
 * **ours**  = ``Mixer()`` defaults: 10 ms frames into a 100 ms native queue; barge-in
   drops the unmixed reply and flushes the queue, handing it the same frames again
-  without the reply (5 ms fade): the bed keeps playing sample for sample.
+  without the reply (2 ms fade): the bed keeps playing sample for sample.
 * **naive** = ``Mixer(queue_ms=1000, clear_queue_on_barge_in=True)``: LiveKit's
   default 1000 ms queue, and ``clear_queue()`` on barge-in (what pipecat does).
 
