@@ -66,12 +66,14 @@ TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
 # A tick runs at most this late (the source's clock thread runs at SCHED_FIFO, set by WebRTC).
 TICK_LATE_S = 0.001
 # A re-render replaces the source's queue only this long before its next tick at the least
-# (else just after it): the time to hand the frames over and for the SDK's thread to queue
-# them. In one go (_DirectSource): the request is made no later than REPLACE_LEAD_S before
-# the tick. Through the SDK's public calls, which let other threads take the GIL in between:
-# measured, 0.5 ms lost some races, 1 ms none of 120.
-HANDOFF_S = 0.0006
-REPLACE_LEAD_S = 0.0003
+# (else just after it): the time to hand the frames over and for the SDK's own thread to queue
+# them (a tick before that finds the queue empty, and this SDK then sends 10 ms of silence).
+# In one go (_DirectSource), the request is made no later than REPLACE_LEAD_S before the tick:
+# the SDK's thread then has that long to queue the frames (0.3 ms was not always enough in CI,
+# where that thread runs at normal priority on a loaded machine). Through the SDK's public
+# calls, which let other threads take the GIL in between: measured, 0.5 ms lost some races.
+HANDOFF_S = 0.002
+REPLACE_LEAD_S = 0.0015
 HANDOFF_PUBLIC_S = 0.001
 # The source's clock starts this long after its constructor returns; once the phase learned
 # from six completions is within PHASE_TOLERANCE_S of that, what is learned later stays that
