@@ -63,6 +63,7 @@ DEFAULT_QUEUE_MS = 100  # audio always queued ahead of the listener; README says
 DEFAULT_BATCH_MS = 100  # mixed and handed over at once; README says why 100
 INT16_SCALE = 32767.0
 TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
+BLOCK = SAMPLE_RATE // 100  # samples per tick
 # A tick runs at most this late (the source's clock thread runs at SCHED_FIFO, set by WebRTC).
 TICK_LATE_S = 0.001
 # A re-render replaces the source's queue only this long before its next tick at the least
@@ -77,8 +78,7 @@ REPLACE_LEAD_S = 0.0015
 HANDOFF_PUBLIC_S = 0.001
 # The source's clock starts this long after its constructor returns; once the phase learned
 # from six completions is within PHASE_TOLERANCE_S of that, what is learned later stays that
-# close (see Mixer._phase_prior). ANCHOR_CLOCK = False: learned from completions alone.
-ANCHOR_CLOCK = True
+# close (see Mixer._phase_prior).
 CLOCK_START_S = 0.0001
 PHASE_TOLERANCE_S = 0.0004
 
@@ -86,7 +86,6 @@ PHASE_TOLERANCE_S = 0.0004
 def _wrap(d: float) -> float:
     """A difference of two phases of the source's clock, in [-5, 5) ms."""
     return (d + TICK_S / 2) % TICK_S - TICK_S / 2
-BLOCK = SAMPLE_RATE // 100  # samples per tick
 
 
 # --- building blocks ----------------------------------------------------------------
@@ -1272,7 +1271,8 @@ class _DirectSource:
         capture = self._capture.SerializeToString()
         u8p = ctypes.POINTER(ctypes.c_ubyte)
         k_ptr, k_rp, k_rl = ctypes.cast(ctypes.c_char_p(capture), u8p), u8p(), ctypes.c_size_t()
-        c_ptr, c_rp, c_rl = ctypes.cast(ctypes.c_char_p(self._clear), u8p), u8p(), ctypes.c_size_t()
+        if clear:  # prepared before the time is taken: the two calls then come back to back
+            c_ptr, c_rp, c_rl = ctypes.cast(ctypes.c_char_p(self._clear), u8p), u8p(), ctypes.c_size_t()
         async_id: int | None = None
         queue = self._client.queue.subscribe(
             loop=asyncio.get_running_loop(),
@@ -1411,8 +1411,7 @@ class Mixer:
             # inherit this thread's scheduling whatever ran before (Mixer.start is called
             # before anything else touches LiveKit).
             self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=self.source_queue_ms, loop=loop)
-            if ANCHOR_CLOCK:
-                self._phase_prior = (time.monotonic() + CLOCK_START_S) % TICK_S
+            self._phase_prior = (time.monotonic() + CLOCK_START_S) % TICK_S
             self._direct = _DirectSource.create(self.source) if self.direct_calls else None
         except BaseException as e:  # reported to start()
             self._error = e
@@ -1507,7 +1506,6 @@ class Mixer:
                 else:
                     log.debug("the source's ticks are %.2f ms from where its start put them", off * 1000)
                     self._phase_prior = None
-
         if not waited and not overfilled:
             return
         # Consistently late by the same amount (three in a row, within a ms): the ticks fall

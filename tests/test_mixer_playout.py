@@ -30,14 +30,14 @@ def tone_amplitude(x: np.ndarray, freq: float) -> float:
     return float(2 * abs(np.sum(x * w * np.exp(-2j * np.pi * freq * np.arange(n) / RATE))) / np.sum(w))
 
 
-async def run_barge_in(flush: bool, queue_ms: int = 100, atomic: bool = True
+async def run_barge_in(flush: bool, queue_ms: int = 100, direct: bool = True
                        ) -> tuple[list[tuple[float, np.ndarray]], float, np.ndarray]:
     from livekit import rtc
 
     mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0), queue_ms=queue_ms, flush_on_barge_in=flush,
-                  direct_calls=atomic)
+                  direct_calls=direct)
     source = mixer.start()
-    assert (mixer._direct is not None) == atomic, \
+    assert (mixer._direct is not None) == direct, \
         "the SDK internals the writer calls directly are gone (see mixer._DirectSource)"
     bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)  # a 1 s noise loop
     mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
@@ -80,13 +80,13 @@ def bed_positions(heard: list[tuple[float, np.ndarray]], bed: np.ndarray, since:
     return positions
 
 
-@pytest.mark.parametrize("flush,atomic", [(True, True), (False, True), (True, False)],
+@pytest.mark.parametrize("flush,direct", [(True, True), (False, True), (True, False)],
                          ids=["flush", "no-flush", "flush-through-public-calls"])
-async def test_barge_in_at_the_output_with_a_continuous_bed(flush, atomic):
+async def test_barge_in_at_the_output_with_a_continuous_bed(flush, direct):
     """The flush replaces the source's queue in one go (mixer._DirectSource), or through the
     SDK's public calls where its internals are not there: either way the reply stops within
     a few ms and the bed goes on sample for sample."""
-    heard, t_interrupt, bed = await run_barge_in(flush, atomic=atomic)
+    heard, t_interrupt, bed = await run_barge_in(flush, direct=direct)
     chunks = [(t - t_interrupt, c) for t, c in heard]
     before = [tone_amplitude(c, REPLY_HZ) for dt, c in chunks if -0.3 < dt < -0.05]
     assert min(before) > 0.12, "the reply was not playing before the barge-in"
