@@ -42,6 +42,7 @@ import numpy as np
 
 import exits
 from mixer import SAMPLE_RATE, Mixer, MixerSettings
+from mixer_bench import Tap
 
 RATE = SAMPLE_RATE
 REPLY_HZ = 1000.0
@@ -54,8 +55,6 @@ def tone_amp(chunk: np.ndarray, hz: float = REPLY_HZ) -> float:
 
 
 async def rounds(n: int, direct: bool, spin: bool, seed: int) -> dict[str, Any]:
-    from livekit import rtc
-
     stop = threading.Event()
 
     def spinner() -> None:
@@ -70,15 +69,7 @@ async def rounds(n: int, direct: bool, spin: bool, seed: int) -> dict[str, Any]:
         raise SystemExit("the writer's direct calls are not available with this SDK")
     bed = (np.random.default_rng(7).standard_normal(RATE) * 0.02).astype(np.float32)
     mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    track = rtc.LocalAudioTrack.create_audio_track("observed", mixer.source)
-    stream = rtc.AudioStream.from_track(track=track, sample_rate=RATE, num_channels=1)
-    heard: list[tuple[float, np.ndarray]] = []
-
-    async def observe() -> None:
-        async for ev in stream:
-            heard.append((time.monotonic(), np.frombuffer(ev.frame.data, np.int16).astype(np.float32) / 32767))
-
-    observer = asyncio.create_task(observe())
+    tap = Tap(mixer.source)  # mixer_bench's reader of what leaves the source, on its own thread
     pcm = (REPLY_AMP * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE * 2) / RATE) * 32767).astype("<i2").tobytes()
     rnd = random.Random(seed)
     cuts = []
@@ -94,10 +85,9 @@ async def rounds(n: int, direct: bool, spin: bool, seed: int) -> dict[str, Any]:
             await asyncio.sleep(0.25)
     finally:
         stop.set()
-        observer.cancel()
-        await asyncio.gather(observer, return_exceptions=True)
-        await stream.aclose()
+        tap.stop()
         await mixer.aclose()
+    heard = [(t, chunk.astype(np.float32) / 32767) for t, chunk in zip(tap.arrivals, tap.chunks)]
     extra = []
     for c in cuts:
         after = [tone_amp(x) for t, x in heard if t > c + 0.0007][:4]
