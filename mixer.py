@@ -1549,7 +1549,8 @@ class Mixer:
         # capture returns at a tick and the source's clock is known from the start.
         await self._hand_over(rtc, round(high * SAMPLE_RATE) // n)
         while not self._stop.is_set():
-            if self._flush_requested or self._fill_requested:
+            while self._flush_requested or self._fill_requested:
+                # (again if one came meanwhile: its wake-up found this thread busy)
                 await self._urgent(rtc)
             # Until the source's clock is known (a few completions), one frame at a time:
             # each waits for a tick, which tells where the ticks fall.

@@ -434,3 +434,46 @@ async def test_re_renders_never_leave_the_track_silent_while_another_thread_hold
     silent = [round(t - since, 3) for t, chunk in heard if t >= since and not np.any(chunk)]
     assert len(silent) <= 1, f"{len(silent)} silent 10 ms blocks at {silent[:5]} s (fills {mixer.fills}, " \
                              f"flushes {mixer.flushes}, underruns {mixer.core.counters.underruns})"
+
+
+async def test_a_barge_in_while_the_writer_re_mixes_is_not_left_for_its_next_batch():
+    """A request (here a barge-in) that comes while the writer is busy with another (a
+    reply's start) found no sleep to wake from: it must still be handled at once, not
+    when the writer next wakes for a batch (up to 400 ms later)."""
+    import threading
+
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE) / RATE) * 32767).astype("<i2")
+    orig = mixer.core.rerender
+    current: list[str] = []
+    barging: list[threading.Thread] = []
+
+    def rerender(frames: int, mode: str):  # on the writer's thread, under the mixer's lock
+        out = orig(frames, mode)
+        if mode == "fill" and not barging:
+            # Blocks on the lock until the writer has mixed, then barges in while the
+            # writer hands the re-mixed frames over.
+            barging.append(threading.Thread(target=mixer.interrupt, args=(current[-1],)))
+            barging[0].start()
+        return out
+
+    mixer.core.rerender = rerender
+    try:
+        await asyncio.sleep(0.5)
+        for i, delay in enumerate((0.0, 0.137, 0.171)):
+            barging.clear()
+            current.append(f"r{i}")
+            await asyncio.sleep(delay)
+            mixer.push_reply(current[-1], reply.tobytes())
+            await asyncio.sleep(0.6)
+            assert barging, "the reply's start was not mixed into the queue"
+            barging[0].join()
+            st = mixer.reply_stats(current[-1])
+            assert st is not None and st.interrupted_at is not None and st.silent_at is not None
+            ms = (st.silent_at - st.interrupted_at) * 1000
+            assert ms < 40, f"the barge-in was handled {ms:.0f} ms after it came"
+    finally:
+        await mixer.aclose()
