@@ -339,6 +339,9 @@ class Config:
     output_queue_ms: int = _setting(100, "audio queued in the published track, in ms (multiple of 10; lower = less "
                                     "latency, more risk of underruns)", _number(int, 20, 1000, multiple=10),
                                     group="Audio")
+    output_batch_ms: int = _setting(400, "the most audio the mixer hands to the published track at a time, in ms "
+                                    "(multiple of 10; lower = a change to the bed is heard sooner, more CPU)",
+                                    _number(int, 10, 1000, multiple=10), group="Audio")
     idle_timeout_s: float = _setting(30.0, "end the Voice Agent session (billed while open) when no user has been in "
                                      "the room for this long; the next user starts a new call",
                                      _number(float, 0, 86400), group="LiveKit")

@@ -49,7 +49,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Union
 
 import numpy as np
 
@@ -60,7 +60,8 @@ import scheduling
 log = logging.getLogger("mixer")
 
 DEFAULT_QUEUE_MS = 100  # audio always queued ahead of the listener; README says why 100
-DEFAULT_BATCH_MS = 100  # mixed and handed over at once; README says why 100
+DEFAULT_BATCH_MS = 400  # mixed and handed over at once, at most; README says why 400
+MIN_BATCH_MS = 100  # ... at least, while reply audio is waiting
 INT16_SCALE = 32767.0
 TICK_S = 0.01  # the AudioSource hands 10 ms to its track every 10 ms
 BLOCK = SAMPLE_RATE // 100  # samples per tick
@@ -81,6 +82,13 @@ HANDOFF_PUBLIC_S = 0.001
 # close (see Mixer._phase_prior).
 CLOCK_START_S = 0.0001
 PHASE_TOLERANCE_S = 0.0004
+# Reply audio that arrives while the reply's earlier audio is still queued ahead of the
+# listener is mixed into the queue (a "fill") only FILL_LEAD_S before that audio runs out,
+# all at once, instead of at each chunk (an API that sends faster than real time sends a
+# chunk every few tens of ms, and each fill costs about as much as a hand-over); a fill
+# less than FILL_DEFER_S away is done at once.
+FILL_LEAD_S = 0.04
+FILL_DEFER_S = 0.02
 
 
 def _wrap(d: float) -> float:
@@ -773,6 +781,15 @@ class MixerCore:
         return bool(self.reply.queued) and self._tail is None and self._last_reply_end < self.frame \
             and not self._held(self.clock())
 
+    def fill_from(self) -> int:
+        """Where ``rerender(..., "fill")`` would start mixing the waiting reply audio: the
+        output position right after the last reply sample mixed (if none is, the oldest
+        frame kept: long played)."""
+        for slot in reversed(self._history):
+            if slot.reply_end:
+                return slot.pos + slot.reply_end
+        return self._history[0].pos if self._history else self.samples_out
+
     def wants_voices(self) -> bool:
         """A bed (from silence), the thinking cue or a cue was started and has no frame of
         its own yet: it could be mixed into frames already handed over (rerender_voices)."""
@@ -1106,13 +1123,35 @@ class MixerCore:
         and the limiter run again from the state they had there. Returns the frames'
         samples (int16, ``frames`` x frame) and the output position from which they
         changed; reply events from that position on are replaced (``events``)."""
+        data, changed, rest = self.rerender_split(frames, mode, None)
+        return (np.concatenate([data, rest()]) if rest is not None else data), changed
+
+    def rerender_split(self, frames: int, mode: str, split: int | None
+                       ) -> tuple[np.ndarray, int, Callable[[], np.ndarray] | None]:
+        """``rerender``, in two parts: the first ``split`` of the frames now, the others
+        when ``rest()`` is called (None: nothing left), so that the first part can be
+        handed over before the rest is mixed. Nothing else may mix in between."""
+        steps = self._rerender_steps(frames, mode, split)
+        data, changed, more = next(steps)
+        if not more:
+            return data, changed, None
+
+        def rest() -> np.ndarray:
+            return next(steps)[0]
+        return data, changed, rest
+
+    def _rerender_steps(self, frames: int, mode: str, split: int | None
+                        ) -> Iterator[tuple[np.ndarray, int, bool]]:
+        """rerender_split's work: yields (the first part's samples, changed, more to come),
+        then, if more, (the rest's samples, changed, False)."""
         n = self.frame
         frames = min(frames, len(self._history))
         hist = self._history
         i0 = len(hist) - frames
         empty = np.zeros(0, np.int16)
         if frames <= 0:
-            return empty, self.samples_out
+            yield empty, self.samples_out, False
+            return
         now = self.clock()
         if mode == "drop":
             j, o = i0, 0
@@ -1120,14 +1159,16 @@ class MixerCore:
             self._reply_tail = None
         elif mode == "fill":
             if not self.wants_fill():
-                return empty, self.samples_out
+                yield empty, self.samples_out, False
+                return
             j, o = i0, 0
             for i in range(len(hist) - 1, i0 - 1, -1):
                 if hist[i].reply_end:
                     j, o = (i + 1, 0) if hist[i].reply_end >= n else (i, hist[i].reply_end)
                     break
             if j >= len(hist):
-                return empty, self.samples_out
+                yield empty, self.samples_out, False
+                return
         else:
             raise ValueError(f"unknown rerender mode {mode!r}")
         changed = hist[j].pos + o
@@ -1143,7 +1184,9 @@ class MixerCore:
         cut = self._fade_out(fade_n)
         yield_fade: Ramp | None = None
         interrupted: set[str] = set()
-        for i in range(j, len(hist)):
+
+        def mix(i: int) -> None:
+            nonlocal yield_fade
             slot = hist[i]
             slot.events = [e for e in slot.events if e[2] < changed]
             if mode == "drop":
@@ -1195,6 +1238,19 @@ class MixerCore:
             duck = self.ducker.render(n, speech)
             self._finish(slot, duck)
             self.events.extend(e for e in slot.events if e[2] >= changed)
+
+        cut_at = len(hist) if split is None else min(len(hist), i0 + max(1, split))
+        for i in range(j, cut_at):
+            mix(i)
+        if mode == "drop":
+            for st in self.stats.values():  # the interrupted reply is silent from these frames on
+                if st.interrupted_at is not None and (st.silent_at is None or st.silent_at > now):
+                    st.silent_at = now
+                    self._record_silence(st)
+        if cut_at < len(hist):
+            yield np.concatenate([hist[i].out for i in range(i0, cut_at)]), changed, True
+            for i in range(max(j, cut_at), len(hist)):
+                mix(i)
         if yield_fade is not None:  # and the live thinking cue goes on fading from there
             for v in self.voices:
                 if v.yields and not v.retiring:
@@ -1205,12 +1261,10 @@ class MixerCore:
                         v.fade = fade
                     else:
                         v.fade = yield_fade
-        if mode == "drop":
-            for st in self.stats.values():  # the interrupted reply is silent from these frames on
-                if st.interrupted_at is not None and (st.silent_at is None or st.silent_at > now):
-                    st.silent_at = now
-                    self._record_silence(st)
-        return np.concatenate([hist[i].out for i in range(i0, len(hist))]), changed
+        if cut_at < len(hist):
+            yield np.concatenate([hist[i].out for i in range(cut_at, len(hist))]), changed, False
+        else:
+            yield np.concatenate([hist[i].out for i in range(i0, len(hist))]), changed, False
 
 
 # --- the writer ---------------------------------------------------------------------------
@@ -1312,12 +1366,18 @@ class Mixer:
         frame_ms = settings.frame_ms
         self.batch_frames = max(1, -(-int(batch_ms) // frame_ms))
         self.batch_ms = self.batch_frames * frame_ms
+        # While reply audio is waiting, a hand-over mixes no further than it goes, but at
+        # least this much (MIN_BATCH_MS).
+        self.min_batch_frames = min(self.batch_frames, max(1, MIN_BATCH_MS // frame_ms))
         # The least audio queued ahead of the listener (what rides out a stall of the
         # writer); up to batch_ms more right after a hand-over.
         self.queue_ms = queue_ms
         # The source's own queue: a regular hand-over overfills it by one 10 ms block, so
         # that capture completes at the source's next tick (see _check_clock).
         self.source_queue_ms = max(10, queue_ms + self.batch_ms - 10)
+        # The most audio ever queued ahead of the listener (right after a full batch), ms:
+        # how long a change to the bed (its volume, its stop) can take to be heard.
+        self.max_queue_ms = self.source_queue_ms + 10
         history = (self.source_queue_ms + 10 + frame_ms) // frame_ms + 4
         self.core = MixerCore(settings, history_frames=history)
         # Underruns are counted (and warned about) only while the track is on air. A caller
@@ -1343,8 +1403,11 @@ class Mixer:
             else start_reply_at_once
         self._flush_requested = False
         self._fill_requested = False
+        self._fill_due: float | None = None  # a deferred fill: when (see FILL_LEAD_S)
+        self._fill_forced = False  # the deferred fill is due: do it, do not defer again
         self.flushes = 0
         self.fills = 0
+        self.hand_overs = 0  # regular hand-overs (a batch each)
         self.voice_fills = 0
         self.cleared_ms: list[float] = []
         self._lock = threading.Lock()
@@ -1560,6 +1623,27 @@ class Mixer:
             queued = self._queued_s(now)
             behind = queued + batch_s < high - 0.005  # no tick to wait for: hand over now
             if behind or (queued + batch_s <= high + 1e-4 and self._next_tick(now) - now <= 0.0035):
+                if self._fill_due is not None:
+                    # The deferred fill first: the new frames must follow the reply audio
+                    # waiting for it, not take it.
+                    self._fill_forced = self._fill_requested = True
+                    continue
+                if frames > self.min_batch_frames:
+                    with self._lock:
+                        reply = self.core.reply.queued if not self.core.hold_until() else 0
+                        short = any(v.kind != "bed" for v in self.core.voices)
+                    if short:
+                        # A cue, the thinking cue or a stream plays: its stop (or a stream's
+                        # next audio) must not wait behind a long queue.
+                        frames = self.min_batch_frames
+                    elif reply:
+                        # No further than the reply audio received (whole frames of it: the
+                        # rest is mixed on by the next hand-over, not mixed again): frames
+                        # mixed beyond it would have to be mixed again when more arrives
+                        # (a fill). The next hand-over comes sooner instead, as cheap as a
+                        # fill. With less than MIN_BATCH_MS waiting, the usual batch.
+                        whole = reply // n
+                        frames = min(frames, whole) if whole >= self.min_batch_frames else frames
                 await self._hand_over(rtc, frames)
                 continue
             # Sleep until just before the tick after which one more batch fits: that
@@ -1571,9 +1655,13 @@ class Mixer:
                     hold = self.core.hold_until()
             if hold is not None:
                 wake = min(wake, hold)
+            if self._fill_due is not None:
+                wake = min(wake, self._fill_due)
             await self._sleep_until(wake)
             if hold is not None and time.monotonic() >= hold - 0.0005:
                 self._fill_requested = True  # the cushion's wait is over
+            if self._fill_due is not None and time.monotonic() >= self._fill_due - 0.0005:
+                self._fill_forced = self._fill_requested = True
 
     async def _sleep_until(self, t: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1626,6 +1714,7 @@ class Mixer:
             counters.queue_ms = max(0.0, (self._handed_until - now) * 1000)
             posts = self._timed_locked(items)
         self._cleared = False
+        self.hand_overs += 1
         if self._direct is not None:
             t_call = await self._direct.capture(frame)
         else:
@@ -1643,12 +1732,22 @@ class Mixer:
 
     async def _urgent(self, rtc: Any) -> None:
         flush, self._flush_requested = self._flush_requested, False
+        forced, self._fill_forced = self._fill_forced, False
         self._fill_requested = False
         if flush:
             await self._rerender(rtc, "drop")
         if self.start_reply_at_once:
+            self._fill_due = None
             with self._lock:
                 fill = self.core.wants_fill()
+                at = self.core.fill_from() if fill else 0
+            if fill and not forced and self._phase is not None:
+                # The reply's audio already queued plays until about then: the new audio
+                # can wait, to be mixed in with whatever else arrives meanwhile.
+                due = self._time_of(at) - FILL_LEAD_S
+                if due - time.monotonic() > FILL_DEFER_S:
+                    self._fill_due = due
+                    fill = False
             if fill:
                 await self._rerender(rtc, "fill")
             with self._lock:
@@ -1666,13 +1765,21 @@ class Mixer:
         if blocks <= 0:
             return  # nothing queued: the next frames mixed carry the change
         frames = -(-blocks * BLOCK // n)
+        rest: Callable[[], np.ndarray] | None = None
         with self._lock:
             if mode == "drop":
                 recent = list(self.core._history)[-frames:]
                 if not any(f.reply_end for f in recent):
                     return  # the reply had not reached the queue: dropping the buffer was enough
-            data, changed = self.core.rerender_voices(frames) if mode == "voices" \
-                else self.core.rerender(frames, mode)
+            total = min(frames, len(self.core._history)) * n
+            if mode == "voices":
+                data, changed = self.core.rerender_voices(frames)
+            else:
+                # A long queue in two parts: the first MIN_BATCH_MS (plenty to mix the rest
+                # in before it has played) replaces the queue at once; the rest is mixed
+                # and queued after it. The barge-in (or the reply's start) then waits for
+                # the mixing of 100 ms, not of all that is queued.
+                data, changed, rest = self.core.rerender_split(frames, mode, self.min_batch_frames)
             if not len(data):
                 return
             posts = self._timed_locked(self._drain_locked())
@@ -1684,12 +1791,20 @@ class Mixer:
         while True:
             late = round((self._next_tick(checked) - tick) / TICK_S)
             keep = (blocks - late) * BLOCK
-            if keep <= 0:
+            if keep <= 0 or (rest is not None and total - keep >= len(data)):
+                if rest is not None:  # the first part has played meanwhile (or nothing is left)
+                    with self._lock:
+                        data = np.concatenate([data, rest()])
+                        posts += self._timed_locked(self._drain_locked())
+                    rest = None
+                    checked = await self._clear_of_tick()
+                    continue
                 self.misses += 1
                 self._deliver(posts, None if mode == "voices" else changed)
                 return
-            frame, buf = self._frame_of(rtc, keep)
-            buf[:] = data[len(data) - keep:]
+            head = len(data) if rest is not None else total
+            frame, buf = self._frame_of(rtc, head - (total - keep))
+            buf[:] = data[total - keep:head]
             # One hand-off: the queue is whole again after a single call.
             if self._direct is None:
                 # Through the public calls both release the GIL: a thread that takes it in
@@ -1717,6 +1832,16 @@ class Mixer:
             # over again, or silence. Either way the queue now runs out a block later.
             self.races += 1
             self._handed_until += TICK_S
+        if rest is not None:
+            with self._lock:
+                more = rest()
+                posts += self._timed_locked(self._drain_locked())
+            frame, buf = self._frame_of(rtc, len(more))
+            buf[:] = more
+            if self._direct is not None:
+                await self._direct.capture(frame)
+            else:
+                await self.source.capture_frame(frame)
         self._deliver(posts, None if mode == "voices" else changed)
         if mode == "drop":
             self.flushes += 1
@@ -1834,7 +1959,7 @@ class Mixer:
         with self._lock:
             was_waiting = self.core.reply.queued > 0
             self.core.push_reply(reply_id, pcm)
-            wake = self.start_reply_at_once and not self._fill_requested and \
+            wake = self.start_reply_at_once and not self._fill_requested and self._fill_due is None and \
                 (self.core.wants_fill() or (not was_waiting and self.core.reply.queued > 0))
             if wake:
                 self._fill_requested = True

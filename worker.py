@@ -180,6 +180,7 @@ class Worker:
             mixer_mod.MixerSettings(frame_ms=self.cfg.mix_frame_ms, ambient_volume=self.cfg.ambient_volume,
                                     duck_db=self.cfg.ambient_duck_db, thinking_volume=self.cfg.thinking_volume),
             queue_ms=self.cfg.output_queue_ms,
+            batch_ms=self.cfg.output_batch_ms,
             clear_queue_on_barge_in=self.cfg.barge_in_clear_queue,
             priority=self.cfg.audio_priority,
             on_air=False,  # until the track is published
@@ -260,7 +261,7 @@ class Worker:
             self.mixer.stop_bed(fade_ms)
         # The bed fades out while the session ends; then leave the room.
         await asyncio.gather(self._end_session(),
-                             asyncio.sleep((fade_ms + self.cfg.output_queue_ms) / 1000))
+                             asyncio.sleep((fade_ms + (self.mixer.max_queue_ms if self.mixer is not None else 0)) / 1000))
         await self.link.leave()
 
     async def _startup_check(self) -> None:
@@ -588,7 +589,7 @@ class Worker:
         log.info("hanging up (%s): %s", reason, "deleting the room" if self.cfg.end_call_action == "delete_room"
                  else "leaving the room")
         self.mixer.stop_bed(500)
-        await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.cfg.output_queue_ms / 1000))
+        await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.mixer.max_queue_ms / 1000))
         self._call_ended()
         self.link.hung_up = True
         if self.cfg.end_call_action == "delete_room":

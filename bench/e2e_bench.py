@@ -26,6 +26,8 @@ fresh rooms with fresh processes:
 * **ours-no-bed** = ours with ``AMBIENT_SOUND=none``: what playing the bed costs (the same
   bridge, mixer and writer, with nothing but replies to play, like minimal). Both extra
   designs run in full runs only; ``--designs`` picks any of them.
+* **ours-b100** = ours with ``OUTPUT_BATCH_MS=100``: the mixer's batches as they were before
+  they grew to 400 ms (what that change bought). Only when ``--designs`` names it.
 
 Signals (tones at multiples of 50 Hz, so 20 ms windows hold whole periods): the bed is a
 3 s loop of a 300 Hz tone plus seeded noise band-limited to 1.4-4 kHz
@@ -155,9 +157,11 @@ DESIGNS = {
     "naive": {"OUTPUT_QUEUE_MS": "1000", "BARGE_IN_CLEAR_QUEUE": "1"},
     "ours-normal": {"AUDIO_PRIORITY": "normal"},  # what real-time scheduling costs (full runs only)
     "ours-no-bed": {"AMBIENT_SOUND": "none"},  # what playing the bed costs (full runs only)
+    "ours-b100": {"OUTPUT_BATCH_MS": "100"},  # batches of 100 ms, as before 400 (on request only)
 }
 NO_BED = ("minimal", "ours-no-bed")  # designs whose track carries no bed: no bed figures
 QUICK_DESIGNS = ("ours", "minimal", "naive")
+ON_REQUEST = ("ours-b100",)  # only when --designs names them
 HOST_LOAD = 0.8  # a host is "full" at this share of its cores busy (audio needs headroom)
 BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -743,7 +747,8 @@ class Bench:
         self.tracker = BedTracker(worker_loop_of(self.bed))
         self.t_start = time.monotonic()
         self._rooms = 0
-        wanted = args.designs.split(",") if args.designs else (QUICK_DESIGNS if args.quick else list(DESIGNS))
+        wanted = args.designs.split(",") if args.designs else \
+            (QUICK_DESIGNS if args.quick else [d for d in DESIGNS if d not in ON_REQUEST])
         self.designs = [d for d in DESIGNS if d in wanted]
         self.n_late = 1 if args.quick else 3
 
@@ -1253,6 +1258,8 @@ def report(res: dict[str, Any]) -> str:
             ratios.append(("ours-normal", "ours"))
         if "ours-no-bed" in designs and BASELINE in designs:
             ratios.append(("ours-no-bed", BASELINE))
+        if "ours-b100" in designs and BASELINE in designs:
+            ratios.append(("ours-b100", BASELINE))
         add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
             + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 

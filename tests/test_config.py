@@ -60,6 +60,7 @@ def test_defaults():
     assert cfg.turn_detection() == {}  # the default profile sends nothing
     # The mixer bench's "ours" is Mixer()'s default queue: it must be the worker's.
     assert cfg.output_queue_ms == mixer.DEFAULT_QUEUE_MS
+    assert cfg.output_batch_ms == mixer.DEFAULT_BATCH_MS
 
 
 def test_turn_profile_and_overrides():

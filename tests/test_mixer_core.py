@@ -288,6 +288,37 @@ def test_a_reply_mixed_into_queued_frames_is_exactly_as_if_it_had_come_in_time()
     assert not late.wants_fill()
 
 
+@pytest.mark.parametrize("mode", ["fill", "drop"])
+def test_a_re_mix_in_two_parts_is_the_re_mix_in_one(mode):
+    """rerender_split (the writer hands the first part over before it mixes the rest) gives
+    the same samples, events and state as rerender, to the sample."""
+    def setup() -> MixerCore:
+        c = MixerCore(MixerSettings(duck_db=-12.0, ambient_fade_in_ms=0), clock=lambda: 0.0, history_frames=60)
+        c.set_bed("bed", sine(300, 1.0, 0.3), volume=1.0, fade_ms=0)
+        run(c, 5)
+        if mode == "drop":
+            c.push_reply("r1", pcm(sine(1000, 1.0)))
+        run(c, 40)  # queued, not yet played
+        if mode == "drop":
+            c.interrupt("r1")
+        else:
+            c.push_reply("r1", pcm(sine(1000, 0.6)))
+        return c
+
+    whole, split = setup(), setup()
+    a, changed_a = whole.rerender(40, mode)
+    first, changed_b, rest = split.rerender_split(40, mode, 10)
+    assert rest is not None and len(first) == 10 * FRAME
+    b = np.concatenate([first, rest()])
+    assert changed_a == changed_b
+    assert np.array_equal(a, b)
+    assert whole.events == split.events
+    assert np.array_equal(run(whole, 30), run(split, 30)), "the frames mixed after differ"
+    _, _, none_left = setup().rerender_split(40, mode, 40)
+    assert none_left is None
+
+
+
 def test_barge_in_mixed_into_queued_frames_is_exactly_a_barge_in_in_time():
     """Barge-in (drop): the queued frames are mixed again without the reply, a 2 ms fade
     from the first of them; the same as interrupting before they were mixed."""

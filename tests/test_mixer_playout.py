@@ -447,12 +447,12 @@ async def test_a_barge_in_while_the_writer_re_mixes_is_not_left_for_its_next_bat
     bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
     mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
     reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE) / RATE) * 32767).astype("<i2")
-    orig = mixer.core.rerender
+    orig = mixer.core.rerender_split
     current: list[str] = []
     barging: list[threading.Thread] = []
 
-    def rerender(frames: int, mode: str):  # on the writer's thread, under the mixer's lock
-        out = orig(frames, mode)
+    def rerender(frames: int, mode: str, split: int | None):  # on the writer's thread, under its lock
+        out = orig(frames, mode, split)
         if mode == "fill" and not barging:
             # Blocks on the lock until the writer has mixed, then barges in while the
             # writer hands the re-mixed frames over.
@@ -460,7 +460,7 @@ async def test_a_barge_in_while_the_writer_re_mixes_is_not_left_for_its_next_bat
             barging[0].start()
         return out
 
-    mixer.core.rerender = rerender
+    mixer.core.rerender_split = rerender
     try:
         await asyncio.sleep(0.5)
         for i, delay in enumerate((0.0, 0.137, 0.171)):
@@ -477,3 +477,93 @@ async def test_a_barge_in_while_the_writer_re_mixes_is_not_left_for_its_next_bat
             assert ms < 40, f"the barge-in was handled {ms:.0f} ms after it came"
     finally:
         await mixer.aclose()
+
+
+async def test_a_reply_paced_in_real_time_is_mixed_in_without_holes_and_few_re_mixes():
+    """An API like the stand-in (a reply's first 300 ms at once, then 40-120 ms chunks in
+    real time): the reply is heard whole, from its start to its end, and its audio goes
+    into the track as it is handed over, not by mixing the queue again at every chunk."""
+    import random
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    t = np.arange(RATE * 3) / RATE
+    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    rnd = random.Random(3)
+    chunks = 0
+    span: list[float] = []
+
+    async def body() -> None:
+        nonlocal chunks
+        await asyncio.sleep(0.6)
+        start = time.monotonic()
+        span.append(start)
+        sent = 0
+        while sent < len(reply):
+            k = rnd.randint(40, 120) * RATE // 1000
+            mixer.push_reply("r1", reply[sent:sent + k].tobytes())
+            sent += k
+            chunks += 1
+            await asyncio.sleep(max(0.0, start + sent / RATE - 0.3 - time.monotonic()))
+        await asyncio.sleep(0.8)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    out = Output(heard)
+    onset = out.first_tone(span[0] - 0.05)
+    assert onset is not None, "the reply was never heard"
+    w = RATE // 50  # 20 ms windows over the reply, but its first and last
+    levels = [tone_amplitude(out.data[i:i + w], REPLY_HZ) for i in range(onset + w, onset + len(reply) - 2 * w, w)]
+    assert min(levels) > 0.15, f"the reply dropped to {min(levels):.2f} at {np.argmin(levels) * 20 + 20} ms"
+    assert mixer.core.counters.reply_holes == 0
+    assert chunks >= 30 and mixer.fills <= 4, f"{mixer.fills} re-mixes for {chunks} chunks"
+    positions = bed_positions(heard, bed, span[0] - 0.3)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
+async def test_long_batches_under_the_bed_alone_short_ones_while_a_cue_plays():
+    """The bed alone is handed over 400 ms at a time (fewer crossings into the SDK); while
+    a cue plays, 100 ms at a time, so that its stop is heard within 100-200 ms of queue."""
+    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    ding = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE // 2) / RATE)).astype(np.float32)
+    stops: list[float] = []
+    counts: dict[str, int] = {}
+
+    async def body() -> None:
+        await asyncio.sleep(0.8)
+        h0 = mixer.hand_overs
+        await asyncio.sleep(2.0)
+        counts["bed"] = mixer.hand_overs - h0
+        for i in range(4):
+            handle = mixer.play(ding, name="ding", loop=True)
+            await asyncio.sleep(0.7 + 0.037 * i)  # stops at several phases of the hand-overs
+            if i == 0:
+                h0 = mixer.hand_overs
+                await asyncio.sleep(0.5)
+                counts["cue"] = mixer.hand_overs - h0
+            stops.append(time.monotonic())
+            handle.stop(fade_ms=20)
+            assert await handle is False
+            await asyncio.sleep(0.3)
+
+    try:
+        heard = await observe_mixer(mixer, body)
+    finally:
+        await mixer.aclose()
+    assert counts["bed"] <= 7, f"{counts['bed']} hand-overs in 2 s of bed alone"
+    assert counts["cue"] >= 4, f"{counts['cue']} hand-overs in 0.5 s with a cue"
+    out = Output(heard)
+    w = RATE // 100
+    for t_stop in stops:
+        i = out.index_at(t_stop)
+        while i + w < len(out.data) and tone_amplitude(out.data[i:i + w], REPLY_HZ) > 0.02:
+            i += w
+        gone = out.time_of(i) - t_stop
+        assert gone < 0.26, f"the cue went on {gone * 1000:.0f} ms after its stop"
