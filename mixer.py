@@ -1184,9 +1184,13 @@ class MixerCore:
         cut = self._fade_out(fade_n)
         yield_fade: Ramp | None = None
         interrupted: set[str] = set()
+        # Once the reply runs dry in these frames, the later ones take none of it: audio that
+        # arrives between the two parts of a split re-mix belongs right after the reply's
+        # last sample (a fill from there), not at the start of the rest.
+        dry = False
 
         def mix(i: int) -> None:
-            nonlocal yield_fade
+            nonlocal yield_fade, dry
             slot = hist[i]
             slot.events = [e for e in slot.events if e[2] < changed]
             if mode == "drop":
@@ -1215,10 +1219,13 @@ class MixerCore:
             else:
                 start = o if i == j else 0
                 fade_from = 0
-                if self.reply.queued:
+                if not self.reply.queued:
+                    dry = True
+                elif not dry:
                     owners_before = slot.owners
                     k = self._read_reply(slot, start, now)
                     slot.owners = owners_before + slot.owners
+                    dry = k < n
                     if k:
                         slot.reply_end = k
                         if yield_fade is None:  # the thinking cue fades out from the reply's start

@@ -318,6 +318,26 @@ def test_a_re_mix_in_two_parts_is_the_re_mix_in_one(mode):
     assert none_left is None
 
 
+def test_reply_audio_that_comes_between_the_parts_of_a_re_mix_waits_for_its_place():
+    """The reply ran dry in the first part of a split fill; audio pushed before the rest is
+    mixed must not start at the rest's first frame (a hole in the reply) but right after
+    the reply's last sample, by the next fill."""
+    c = MixerCore(MixerSettings(duck_db=0.0, ambient_fade_in_ms=0), clock=lambda: 0.0, history_frames=60)
+    run(c, 40)  # queued silence
+    x = sine(1000, 0.3)
+    c.push_reply("r1", pcm(x[:RATE // 20]))  # 50 ms
+    first, _, rest = c.rerender_split(40, "fill", 10)
+    c.push_reply("r1", pcm(x[RATE // 20:]))  # the rest of the reply, late for the first part
+    later = rest()
+    assert not later.any(), "the late audio was mixed in at the start of the rest"
+    assert c.wants_fill()
+    again, changed = c.rerender(40, "fill")
+    assert changed == RATE // 20  # right after the reply's last sample
+    y = again.astype(np.float32) / 32767
+    got = y[:len(x)]
+    assert np.max(np.abs(got - np.clip(x, -1, 1))) < 2e-4, "the reply is not whole and in place"
+
+
 
 def test_barge_in_mixed_into_queued_frames_is_exactly_a_barge_in_in_time():
     """Barge-in (drop): the queued frames are mixed again without the reply, a 2 ms fade
