@@ -732,6 +732,9 @@ class CpuMeter:
         except (OSError, ValueError):
             pass
         self._last: tuple[float, float] | None = None
+        # The shortest window a sample may cover: 0.05 CPU-seconds (in /proc/stat's clock
+        # ticks, or in core-seconds against a quota).
+        self._min_total = 0.05 if self._quota_cores else 0.05 * os.sysconf("SC_CLK_TCK")
 
     def _read(self) -> tuple[float, float] | None:
         """(busy, total) in comparable units, or None."""
@@ -753,6 +756,12 @@ class CpuMeter:
         cur = self._read()
         if cur is not None and self._last is not None:
             d_total = cur[1] - self._last[1]
+            # A window too short to measure (the first tick comes right after start-up, a
+            # few ms after the first reading: one clock tick of /proc/stat is then 0% or
+            # 100%, and a false 100% turned the first user away): measure on from the same
+            # reading next time.
+            if d_total < self._min_total:
+                return self.value
             if d_total > 0:
                 self.samples.append(min(1.0, max(0.0, (cur[0] - self._last[0]) / d_total)))
         self._last = cur

@@ -714,3 +714,18 @@ async def test_a_silent_server_is_dropped_after_the_ping_timeout_and_the_worker_
             loop.remove_signal_handler(sig)
         task.cancel()
         server.close()
+
+
+def test_cpu_meter_does_not_judge_a_window_too_short_to_measure(tmp_path):
+    """The first tick comes a few ms after start-up's reading: one /proc/stat tick, all of it
+    busy, is no 100% (it once turned the first user of `serve` away); the meter measures on
+    from the same reading instead."""
+    (tmp_path / "proc").mkdir()
+    stat = tmp_path / "proc" / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+    m = dispatch.CpuMeter(window=5, root=tmp_path)
+    m.sample()
+    stat.write_text("cpu  101 0 100 800 0 0 0 0 0 0\n")  # one tick, busy
+    assert m.sample() == 0.0 and not m.samples
+    stat.write_text("cpu  110 0 100 890 0 0 0 0 0 0\n")  # since the first reading: 10 of 100 busy
+    assert m.sample() == pytest.approx(0.1)
