@@ -781,13 +781,21 @@ class MixerCore:
         return bool(self.reply.queued) and self._tail is None and self._last_reply_end < self.frame \
             and not self._held(self.clock())
 
+    def _last_reply_frame(self, lo: int = 0) -> int | None:
+        """Index in the history, from ``lo`` on, of the last frame carrying reply audio."""
+        hist = self._history
+        for i in range(len(hist) - 1, lo - 1, -1):
+            if hist[i].reply_end:
+                return i
+        return None
+
     def fill_from(self) -> int:
         """Where ``rerender(..., "fill")`` would start mixing the waiting reply audio: the
         output position right after the last reply sample mixed (if none is, the oldest
         frame kept: long played)."""
-        for slot in reversed(self._history):
-            if slot.reply_end:
-                return slot.pos + slot.reply_end
+        i = self._last_reply_frame()
+        if i is not None:
+            return self._history[i].pos + self._history[i].reply_end
         return self._history[0].pos if self._history else self.samples_out
 
     def wants_voices(self) -> bool:
@@ -1123,8 +1131,8 @@ class MixerCore:
         and the limiter run again from the state they had there. Returns the frames'
         samples (int16, ``frames`` x frame) and the output position from which they
         changed; reply events from that position on are replaced (``events``)."""
-        data, changed, rest = self.rerender_split(frames, mode, None)
-        return (np.concatenate([data, rest()]) if rest is not None else data), changed
+        data, changed, _ = self.rerender_split(frames, mode, None)  # unsplit: no rest
+        return data, changed
 
     def rerender_split(self, frames: int, mode: str, split: int | None
                        ) -> tuple[np.ndarray, int, Callable[[], np.ndarray] | None]:
@@ -1162,10 +1170,9 @@ class MixerCore:
                 yield empty, self.samples_out, False
                 return
             j, o = i0, 0
-            for i in range(len(hist) - 1, i0 - 1, -1):
-                if hist[i].reply_end:
-                    j, o = (i + 1, 0) if hist[i].reply_end >= n else (i, hist[i].reply_end)
-                    break
+            last = self._last_reply_frame(i0)
+            if last is not None:
+                j, o = (last + 1, 0) if hist[last].reply_end >= n else (last, hist[last].reply_end)
             if j >= len(hist):
                 yield empty, self.samples_out, False
                 return
@@ -1268,10 +1275,8 @@ class MixerCore:
                         v.fade = fade
                     else:
                         v.fade = yield_fade
-        if cut_at < len(hist):
-            yield np.concatenate([hist[i].out for i in range(cut_at, len(hist))]), changed, False
-        else:
-            yield np.concatenate([hist[i].out for i in range(i0, len(hist))]), changed, False
+        lo = cut_at if cut_at < len(hist) else i0  # the rest, or all of them
+        yield np.concatenate([hist[i].out for i in range(lo, len(hist))]), changed, False
 
 
 # --- the writer ---------------------------------------------------------------------------
@@ -1722,11 +1727,7 @@ class Mixer:
             posts = self._timed_locked(items)
         self._cleared = False
         self.hand_overs += 1
-        if self._direct is not None:
-            t_call = await self._direct.capture(frame)
-        else:
-            t_call = time.monotonic()
-            await self.source.capture_frame(frame)
+        t_call = await self._capture(frame)
         t_done = time.monotonic()
         self._check_clock(t_call, t_done, expected)
         self._deliver(posts, None)
@@ -1736,6 +1737,14 @@ class Mixer:
             # The source stopped pacing us (closed?): never spin, least of all at
             # real-time priority.
             await asyncio.sleep(0.1)
+
+    async def _capture(self, frame: Any) -> float:
+        """Queue ``frame`` after what the source holds; returns the time just before the call."""
+        if self._direct is not None:
+            return await self._direct.capture(frame)  # type: ignore[return-value]  # without a deadline, never None
+        t_call = time.monotonic()
+        await self.source.capture_frame(frame)
+        return t_call
 
     async def _urgent(self, rtc: Any) -> None:
         flush, self._flush_requested = self._flush_requested, False
@@ -1845,10 +1854,7 @@ class Mixer:
                 posts += self._timed_locked(self._drain_locked())
             frame, buf = self._frame_of(rtc, len(more))
             buf[:] = more
-            if self._direct is not None:
-                await self._direct.capture(frame)
-            else:
-                await self.source.capture_frame(frame)
+            await self._capture(frame)
         self._deliver(posts, None if mode == "voices" else changed)
         if mode == "drop":
             self.flushes += 1
