@@ -30,18 +30,36 @@ def tone_amplitude(x: np.ndarray, freq: float) -> float:
     return float(2 * abs(np.sum(x * w * np.exp(-2j * np.pi * freq * np.arange(n) / RATE))) / np.sum(w))
 
 
+def mixer_over_noise(settings: MixerSettings | None = None, **kw: object) -> tuple[Mixer, np.ndarray]:
+    """A started Mixer (``kw`` to Mixer) playing a 1 s noise loop as its bed, at once."""
+    mixer = Mixer(settings or MixerSettings(ambient_fade_in_ms=0, duck_db=0.0), **kw)  # type: ignore[arg-type]
+    mixer.start()
+    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
+    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    return mixer, bed
+
+
+def reply_tone(seconds: float) -> np.ndarray:
+    """The reply: a REPLY_HZ tone at 0.2, int16."""
+    return (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(int(RATE * seconds)) / RATE) * 32767).astype("<i2")
+
+
+def assert_bed_whole(heard: list[tuple[float, np.ndarray]], bed: np.ndarray, since: float) -> None:
+    """Every observed 10 ms chunk since ``since`` starts 240 samples after the previous one
+    in the bed loop (no skip, no repeat)."""
+    positions = bed_positions(heard, bed, since)
+    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
+    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+
+
 async def run_barge_in(flush: bool, queue_ms: int = 100, direct: bool = True
                        ) -> tuple[list[tuple[float, np.ndarray]], float, np.ndarray]:
     from livekit import rtc
 
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0), queue_ms=queue_ms, flush_on_barge_in=flush,
-                  direct_calls=direct)
-    source = mixer.start()
+    mixer, bed = mixer_over_noise(queue_ms=queue_ms, flush_on_barge_in=flush, direct_calls=direct)
     assert (mixer._direct is not None) == direct, \
         "the SDK internals the writer calls directly are gone (see mixer._DirectSource)"
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)  # a 1 s noise loop
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    track = rtc.LocalAudioTrack.create_audio_track("observed", source)
+    track = rtc.LocalAudioTrack.create_audio_track("observed", mixer.source)
     stream = rtc.AudioStream.from_track(track=track, sample_rate=RATE, num_channels=1)
     heard: list[tuple[float, np.ndarray]] = []
 
@@ -52,8 +70,7 @@ async def run_barge_in(flush: bool, queue_ms: int = 100, direct: bool = True
     observer = asyncio.create_task(observe())
     try:
         await asyncio.sleep(0.4)
-        t = np.arange(RATE * 3) / RATE
-        reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+        reply = reply_tone(3.0)
         mixer.push_reply("r1", reply.tobytes())
         await asyncio.sleep(1.0)
         t_interrupt = time.monotonic()
@@ -99,9 +116,7 @@ async def test_barge_in_at_the_output_with_a_continuous_bed(flush, direct):
         assert gone > 0.09, f"without the flush the queued reply should play out ({gone * 1000:.0f} ms)"
     # The bed continues sample for sample across the barge-in: every chunk starts exactly
     # 240 samples after the previous one in the loop (no skip, no repeat).
-    positions = bed_positions(heard, bed, t_interrupt - 0.3)
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, t_interrupt - 0.3)
 
 
 async def test_underruns_count_only_once_the_track_is_on_air():
@@ -178,12 +193,8 @@ async def test_a_reply_starts_at_once_over_a_queued_bed_without_a_click():
     """The source holds 100-200 ms of bed; a reply must not wait behind it: its first
     sample leaves the source within a frame or two of being pushed, and the bed goes on
     sample for sample across the re-mixed frames."""
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    t = np.arange(RATE) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    mixer, bed = mixer_over_noise()
+    reply = reply_tone(1.0)
     pushed: list[float] = []
 
     async def body() -> None:
@@ -205,9 +216,7 @@ async def test_a_reply_starts_at_once_over_a_queued_bed_without_a_click():
         delay = out.time_of(onset) - t_push
         assert delay < 0.04, f"the reply left the source {delay * 1000:.0f} ms after it was pushed"
     assert mixer.fills >= 3
-    positions = bed_positions(heard, bed, pushed[0] - 0.3)
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, pushed[0] - 0.3)
     assert not np.any(np.convolve(out.data[out.index_at(pushed[0]):] == 0, np.ones(24), "valid") == 24), \
         "hard silence in the output"
 
@@ -216,12 +225,8 @@ async def test_a_bursty_then_late_api_never_starves_the_track():
     """Reply chunks in bursts faster than real time, then gaps longer than the audio
     queued: the reply has holes (the API was late) but the track never runs dry, the
     bed goes on, and an adaptive jitter cushion grows to the hole."""
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0, reply_cushion_max_ms=60))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    t = np.arange(RATE * 2) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    mixer, bed = mixer_over_noise(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0, reply_cushion_max_ms=60))
+    reply = reply_tone(2.0)
     chunk = RATE // 25  # 40 ms
 
     async def body() -> None:
@@ -246,9 +251,7 @@ async def test_a_bursty_then_late_api_never_starves_the_track():
         f"misses {mixer.misses})"
     assert mixer.core.counters.reply_holes >= 2, "the API's lateness was not noticed"
     assert mixer.core.cushion_ms > 0
-    positions = bed_positions(heard, bed, heard[0][0] + 0.5)
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, heard[0][0] + 0.5)
 
 
 async def test_playback_events_and_wait_for_playout_follow_the_output():
@@ -259,8 +262,7 @@ async def test_playback_events_and_wait_for_playout_follow_the_output():
     mixer.set_bed("noise", (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32), volume=1.0)
     events: list[tuple[float, object]] = []
     mixer.add_listener(lambda ev: events.append((time.monotonic(), ev)))
-    t = np.arange(RATE // 2) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    reply = reply_tone(0.5)
     done: list[float] = []
 
     async def body() -> None:
@@ -313,12 +315,8 @@ async def test_reply_starts_and_barge_ins_keep_the_bed_whole_while_the_main_thre
     thread parses JSON in bursts), or the bed skips or repeats a block there."""
     import json
 
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    t = np.arange(RATE // 2) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    mixer, bed = mixer_over_noise()
+    reply = reply_tone(0.5)
     doc = json.dumps([{"type": "transcript.partial", "text": "okay, let me check"}] * 6000)  # ~5 ms to parse
     started: list[float] = []
     done = asyncio.Event()
@@ -351,16 +349,11 @@ async def test_reply_starts_and_barge_ins_keep_the_bed_whole_while_the_main_thre
     zeros = np.flatnonzero(np.convolve(out.data[since:] == 0, np.ones(24), "valid") == 24)
     assert not len(zeros), f"hard silence in the output {(zeros[0] + since) / RATE - (started[0] - out.t0):.3f} s " \
         f"in ({len(zeros)} samples; {mixer.snapshot()}, misses {mixer.misses})"
-    positions = bed_positions(heard, bed, started[0])
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, started[0])
 
 
 async def test_a_cue_starts_at_once_over_a_queued_bed():
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    mixer, bed = mixer_over_noise()
     ding = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE // 5) / RATE)).astype(np.float32)
     started: list[float] = []
 
@@ -382,9 +375,7 @@ async def test_a_cue_starts_at_once_over_a_queued_bed():
         assert onset is not None, "the cue was never heard"
         delay = out.time_of(onset) - t_start
         assert delay < 0.04, f"the cue left the source {delay * 1000:.0f} ms after it was started"
-    positions = bed_positions(heard, bed, started[0] - 0.3)
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, started[0] - 0.3)
 
 
 async def test_re_renders_never_leave_the_track_silent_while_another_thread_holds_the_gil():
@@ -405,13 +396,9 @@ async def test_re_renders_never_leave_the_track_silent_while_another_thread_hold
             for i in range(20000):
                 x += i
 
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
+    mixer, bed = mixer_over_noise()
     assert mixer._direct is not None
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    t = np.arange(RATE) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    reply = reply_tone(1.0)
     spinner = threading.Thread(target=spin, daemon=True)
 
     async def body() -> None:
@@ -442,11 +429,8 @@ async def test_a_barge_in_while_the_writer_re_mixes_is_not_left_for_its_next_bat
     when the writer next wakes for a batch (up to 400 ms later)."""
     import threading
 
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE) / RATE) * 32767).astype("<i2")
+    mixer, bed = mixer_over_noise()
+    reply = reply_tone(1.0)
     orig = mixer.core.rerender_split
     current: list[str] = []
     barging: list[threading.Thread] = []
@@ -484,12 +468,8 @@ async def test_a_reply_paced_in_real_time_is_mixed_in_without_holes_and_few_re_m
     real time): the reply is heard whole, from its start to its end, and its audio goes
     into the track as it is handed over, not by mixing the queue again at every chunk."""
     import random
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
-    t = np.arange(RATE * 3) / RATE
-    reply = (0.2 * np.sin(2 * np.pi * REPLY_HZ * t) * 32767).astype("<i2")
+    mixer, bed = mixer_over_noise()
+    reply = reply_tone(3.0)
     rnd = random.Random(3)
     chunks = 0
     span: list[float] = []
@@ -520,18 +500,13 @@ async def test_a_reply_paced_in_real_time_is_mixed_in_without_holes_and_few_re_m
     assert min(levels) > 0.15, f"the reply dropped to {min(levels):.2f} at {np.argmin(levels) * 20 + 20} ms"
     assert mixer.core.counters.reply_holes == 0
     assert chunks >= 30 and mixer.fills <= 4, f"{mixer.fills} re-mixes for {chunks} chunks"
-    positions = bed_positions(heard, bed, span[0] - 0.3)
-    steps = {(b - a) % RATE for a, b in zip(positions, positions[1:])}
-    assert steps == {240}, f"the bed jumped: steps {sorted(steps)}"
+    assert_bed_whole(heard, bed, span[0] - 0.3)
 
 
 async def test_long_batches_under_the_bed_alone_short_ones_while_a_cue_plays():
     """The bed alone is handed over 400 ms at a time (fewer crossings into the SDK); while
     a cue plays, 100 ms at a time, so that its stop is heard within 100-200 ms of queue."""
-    mixer = Mixer(MixerSettings(ambient_fade_in_ms=0, duck_db=0.0))
-    mixer.start()
-    bed = (np.random.default_rng(7).standard_normal(RATE) * 0.05).astype(np.float32)
-    mixer.set_bed("noise", bed, volume=1.0, fade_ms=0)
+    mixer, bed = mixer_over_noise()
     ding = (0.2 * np.sin(2 * np.pi * REPLY_HZ * np.arange(RATE // 2) / RATE)).astype(np.float32)
     stops: list[float] = []
     counts: dict[str, int] = {}
