@@ -762,8 +762,7 @@ class CpuMeter:
             # reading next time.
             if d_total < self._min_total:
                 return self.value
-            if d_total > 0:
-                self.samples.append(min(1.0, max(0.0, (cur[0] - self._last[0]) / d_total)))
+            self.samples.append(min(1.0, max(0.0, (cur[0] - self._last[0]) / d_total)))
         self._last = cur
         return self.value
 
