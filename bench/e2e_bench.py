@@ -69,7 +69,9 @@ Figures
    worker's counters (``SIGUSR1`` dumps them at info level) and its ``audio underrun``
    warnings. Also what the server, this process and everything else used meanwhile; CPU
    per thread group (our Python, our audio thread, the SDK's runtimes, WebRTC); and the
-   calls a host could hold at HOST_LOAD of its cores at that CPU per call.
+   calls a host could hold at HOST_LOAD of its cores at that CPU per call. The CPU ratio
+   is also given within each round (paired: the sessions of one round run back to back,
+   so the machine's drift between rounds, which moves every design, drops out).
 5. Density: 1, 2, 4, 6, 8 rooms at once (1, 2, 4 with --quick), one worker process (ours)
    and one user each; every user holds a conversation (0.5 s utterance, a 0.8 s answer,
    0.6-0.9 s pause) for ~20 s (10 s; one room alone runs 28 s to get ~10 turns). Per
@@ -915,10 +917,10 @@ class Bench:
                 index += 1
                 self.progress(f"session {index}/{len(designs) * rounds}: {design}, {per} replies + {per} barge-ins")
                 try:
-                    sessions.append(await self.session(design, per, per, index))
+                    sessions.append({**await self.session(design, per, per, index), "round": rnd_i})
                 except Exception as e:  # noqa: BLE001 - report and go on
                     self.progress(f"session failed: {type(e).__name__}: {e}")
-                    sessions.append({"design": design, "error": f"{type(e).__name__}: {e}"})
+                    sessions.append({"design": design, "round": rnd_i, "error": f"{type(e).__name__}: {e}"})
         return sessions
 
     # -- scenario 5: density -------------------------------------------------------------------
@@ -1308,6 +1310,16 @@ def report(res: dict[str, Any]) -> str:
                                  if s.get("listener") and s["listener"]["jb_delay_ms"] is not None) + " ms")
         row("4 worker CPU per minute of conversation", "cpu", " s", 2)
         row("4 ... the same in cores (whole process)", "cores", "", 3)
+        def paired(a: str, b: str) -> str:
+            """a's CPU over b's within each round (sessions run back to back): the machine's
+            drift from round to round, which moves both, drops out."""
+            of = {d: {s["round"]: s["cpu_s_per_min"] for s in by[d] if s.get("cpu_s_per_min") and "round" in s}
+                  for d in (a, b)}
+            r = stats([of[a][k] / of[b][k] for k in of[a] if k in of[b]])
+            return f"{a}/{b} {fmt(r, '', 2)}" if r.get("n") else f"{a}/{b} n/a"
+
+        if ratios:
+            add(f"   {'4 ... ratio within each round (paired)':<{w0}} " + "; ".join(paired(a, b) for a, b in ratios))
         row("4 worker peak RSS (VmHWM)", "rss", " MB")
         line(f"4 implied calls per {res['cpus']}-core host ({HOST_LOAD:.0%} busy)",
              lambda d: f"{res['cpus'] * HOST_LOAD / fig['cores'][d]['median']:.0f}" if fig["cores"][d].get("n") else "n/a")
