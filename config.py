@@ -365,6 +365,9 @@ class Config:
                                    "audio and media threads, nice -10 for the rest), nice (nice -10 only) or normal; "
                                    "needs CAP_SYS_NICE, else it falls back quietly",
                                    _choice("realtime", "nice", "normal"), group="Audio")
+    tokio_worker_threads: int = _setting(1, "worker threads of the LiveKit SDK's Rust runtime (tokio's own variable, "
+                                         "set for the SDK before it starts): a call needs one; each more only adds "
+                                         "wake-ups between them", _number(int, 1, 64), group="Audio")
     barge_in_clear_queue: bool = _setting(False, "for benchmarks only: also flush the track's queue on barge-in, like "
                                           "naive bridges do (it throws away queued ambient too)", _bool, group="Audio")
     # Serve mode (python worker.py serve): LiveKit agent dispatch, one call process per room

@@ -83,6 +83,17 @@ def audio_thread_above_media(got: str) -> None:
         pass
 
 
+def sdk_runtime_threads(n: int) -> None:
+    """Worker threads for the LiveKit SDK's Rust runtime (tokio reads ``TOKIO_WORKER_THREADS``
+    when the SDK starts it, at its first call: call this before). Its default is one per core,
+    but a call's SDK work (the microphone stream, requests and their callbacks, captions,
+    state) is a few hundredths of a core, and a second idle worker is woken to steal every
+    task the first gets: on the 2-core bench VM one thread cost 0.006 cores a call less (the
+    runtime 0.012 against 0.018: README, "Latency and benchmarks"). Not a scheduling policy: the same in
+    every AUDIO_PRIORITY mode."""
+    os.environ["TOKIO_WORKER_THREADS"] = str(n)
+
+
 def name_thread(name: str) -> None:
     """The calling thread's OS name (Linux comm, 15 bytes), so per-thread CPU figures
     (``/proc/<pid>/task``, ``top -H``) can tell it apart; Python 3.11 does not set it."""

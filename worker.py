@@ -808,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {local_server_refused(e, args.command, env)}", file=sys.stderr)
         return EXIT_CONFIG
+    scheduling.sdk_runtime_threads(cfg.tokio_worker_threads)  # before the SDK's first call
     if args.command == "token":
         try:
             ttl = parse_ttl(args.ttl) if args.ttl is not None else USER_TOKEN_TTL
@@ -1022,6 +1023,7 @@ def run_job(cli: dict[str, str]) -> int:
     log_ctx.text_fields = ("room", "session_id", "reply_id")  # many calls share the serve process's log
     log.info("job %s: room %s%s", job.job_id, job.room,
              f", dispatched as agent {job.agent_name!r}" if job.agent_name else "")
+    scheduling.sdk_runtime_threads(cfg.tokio_worker_threads)
     scheduling.raise_main_thread(cfg.audio_priority)
     return asyncio.run(_run(cfg, log_ctx, job))
 

@@ -28,6 +28,9 @@ fresh rooms with fresh processes:
   designs run in full runs only; ``--designs`` picks any of them.
 * **ours-b100** = ours with ``OUTPUT_BATCH_MS=100``: the mixer's batches as they were before
   they grew to 400 ms (what that change bought). Only when ``--designs`` names it.
+* **ours-tokio2** = ours with ``TOKIO_WORKER_THREADS=2``: the SDK's runtime with two worker
+  threads (tokio's default on a 2-core host), as it ran before the worker set one. Only when
+  ``--designs`` names it.
 
 Signals (tones at multiples of 50 Hz, so 20 ms windows hold whole periods): the bed is a
 3 s loop of a 300 Hz tone plus seeded noise band-limited to 1.4-4 kHz
@@ -160,10 +163,11 @@ DESIGNS = {
     "ours-normal": {"AUDIO_PRIORITY": "normal"},  # what real-time scheduling costs (full runs only)
     "ours-no-bed": {"AMBIENT_SOUND": "none"},  # what playing the bed costs (full runs only)
     "ours-b100": {"OUTPUT_BATCH_MS": "100"},  # batches of 100 ms, as before 400 (on request only)
+    "ours-tokio2": {"TOKIO_WORKER_THREADS": "2"},  # the SDK's runtime as before it got one thread (on request only)
 }
 NO_BED = ("minimal", "ours-no-bed")  # designs whose track carries no bed: no bed figures
 QUICK_DESIGNS = ("ours", "minimal", "naive")
-ON_REQUEST = ("ours-b100",)  # only when --designs names them
+ON_REQUEST = ("ours-b100", "ours-tokio2")  # only when --designs names them
 HOST_LOAD = 0.8  # a host is "full" at this share of its cores busy (audio needs headroom)
 BASELINE = "minimal"  # every figure of ours is also given as a ratio to this design's
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -1262,6 +1266,8 @@ def report(res: dict[str, Any]) -> str:
             ratios.append(("ours-no-bed", BASELINE))
         if "ours-b100" in designs and BASELINE in designs:
             ratios.append(("ours-b100", BASELINE))
+        if "ours-tokio2" in designs and "ours" in designs:
+            ratios.append(("ours-tokio2", "ours"))
         add(f"   {'figure':<{w0}} " + " ".join(f"{d:<{w1}}" for d in designs) + " "
             + " ".join(f"{a}/{b:<9}" for a, b in ratios))
 

@@ -61,6 +61,7 @@ def test_defaults():
     # The mixer bench's "ours" is Mixer()'s default queue: it must be the worker's.
     assert cfg.output_queue_ms == mixer.DEFAULT_QUEUE_MS
     assert cfg.output_batch_ms == mixer.DEFAULT_BATCH_MS
+    assert cfg.tokio_worker_threads == 1  # not tokio's one per core (scheduling.sdk_runtime_threads)
 
 
 def test_turn_profile_and_overrides():
@@ -80,6 +81,8 @@ def test_turn_profile_and_overrides():
     ({"AMBIENT_VOLUME": "nan"}, "AMBIENT_VOLUME must be a finite number"),
     ({"OUTPUT_QUEUE_MS": "45"}, "OUTPUT_QUEUE_MS must be a multiple of 10"),
     ({"BARGE_IN": "sometimes"}, "BARGE_IN must be one of interrupted, speech"),
+    ({"TOKIO_WORKER_THREADS": "0"}, "TOKIO_WORKER_THREADS must be between 1 and 64"),
+    ({"TOKIO_WORKER_THREADS": "two"}, "TOKIO_WORKER_THREADS must be an integer"),
     ({"MIN_SILENCE_MS": "900", "MAX_SILENCE_MS": "800"}, "MIN_SILENCE_MS (900) must be less than MAX_SILENCE_MS"),
     ({"INTERRUPT_RESPONSE": "maybe"}, "INTERRUPT_RESPONSE must be 1/0"),
     ({"KEYTERMS": ",".join(f"t{i}" for i in range(101))}, "KEYTERMS at most 100 terms"),

@@ -242,3 +242,40 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
                 "DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
                 "EnvironmentFile=/etc/voice-agent/common.env"):
         assert key in unit
+
+
+def sdk_runtime_threads(pid: int) -> int:
+    """Threads of ``pid`` named like tokio's runtime threads (the SDK's runtime; a blocking
+    task's thread has the same name and ends after 10 s idle)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            n += open(f"/proc/{pid}/task/{tid}/comm").read().strip() == "tokio-rt-worker"
+        except OSError:  # the thread ended meanwhile
+            pass
+    return n
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 1), ("2", 2)])
+async def test_the_sdk_runtime_gets_the_configured_worker_threads(livekit_server, standin, room_name, tmp_path,
+                                                                  setting, expected):
+    """TOKIO_WORKER_THREADS (default 1, not tokio's one per core) reaches the SDK's runtime:
+    that many threads stay once the worker is in the room (more while a blocking task's thread
+    lingers: it ends after 10 s idle)."""
+    extra = {} if setting is None else {"TOKIO_WORKER_THREADS": setting}
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, GREETING="", **extra),
+                           tmp_path / "w").start()
+    try:
+        await worker.wait_for_output(r"joined room", 20)
+        seen: list[int] = []
+
+        def settled() -> bool:
+            seen.append(sdk_runtime_threads(worker.proc.pid))
+            return seen[-1] == expected
+
+        await wait_until(settled, 20, f"{expected} SDK runtime thread(s)", interval=0.5)
+        await asyncio.sleep(1.0)
+        assert sdk_runtime_threads(worker.proc.pid) == expected, seen
+        assert worker.alive
+    finally:
+        worker.kill()
