@@ -252,7 +252,7 @@ def table(res: dict[str, Any]) -> str:
             q = np.percentile(v, [50, 10, 90])
             return f"{q[0]:.1f} ms [p10 {q[1]:.1f}, p90 {q[2]:.1f}] n={len(v)}"
 
-        def ratio(key: str) -> str:
+        def diff(key: str) -> str:
             a, b = res["source-ours"][key], res["source-minimal"][key]
             if not a or not b:
                 return "n/a"
@@ -261,7 +261,8 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"   {'3 at the source, ours vs minimal':<58} {'ours':<34} {'minimal':<34} ours - minimal")
         for label, key in (("  reply start: first push -> first reply sample out", "reply_start_ms"),
                            ("  barge-in: interrupt -> last reply sample out", "barge_in_ms")):
-            lines.append(f"   {label:<58} {med(res['source-ours'][key]):<34} {med(res['source-minimal'][key]):<34} {ratio(key)}")
+            ours, minimal = med(res["source-ours"][key]), med(res["source-minimal"][key])
+            lines.append(f"   {label:<58} {ours:<34} {minimal:<34} {diff(key)}")
     return "\n".join(lines)
 
 

@@ -1316,6 +1316,7 @@ def report(res: dict[str, Any]) -> str:
                                  if s.get("listener") and s["listener"]["jb_delay_ms"] is not None) + " ms")
         row("4 worker CPU per minute of conversation", "cpu", " s", 2)
         row("4 ... the same in cores (whole process)", "cores", "", 3)
+
         def paired(a: str, b: str) -> str:
             """a's CPU over b's within each round (sessions run back to back): the machine's
             drift from round to round, which moves both, drops out."""
@@ -1325,7 +1326,8 @@ def report(res: dict[str, Any]) -> str:
             return f"{a}/{b} {fmt(r, '', 2)}" if r.get("n") else f"{a}/{b} n/a"
 
         if ratios:
-            add(f"   {'4 ... ratio within each round (paired)':<{w0}} " + "; ".join(paired(a, b) for a, b in ratios))
+            add(f"   {'4 ... ratio within each round (paired)':<{w0}} "
+                + "; ".join(paired(a, b) for a, b in ratios))
         row("4 worker peak RSS (VmHWM)", "rss", " MB")
         line(f"4 implied calls per {res['cpus']}-core host ({HOST_LOAD:.0%} busy)",
              lambda d: f"{res['cpus'] * HOST_LOAD / fig['cores'][d]['median']:.0f}" if fig["cores"][d].get("n") else "n/a")

@@ -18,6 +18,7 @@ import pytest
 
 from harness import (API_SECRET, ASSEMBLYAI_KEY, REPO, RoomUser, WorkerProcess, tone, wait_until, worker_env,
                      write_wav)
+from sound_samples import threads_sched
 from standin import StandIn, StandInOptions
 
 pytestmark = pytest.mark.e2e
@@ -247,13 +248,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
 def sdk_runtime_threads(pid: int) -> int:
     """Threads of ``pid`` named like tokio's runtime threads (the SDK's runtime; a blocking
     task's thread has the same name and ends after 10 s idle)."""
-    n = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            n += open(f"/proc/{pid}/task/{tid}/comm").read().strip() == "tokio-rt-worker"
-        except OSError:  # the thread ended meanwhile
-            pass
-    return n
+    return sum(comm == "tokio-rt-worker" for comm, _, _ in threads_sched(pid).values())
 
 
 @pytest.mark.parametrize("setting, expected", [(None, 1), ("2", 2)])
