@@ -387,6 +387,7 @@ class Protocol:
         max_message_bytes: int = 2 * 1024 * 1024,
         greet: bool = True,
         history: list[tuple[str, str]] | None = None,
+        resume: tuple[str, float] | None = None,
     ) -> None:
         if barge_in not in BARGE_IN_POLICIES:
             raise ValueError(f"barge_in must be one of {BARGE_IN_POLICIES}")
@@ -414,6 +415,11 @@ class Protocol:
         self._replacement = bool(history)
         self._anon_reply = 0
         self.counters: collections.Counter[str] = collections.Counter()
+        if resume is not None:
+            # (session_id, when it was dropped): a session this conversation takes over from
+            # another process (a call whose host went away); the first socket resumes it, and
+            # a refusal starts a fresh session as after any failed resume.
+            self.session_id, self._dropped_at = resume
         # The session.error that came before session.ready on this socket, if any: what the
         # close that follows means (a busy service, a bad key ...). One line, for the logs.
         self._refusal: str | None = None
@@ -1222,6 +1228,7 @@ class VoiceAgentClient:
         *,
         greet: bool = True,
         history: list[tuple[str, str]] | None = None,
+        resume: tuple[str, float] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
@@ -1234,6 +1241,7 @@ class VoiceAgentClient:
             max_message_bytes=self.options.max_message_bytes,
             greet=greet,
             history=history,
+            resume=resume,
         )
         self.pacer = InputPacer(max_backlog_ms=self.options.input_backlog_ms,
                                 max_held_ms=self.options.input_held_ms)
@@ -1299,6 +1307,19 @@ class VoiceAgentClient:
                 pass
         else:
             self.protocol.end_session()
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 1.0)
+            except (asyncio.TimeoutError, OSError):
+                pass
+
+    async def drop(self) -> None:
+        """Close the socket WITHOUT session.end: the session stays resumable for the API's
+        window, for the process that takes this call over (serve mode's hand-over)."""
+        if self._ending:
+            return
+        self._ending = True
+        ws = self._ws
         if ws is not None:
             try:
                 await asyncio.wait_for(ws.close(), 1.0)

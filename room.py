@@ -84,6 +84,9 @@ class RoomLink:
         self.track_sid: str | None = None  # the agent's published track
         self.joined = asyncio.Event()  # set once, at the first join
         self.hung_up = False  # we ended the call ourselves: the disconnect that follows is expected
+        # Job mode: another agent of the fleet joined with our identity and took the call over
+        # (rescue.py): this process leaves the session to it.
+        self.replaced = False
         self._disconnected = asyncio.Event()
         self._disconnect_reason: int | None = None
         self.inputs: dict[str, _Input] = {}  # identity -> the microphone we bridge
@@ -172,14 +175,16 @@ class RoomLink:
         was deleted, the agent was removed, a full disconnect). Never rejoin: the server
         forgot the job, and a rejoin would recreate a closed room, which dispatches a second
         agent with the same identity (each kicking the other out). Another participant with
-        the agent's identity is the one case reported as a failure."""
+        the agent's identity is another agent of the fleet taking the call over: ``replaced``."""
         from livekit import rtc
 
         reason = self._disconnect_reason
         name = rtc.DisconnectReason.Name(reason).lower() if reason is not None else "unknown"
         if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
-            raise FatalError(EXIT_DUPLICATE_IDENTITY, f"another participant joined room {self.cfg.room_name} as "
-                                                      f"{self.cfg.agent_identity!r} (duplicate identity)")
+            self.replaced = True
+            log.info("out of room %s: another agent joined as %r and takes the call over", self.cfg.room_name,
+                     self.cfg.agent_identity)
+            return
         log.info("out of room %s (%s): the call is over", self.cfg.room_name, name)
 
     async def _after_disconnect(self) -> None:

@@ -14,7 +14,7 @@ from exits import EXIT_OK
 
 def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str | None = None,
                ttl: datetime.timedelta = datetime.timedelta(hours=6), sources: tuple[str, ...] | None = None,
-               update_own_metadata: bool = True) -> str:
+               update_own_metadata: bool = True, attributes: dict[str, str] | None = None) -> str:
     """A token to join the configured room. ``sources``: the only track sources it may
     publish (LiveKit's lower-case TrackSource names, e.g. "microphone"); None: any.
     ``ttl`` only limits when it can be used to join: the server refreshes the token of a
@@ -36,6 +36,8 @@ def mint_token(cfg: Config, identity: str, *, kind: str | None = None, name: str
     )
     if kind:
         token = token.with_kind(kind)
+    if attributes:
+        token = token.with_attributes(attributes)
     return token.to_jwt()
 
 
