@@ -342,9 +342,11 @@ class Config:
     output_batch_ms: int = _setting(400, "the most audio the mixer hands to the published track at a time, in ms "
                                     "(multiple of 10; lower = a change to the bed is heard sooner, more CPU)",
                                     _number(int, 10, 1000, multiple=10), group="Audio")
-    idle_timeout_s: float = _setting(30.0, "end the Voice Agent session (billed while open) when no user has been in "
-                                     "the room for this long; the next user starts a new call",
-                                     _number(float, 0, 86400), group="LiveKit")
+    idle_timeout_s: float | None = _setting(None, "end the Voice Agent session (billed while open) when no user has "
+                                            "been in the room for this long; the next user starts a new call (empty: "
+                                            "30 s in one room; 5 s for a serve call, whose slot then frees: a page "
+                                            "reload that is back within it keeps the call)",
+                                            _optional(_number(float, 0, 86400)), group="LiveKit")
     mix_participants: bool = _setting(False, "1: mix every user's microphone into the one session (meetings); "
                                       "0: bridge one user", _bool, group="LiveKit")
     # Control
@@ -377,9 +379,17 @@ class Config:
     max_calls: int | None = _setting(None, "serve: calls this host runs at once; a job beyond it is refused (empty: "
                                      "from the cores this process may use: cores x 0.7 / 0.1, see README)",
                                      _optional(_number(int, 1, 1000)), group="Serve mode")
-    load_threshold: float = _setting(0.7, "serve: refuse jobs while the host's CPU (0-1, 2.5 s average, starting "
-                                     "calls counted) is at or above this; 1: only MAX_CALLS limits",
-                                     _number(float, 0.05, 1.0), group="Serve mode")
+    load_threshold: float | None = _setting(None, "serve: refuse jobs while the host's CPU (0-1, 5 s moving average, "
+                                            "starting calls counted) is at or above this; 1: only MAX_CALLS limits "
+                                            "(empty: 0.7, or 1 in dev mode: a local or loopback LiveKit server, not "
+                                            "under systemd or Kubernetes)", _optional(_number(float, 0.05, 1.0)),
+                                            group="Serve mode")
+    rescue_interval_s: float = _setting(2.0, "serve: how often this host looks for rooms with a user and no agent "
+                                        "(a job LiveKit could not place, a call whose host died) and serves them "
+                                        "while it has room; 0: never", _number(float, 0, 60), group="Serve mode")
+    recovery_greeting: str = _setting("Sorry, I lost you for a moment. Where were we?", "serve: what the agent says "
+                                      "when it takes over a call whose Voice Agent session could not be resumed "
+                                      "(instead of GREETING); empty: nothing", group="Serve mode")
     drain_timeout_s: float = _setting(600.0, "serve: on SIGTERM, how long calls in progress may go on before they are "
                                       "ended", _number(float, 0, 7 * 86400), group="Serve mode")
     job_stop_timeout_s: float = _setting(10.0, "serve: a call asked to end that is still running after this long is "

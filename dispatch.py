@@ -161,6 +161,18 @@ TARGET_CPU_SHARE = 0.7
 # load at or above it is not offered jobs at all (see WorkerCore.load).
 SERVER_TARGET_LOAD = 0.7
 
+# Once the CPU gate shuts, it opens again only this far under LOAD_THRESHOLD: a host hovering
+# at the threshold neither flaps between taking and refusing calls nor logs each flip.
+CPU_HYSTERESIS = 0.05
+# The CPU figure is a moving average over this many ticks (TICK_S each): 5 s, twice LiveKit
+# Agents' 2.5 s. A browser starting or a page compiling is a 1-3 s burst that must not turn a
+# user away; a host really full for 5 s is still noticed well inside the frontend's 20 s.
+CPU_WINDOW_TICKS = 10
+
+# What a call process gets to hand its call over (see WorkerCore.stop_all), also as its
+# parent-death signal: a host that dies leaves its calls to the rest of the fleet.
+HANDOVER_SIGNAL = signal.SIGUSR2
+
 CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
 
@@ -198,6 +210,39 @@ def default_job_command() -> tuple[str, ...]:
 def job_command(cfg: "Config") -> tuple[str, ...]:
     """What runs per job: SERVE_JOB_COMMAND, else ``python worker.py job``."""
     return tuple(cfg.serve_job_command) or default_job_command()
+
+
+def dev_mode(livekit_url: str, env: Mapping[str, str], interactive: bool) -> str | None:
+    """Why this serve process is a developer's (LiveKit Agents' ``dev``), or None in
+    production: there a busy host never turns a call away (the browser and the bundler of
+    the frontend share the machine; a refused room gets no agent for good)."""
+    from urllib.parse import urlsplit
+
+    import devserver
+
+    if devserver.managed_by(env) is not None:
+        return None
+    host = (urlsplit(livekit_url).hostname or "").lower()
+    try:
+        import ipaddress
+
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return "the LiveKit server is on this machine"
+    if interactive:
+        return "run from a terminal"
+    return None
+
+
+def load_threshold(cfg: "Config", env: Mapping[str, str], interactive: bool) -> tuple[float, str | None]:
+    """LOAD_THRESHOLD, else TARGET_CPU_SHARE in production and off (1) in dev mode; and why
+    dev mode, when it decided."""
+    if cfg.load_threshold is not None:
+        return cfg.load_threshold, None
+    why = dev_mode(cfg.livekit_url, env, interactive)
+    return (1.0, why) if why else (TARGET_CPU_SHARE, None)
 
 
 def max_calls(cfg: "Config") -> int:
@@ -247,6 +292,10 @@ class JobSpec:
     worker_id: str = ""
     parent_pid: int = 0
     stop_timeout_s: float = 10.0
+    # Not a job of the server's: a room this host found without its agent and joins with a
+    # token of its own (rescue.RESCUE_UNPLACED or RESCUE_LOST).
+    rescue: str = ""
+    resume_session: str = ""  # with a rescue: the Voice Agent session its call had, to resume
 
     def __repr__(self) -> str:  # never print the token
         return f"JobSpec(job_id={self.job_id!r}, room={self.room!r}, identity={self.identity!r})"
@@ -294,11 +343,12 @@ PR_SET_PDEATHSIG = 1
 
 
 def bind_to_parent(parent_pid: int, stop_timeout_s: float = 10.0, *, watch_fd: int | None = 0,
-                   sig: int = signal.SIGTERM) -> bool:
+                   sig: int = HANDOVER_SIGNAL) -> bool:
     """In a child: never outlive the serve process.
 
-    1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``: when the parent dies (even by SIGKILL) the
-       kernel sends us SIGTERM, so the call ends the normal, clean way (session.end, leave).
+    1. ``prctl(PR_SET_PDEATHSIG, sig)``: when the parent dies (even by SIGKILL) the kernel
+       sends us ``sig``, so the call hands itself over (leaves, session resumable) for
+       another host to take it on.
     2. If the parent is already gone (we were reparented before 1.), exit now.
     3. A thread blocks on stdin (the parent keeps its end open for our whole life): EOF means
        the parent is gone; it then arms ``alarm(stop_timeout_s + 5)``, whose default action
@@ -345,6 +395,7 @@ class Launch:
 class Stop:
     job_id: str
     reason: str
+    handover: bool = False  # the host is going away: leave the session resumable for another host
 
 
 @dataclass(frozen=True)
@@ -371,6 +422,7 @@ class Job:
     dispatch_id: str = ""
     spec: JobSpec | None = None
     stop_reason: str = ""
+    rescued: bool = False  # launched by this host (rescue.py), unknown to the server
 
 
 @dataclass(frozen=True)
@@ -381,6 +433,7 @@ class CoreSettings:
     display_name: str = "Voice Agent"
     max_calls: int = 4
     load_threshold: float = TARGET_CPU_SHARE  # >= 1: no CPU gate
+    cpu_hysteresis: float = CPU_HYSTERESIS
     version: str = WORKER_VERSION
     ping_interval_s: float = PING_INTERVAL_S
     ping_timeout_s: float = PING_TIMEOUT_S
@@ -407,6 +460,8 @@ class WorkerCore:
         self.draining = False
         self.stopping = False  # ending every call: no job is launched any more
         self.cpu_load = 0.0  # the host's CPU, 0..1, set by the I/O layer before tick()
+        self.cpu_full = False  # the CPU gate is shut (see CPU_HYSTERESIS)
+        self.rescued = 0
         self.rtt_ms: float | None = None
         self.accepted = 0
         self.refused: collections.Counter[str] = collections.Counter()
@@ -451,10 +506,21 @@ class WorkerCore:
             return "draining"
         if self.slots_used >= self.s.max_calls:
             return f"full: {self.slots_used} of MAX_CALLS={self.s.max_calls} calls"
-        if self.cpu_gate and self.effective_cpu() >= self.s.load_threshold:
+        if self.cpu_gate and (self.cpu_full or self.effective_cpu() >= self.s.load_threshold):
             return (f"host CPU {self.cpu_load:.0%} ({self.effective_cpu():.0%} with starting calls) "
                     f">= LOAD_THRESHOLD {self.s.load_threshold:.0%}")
         return None
+
+    def _update_cpu_gate(self) -> None:
+        """The measured CPU shuts the gate at the threshold and opens it only under it by the
+        hysteresis; calls starting count at once on top (effective_cpu)."""
+        if self.cpu_gate:
+            limit = self.s.load_threshold - (self.s.cpu_hysteresis if self.cpu_full else 0.0)
+            self.cpu_full = self.cpu_load >= limit
+
+    def rooms(self) -> set[str]:
+        """The rooms this host has a call (or a promise of one) in."""
+        return {j.room for j in self.jobs.values()}
 
     def utilisation(self) -> float:
         """How full we are, 0..1: the larger of our share of MAX_CALLS and the CPU against
@@ -482,12 +548,14 @@ class WorkerCore:
             return []
         reason = self.full_reason()
         status = self._pb.WS_FULL if reason else self._pb.WS_AVAILABLE
-        if reason != self._last_full_reason:
+        kind = _reason_kind(reason)
+        if kind != self._last_full_reason:
+            # Said once per change of kind: the CPU figure in the reason moves every tick.
             if reason and not (self.draining or self.stopping):
                 log.info("not taking calls: %s", reason)
             elif not reason and self._last_full_reason is not None:
                 log.info("taking calls again (%d of %d in progress)", self.slots_used, self.s.max_calls)
-            self._last_full_reason = reason
+            self._last_full_reason = kind
         self._sent_state = (status, self.job_count)
         self._last_status = now
         update = self._pb.UpdateWorkerStatus(status=status, load=self.load(), job_count=self.job_count,
@@ -500,8 +568,11 @@ class WorkerCore:
             return self._status(now)
         return []
 
-    def _job_update(self, job_id: str, status: int, error: str = "") -> Effect:
-        return Send(self._msg(update_job=self._pb.UpdateJobStatus(job_id=job_id, status=status, error=error)))
+    def _job_update(self, job_id: str, status: int, error: str = "") -> list[Effect]:
+        j = self.jobs.get(job_id)
+        if j is not None and j.rescued:
+            return []  # the server never knew it
+        return [Send(self._msg(update_job=self._pb.UpdateJobStatus(job_id=job_id, status=status, error=error)))]
 
     # -- connection --
 
@@ -561,7 +632,7 @@ class WorkerCore:
         self._last_full_reason = None
         # Our real load and job count at once: until then the server thinks we are idle.
         out = self._status(now)
-        running = [j.id for j in self.jobs.values() if j.phase is not Phase.RESERVED]
+        running = [j.id for j in self.jobs.values() if j.phase is not Phase.RESERVED and not j.rescued]
         if running:
             # As livekit-agents does after a reconnect: name the calls we still run (a no-op
             # in livekit-server v1.13.5, which forgot them with the old connection).
@@ -570,7 +641,8 @@ class WorkerCore:
 
     def _on_availability(self, req: Any, now: float) -> list[Effect]:
         job = req.job
-        reason = "already have this job" if job.id in self.jobs else self.full_reason()
+        reason = ("already have this job" if job.id in self.jobs
+                  else "already in this room" if job.room.name in self.rooms() else self.full_reason())
         answer = self._pb.AvailabilityResponse(job_id=job.id, available=reason is None)
         if reason:
             self.refused[reason.split(":")[0].split(" ")[0]] += 1
@@ -602,13 +674,13 @@ class WorkerCore:
             reason = self.full_reason()
             if reason:
                 log.warning("assignment for unknown job %s (room %s) refused: %s", job_id, a.job.room.name, reason)
-                return [self._job_update(job_id, self._pb.JS_FAILED, f"worker could not take the job: {reason}")]
+                return self._job_update(job_id, self._pb.JS_FAILED, f"worker could not take the job: {reason}")
             log.warning("assignment for job %s (room %s) arrived after its promise expired; taking it",
                         job_id, a.job.room.name)
             j = self.jobs[job_id] = Job(job_id, a.job.room.name, Phase.RESERVED, now, dispatch_id=a.job.dispatch_id)
         if self.stopping:
             del self.jobs[job_id]
-            return [self._job_update(job_id, self._pb.JS_FAILED, "worker shutting down"), *self._status_if_changed(now)]
+            return [*self._job_update(job_id, self._pb.JS_FAILED, "worker shutting down"), *self._status_if_changed(now)]
         j.phase, j.since, j.spec = Phase.STARTING, now, self._spec(a)
         self.accepted += 1
         return [Launch(j.spec), *self._status_if_changed(now)]
@@ -634,6 +706,7 @@ class WorkerCore:
 
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
+        self._update_cpu_gate()
         for j in [j for j in self.jobs.values() if j.phase is Phase.RESERVED]:
             if now - j.since > self.s.assignment_timeout_s:
                 del self.jobs[j.id]
@@ -666,7 +739,9 @@ class WorkerCore:
         return self._status(now)
 
     def stop_all(self, reason: str, now: float) -> list[Effect]:
-        """End every call (cleanly: the children get SIGTERM) and launch nothing more."""
+        """Hand every call over and launch nothing more: the host is going away, so each call
+        leaves its room with its Voice Agent session still resumable, for another host (or
+        this one, restarted) to take over (rescue.py)."""
         self.draining = self.stopping = True
         out: list[Effect] = []
         for j in list(self.jobs.values()):
@@ -674,8 +749,20 @@ class WorkerCore:
                 continue  # its assignment, if it comes, is answered JS_FAILED
             if j.phase is not Phase.STOPPING:
                 j.phase, j.stop_reason = Phase.STOPPING, reason
-                out.append(Stop(j.id, reason))
+                out.append(Stop(j.id, reason, handover=True))
         return out + self._status(now)
+
+    def rescue(self, spec: JobSpec, now: float) -> list[Effect]:
+        """Launch a call this host decided on itself (rescue.py): a room with a user and no
+        agent. Counted like any call; the server is never told about it."""
+        if self.full_reason() or spec.room in self.rooms():
+            return []
+        self.jobs[spec.job_id] = Job(spec.job_id, spec.room, Phase.STARTING, now, dispatch_id=spec.dispatch_id,
+                                     spec=spec, rescued=True)
+        self.rescued += 1
+        log.info("rescuing room %s (%s): job %s", spec.room,
+                 "its job was never placed" if spec.rescue == "unplaced" else "its call was lost", spec.job_id)
+        return [Launch(spec), *self._status_if_changed(now)]
 
     def job_ready(self, job_id: str, now: float) -> list[Effect]:
         j = self.jobs.get(job_id)
@@ -683,19 +770,20 @@ class WorkerCore:
             return []
         j.phase = Phase.RUNNING
         log.info("job %s: the call is in room %s (%.1f s after its assignment)", job_id, j.room, now - j.since)
-        return [self._job_update(job_id, self._pb.JS_RUNNING), *self._status_if_changed(now)]
+        return [*self._job_update(job_id, self._pb.JS_RUNNING), *self._status_if_changed(now)]
 
     def job_exited(self, job_id: str, now: float, *, ok: bool, error: str = "") -> list[Effect]:
-        j = self.jobs.pop(job_id, None)
+        j = self.jobs.get(job_id)
         if j is None:
             return []
+        update = self._job_update(job_id, self._pb.JS_SUCCESS if ok else self._pb.JS_FAILED, "" if ok else error[:200])
+        del self.jobs[job_id]
         self.ended["success" if ok else "failed"] += 1
         if ok:
             log.info("job %s for room %s ended", job_id, j.room)
         else:
             log.warning("job %s for room %s failed: %s", job_id, j.room, error)
-        status = self._pb.JS_SUCCESS if ok else self._pb.JS_FAILED
-        return [self._job_update(job_id, status, "" if ok else error[:200]), *self._status_if_changed(now)]
+        return [*update, *self._status_if_changed(now)]
 
     def snapshot(self, rooms: bool = False) -> dict[str, Any]:
         """Counters; with ``rooms``, every job's room too (for our log only: room names can
@@ -705,23 +793,29 @@ class WorkerCore:
             "calls": self.job_count, "reserved": self._count(Phase.RESERVED), "max_calls": self.s.max_calls,
             "cpu": round(self.cpu_load, 3), "load": self.load(), "accepted": self.accepted,
             "refused": dict(self.refused), "ended": dict(self.ended), "rtt_ms": self.rtt_ms,
-            "registrations": self.registrations,
+            "registrations": self.registrations, "rescued": self.rescued,
         }
         if rooms:
             out["jobs"] = {j.id: {"room": j.room, "phase": j.phase.value} for j in self.jobs.values()}
         return out
 
 
+def _reason_kind(reason: str | None) -> str | None:
+    """What a refusal is about ("full", "host", "draining" ...), without its figures."""
+    return None if reason is None else reason.split(":")[0].split(" ")[0]
+
+
 # --- CPU load -------------------------------------------------------------------------------------
 
 
 class CpuMeter:
-    """The host's CPU load, 0..1, averaged over the last ``window`` samples (one per tick:
-    2.5 s), as livekit-agents' default load function does. Inside a container with a CPU
+    """The host's CPU load, 0..1, averaged over the last ``window`` samples (one per tick of
+    TICK_S: CPU_WINDOW_TICKS makes 5 s), a moving average as livekit-agents' default load
+    function is (theirs: 5 samples of 0.5 s). Inside a container with a CPU
     quota (cgroup v2 ``cpu.max``), usage against the quota; otherwise ``/proc/stat`` for the
     whole host, counting steal as busy (a hypervisor's steal is CPU we do not have)."""
 
-    def __init__(self, window: int = 5, root: Path = Path("/")) -> None:
+    def __init__(self, window: int = CPU_WINDOW_TICKS, root: Path = Path("/")) -> None:
         self.samples: collections.deque[float] = collections.deque(maxlen=window)
         self.root = root
         self._quota_cores: float | None = None
@@ -784,6 +878,7 @@ class Child:
     last_watchdog: float | None = None
     term_sent_at: float | None = None
     stop_reason: str = ""
+    stop_signal: int = signal.SIGTERM
     kill_reason: str = ""
     task: asyncio.Task[None] | None = None
 
@@ -854,7 +949,7 @@ class Supervisor:
                 return
             log.info("job %s: call process %d started for room %s", spec.job_id, child.proc.pid, spec.room)
             if child.stop_reason:  # stopped while it was being spawned
-                self._signal(child, signal.SIGTERM)
+                self._signal(child, child.stop_signal)
                 child.term_sent_at = time.monotonic()
             assert child.proc.stdin is not None
             child.proc.stdin.write(spec.to_json_line())
@@ -879,7 +974,7 @@ class Supervisor:
             return False, child.kill_reason
         if rc == 0:
             return True, ""
-        if rc == -signal.SIGTERM and child.term_sent_at is not None:
+        if rc in (-signal.SIGTERM, -HANDOVER_SIGNAL) and child.term_sent_at is not None:
             return True, ""  # ended on our request, without a handler of its own
         if rc < 0:
             try:
@@ -924,15 +1019,17 @@ class Supervisor:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def stop(self, job_id: str, reason: str) -> None:
-        """Ask a call to end (SIGTERM: the worker sends session.end and leaves); killed if it
-        is still there after ``stop_timeout_s``."""
+    def stop(self, job_id: str, reason: str, handover: bool = False) -> None:
+        """Ask a call to end (SIGTERM: the worker sends session.end and leaves), or with
+        ``handover`` to leave its room with the session resumable (HANDOVER_SIGNAL); killed
+        if it is still there after ``stop_timeout_s``."""
         child = self.children.get(job_id)
         if child is None or child.term_sent_at is not None:
             return
         child.stop_reason = reason
+        child.stop_signal = HANDOVER_SIGNAL if handover else signal.SIGTERM
         if child.proc is not None:
-            self._signal(child, signal.SIGTERM)
+            self._signal(child, child.stop_signal)
             child.term_sent_at = time.monotonic()
 
     def _kill(self, child: Child, reason: str) -> None:
@@ -956,9 +1053,10 @@ class Supervisor:
                 self._kill(child, f"no watchdog ping for {now - child.last_watchdog:.0f} s (hung)")
 
     async def shutdown(self, reason: str) -> None:
-        """End every call: SIGTERM, wait up to ``stop_timeout_s``, then SIGKILL."""
+        """Hand every call over (the host is going away), wait up to ``stop_timeout_s``, then
+        SIGKILL."""
         for job_id in list(self.children):
-            self.stop(job_id, reason)
+            self.stop(job_id, reason, handover=True)
         tasks = [c.task for c in self.children.values() if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.stop_timeout_s + 1)
@@ -1048,9 +1146,14 @@ class Dispatcher:
         self.max_calls = max_calls(cfg)
         self.job_command = job_command(cfg)
         self.redactor = redactor or LogContext(cfg.secrets, redact_jwts=True)
+        threshold, self.dev_mode = load_threshold(cfg, os.environ, sys.stdin.isatty() and sys.stderr.isatty())
         self.core = WorkerCore(CoreSettings(
             url=cfg.livekit_url, agent_name=cfg.agent_name, identity=cfg.agent_identity,
-            display_name=AGENT_DISPLAY_NAME, max_calls=self.max_calls, load_threshold=cfg.load_threshold))
+            display_name=AGENT_DISPLAY_NAME, max_calls=self.max_calls, load_threshold=threshold))
+        # Names this process in the claims it makes on rooms (rescue.py); worker ids change
+        # with every registration.
+        self.host_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{os.urandom(3).hex()}".replace(" ", "_")
+        self.rescuer: Any = None
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         env.update(child_env or {})
         self.supervisor = Supervisor(self.job_command, stop_timeout_s=cfg.job_stop_timeout_s,
@@ -1081,7 +1184,7 @@ class Dispatcher:
             elif isinstance(e, Launch):
                 self.supervisor.launch(e.spec)
             elif isinstance(e, Stop):
-                self.supervisor.stop(e.job_id, e.reason)
+                self.supervisor.stop(e.job_id, e.reason, e.handover)
             elif isinstance(e, Reconnect):
                 log.warning("reconnecting to LiveKit: %s", e.reason)
                 ws = self._ws
@@ -1119,13 +1222,14 @@ class Dispatcher:
         calls = self.core.job_count
         if self._signals == 1:
             self._drain_deadline = now + self.settings.drain_timeout_s
-            log.info("%s: draining: no new calls; %d in progress may go on for up to %.0f s (%s again ends them now)",
+            log.info("%s: draining: no new calls; %d in progress may go on for up to %.0f s (%s again hands them over "
+                     "now)",
                      name, calls, self.settings.drain_timeout_s, name)
             self.notifier.notify("STOPPING=1", f"STATUS=draining, {calls} calls in progress")
             self._apply(self.core.drain(now))
             self._check_finished()
         elif self._signals == 2:
-            log.info("%s again: ending %d calls now", name, calls)
+            log.info("%s again: handing %d calls over now", name, calls)
             self._apply(self.core.stop_all("worker stopping", now))
             self._check_finished()
         else:
@@ -1147,19 +1251,26 @@ class Dispatcher:
                  self.settings.livekit_url,
                  self.settings.agent_name, "explicit dispatch" if self.settings.agent_name else "automatic dispatch",
                  self.settings.agent_identity, self.max_calls,
-                 f"{self.settings.load_threshold:.0%}" if self.core.cpu_gate else "off",
+                 f"{self.core.s.load_threshold:.0%}" if self.core.cpu_gate else "off",
                  shlex.join(self.job_command))
+        if self.dev_mode:
+            log.info("dev mode (%s): a busy CPU never makes this host refuse a call; LOAD_THRESHOLD=0.7 to change",
+                     self.dev_mode)
         if self.settings.health_port:
             self.health = HealthServer(self, self.settings.health_host, self.settings.health_port)
             await self.health.start()
         self.cpu.sample()
         conn = asyncio.create_task(self._connection_loop(), name="agent-socket")
         ticker = asyncio.create_task(self._tick_loop(), name="tick")
+        tasks = [conn, ticker]
+        if self.settings.rescue_interval_s > 0:
+            self.rescuer = self._make_rescuer()
+            tasks.append(asyncio.create_task(self.rescuer.run(), name="rescue"))
         try:
             waiter = asyncio.create_task(self._finished.wait())
-            await asyncio.wait({waiter, conn, ticker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            for t in (conn, ticker):
+            for t in tasks:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     exc = t.exception()
                     if isinstance(exc, FatalError):
@@ -1170,15 +1281,45 @@ class Dispatcher:
         finally:
             self.notifier.notify("STOPPING=1")
             await self.supervisor.shutdown("worker exiting")
-            for t in (conn, ticker):
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(conn, ticker, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.health is not None:
                 await self.health.close()
         if self._fatal is not None:
             log.error("%s", self._fatal)
             return self._fatal.exit_code
         return EXIT_OK
+
+    # -- rooms without their agent (rescue.py) --
+
+    def _make_rescuer(self) -> Any:
+        import rescue
+        from tokens import server_api
+
+        planner = rescue.RescuePlanner(rescue.PlannerSettings(
+            agent_name=self.settings.agent_name, secret=self.settings.livekit_api_secret, worker_id=self.host_id))
+        return rescue.Rescuer(lambda: server_api(self.settings), planner, agent_identity=self.settings.agent_identity,
+                              interval_s=self.settings.rescue_interval_s,
+                              can_take=lambda: self.core.registered and self.core.full_reason() is None,
+                              busy_rooms=self.core.rooms, launch=self._launch_rescue)
+
+    def _launch_rescue(self, room: Any, decision: Any) -> bool:
+        """Start a call of our own in a room that lacks its agent (rescue.Rescuer decided)."""
+        from tokens import mint_token
+
+        d = decision.dispatch
+        token = mint_token(replace(self.settings, room_name=room.name), self.settings.agent_identity, kind="agent",
+                           name=AGENT_DISPLAY_NAME, attributes={AGENT_NAME_ATTRIBUTE: self.settings.agent_name})
+        spec = JobSpec(job_id=f"RJ_{os.urandom(6).hex()}", room=room.name, url=self.settings.livekit_url, token=token,
+                       identity=self.settings.agent_identity, name=AGENT_DISPLAY_NAME,
+                       metadata=d.metadata if d else "", agent_name=self.settings.agent_name,
+                       dispatch_id=d.id if d else "", room_sid=room.sid,
+                       attributes=dict(d.attributes) if d else {}, worker_id=self.core.worker_id,
+                       rescue=decision.kind, resume_session=decision.session_id or "")
+        effects = self.core.rescue(spec, time.monotonic())
+        self._apply(effects)
+        return bool(effects)
 
     async def _tick_loop(self) -> None:
         last_watchdog = 0.0

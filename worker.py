@@ -39,6 +39,7 @@ if sys.version_info < MIN_PYTHON:
 
 import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
 import bridge  # noqa: E402
+import rescue  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
 import scheduling  # noqa: E402
@@ -82,6 +83,12 @@ from tokens import (  # noqa: E402
 
 log = logging.getLogger("worker")
 
+# IDLE_TIMEOUT_S when it is not set. A room of its own keeps its call a while for the user to
+# come back; a dispatched call frees its slot (and its billed session) soon after its last
+# user left, yet outlives a page reload: the same identity is back in 1-3 s.
+ROOM_IDLE_TIMEOUT_S = 30.0
+JOB_IDLE_TIMEOUT_S = 5.0
+
 
 
 # --- the worker: the I/O around one room's calls ----------------------------------------------------
@@ -99,7 +106,9 @@ class Worker:
         # Job mode (`python worker.py job`, dispatch.JobSpec): one call in a dispatched room,
         # joined with the job's token, never rejoined; the process ends with the call.
         self.job = job
-        self.call = Call(CallSettings(idle_timeout_s=cfg.idle_timeout_s,
+        self.idle_timeout_s = cfg.idle_timeout_s if cfg.idle_timeout_s is not None else (
+            JOB_IDLE_TIMEOUT_S if job is not None else ROOM_IDLE_TIMEOUT_S)
+        self.call = Call(CallSettings(idle_timeout_s=self.idle_timeout_s,
                                       chat_interrupts=cfg.interrupt_response is not False))
         self._stop = asyncio.Event()
         self.link = RoomLink(cfg, log_ctx, spawn=self._spawn, stop=self._stop, on_event=self._feed,
@@ -126,6 +135,13 @@ class Worker:
         self._history: list[tuple[str, str]] = []  # the conversation of the call's last session
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self.notifier = SystemdNotifier()
+        # Serve mode: the host is going away, the call leaves with its session resumable.
+        self._handover = False
+        # Serve mode, a call this process takes over (rescue.py): the session to resume ("":
+        # none), consumed by the first session; None: a call of its own.
+        self._takeover: str | None = None
+        if job is not None and (job.rescue == rescue.RESCUE_LOST or job.resume_session):
+            self._takeover = job.resume_session
         self._api_verified = asyncio.Event()
         self._input_errors = LogLimiter()  # failures of tasks that handle outside input
 
@@ -166,6 +182,14 @@ class Worker:
         self._stop.set()
 
     def request_stop(self) -> None:
+        self._stop.set()
+
+    def hand_over(self, why: str) -> None:
+        """Serve mode: leave the room with the Voice Agent session resumable (no session.end),
+        for another host of the fleet to take the call over (rescue.py)."""
+        if not self._handover:
+            log.info("handing the call over (%s): leaving with the Voice Agent session resumable", why)
+        self._handover = True
         self._stop.set()
 
     # -- main --
@@ -259,8 +283,10 @@ class Worker:
         fade_ms = 300
         if self.mixer is not None:
             self.mixer.stop_bed(fade_ms)
-        # The bed fades out while the session ends; then leave the room.
-        await asyncio.gather(self._end_session(),
+        # The bed fades out while the session ends; then leave the room. A call handed over,
+        # or taken over by another agent, leaves its session to the one that goes on.
+        keep = self._handover or self.link.replaced
+        await asyncio.gather(self._drop_session() if keep else self._end_session(),
                              asyncio.sleep((fade_ms + (self.mixer.max_queue_ms if self.mixer is not None else 0)) / 1000))
         await self.link.leave()
 
@@ -342,7 +368,7 @@ class Worker:
                 log.warning("telling the user: %s", NOTICES[notice])
                 self.captions.notice(NOTICES[notice])
             case call.EndCall(reason):
-                log.info("no user for %.0f s: ending the Voice Agent session", self.cfg.idle_timeout_s)
+                log.info("no user for %.0f s: ending the Voice Agent session", self.idle_timeout_s)
                 self._spawn(self._end_call(), "end-call")
             case call.StartThinking():
                 self._start_thinking()
@@ -368,7 +394,7 @@ class Worker:
                     self._hangup = self._spawn(self._hang_up(reason), "hang-up")
             case call.ForgetRestoredBed():
                 if self.controller.active is not None:
-                    log.info("no user came back within %.0f s: dropping the restored bed", self.cfg.idle_timeout_s)
+                    log.info("no user came back within %.0f s: dropping the restored bed", self.idle_timeout_s)
                     self._call_ended()
 
     def _timer_fired(self, timer: Timer) -> None:
@@ -392,10 +418,21 @@ class Worker:
     def _start_session(self, number: int, new_bed: bool, replacement: bool = False) -> None:
         if self._stop.is_set():
             return  # shutting down: no new session
+        settings = session_settings(self.cfg, self.tools.definitions())
+        takeover, self._takeover = self._takeover, None
+        resume = None
+        if takeover is not None:
+            # A call taken over: its session resumed, else a fresh one that says the recovery
+            # line, not the first-time greeting.
+            if not self.cfg.agent_id:
+                settings = dataclasses.replace(settings, greeting=self.cfg.recovery_greeting or None)
+            resume = (takeover, time.monotonic()) if takeover else None
+            log.info("taking the call over: %s", f"resuming Voice Agent session {takeover}" if takeover
+                     else "a new Voice Agent session (none to resume)")
         self.client = bridge.VoiceAgentClient(
             self.cfg.voice_agent_url,
             self.cfg.assemblyai_api_key,
-            session_settings(self.cfg, self.tools.definitions()),
+            settings,
             self,
             bridge.ClientOptions(barge_in=self.cfg.barge_in, give_up_after_s=self.cfg.reconnect_give_up_s,
                                  input_backlog_ms=self.cfg.input_backlog_ms, tool_timeout_s=self.cfg.tool_timeout_s),
@@ -403,6 +440,7 @@ class Worker:
             # conversation so far in its system prompt (as after a failed resume).
             greet=not replacement,
             history=self._history if replacement else None,
+            resume=resume,
         )
         if replacement:
             log.info("the Voice Agent service ended the session: starting a replacement (call %d goes on)", number)
@@ -435,7 +473,46 @@ class Worker:
         await self._end_session()
         self._call_ended()
         if self.job is not None:
+            await self._close_room_to_fleet()
             self.request_stop()  # job mode: one call per process
+
+    async def _drop_session(self) -> None:
+        client, task = self.client, self._session_task
+        if client is not None:
+            await client.drop()
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+
+    async def _close_room_to_fleet(self) -> None:
+        """Serve mode, a call that ended on purpose: delete the room's dispatch for this agent,
+        which is how the fleet knows not to bring the agent back (rescue.py), and the session
+        record on the users."""
+        from livekit import api
+
+        try:
+            async with server_api(self.cfg) as lk:
+                for d in await lk.agent_dispatch.list_dispatch(room_name=self.cfg.room_name):
+                    if d.agent_name == self.job.agent_name:
+                        await lk.agent_dispatch.delete_dispatch(d.id, self.cfg.room_name)
+                for identity in sorted(self.link.present):
+                    await lk.room.update_participant(api.UpdateParticipantRequest(
+                        room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: ""}))
+        except Exception as e:  # the room is gone already, most often
+            log.debug("could not close room %s to the fleet: %s", self.cfg.room_name, one_line(e))
+
+    async def _record_session(self, session_id: str) -> None:
+        """Serve mode: the session id on the users' attributes, signed, so the call that takes
+        this one over if its host goes away can resume the session (rescue.py)."""
+        from livekit import api
+
+        record = rescue.session_record(self.cfg.livekit_api_secret, self.cfg.room_name, session_id)
+        async with server_api(self.cfg) as lk:
+            for identity in sorted(self.link.present):
+                await lk.room.update_participant(api.UpdateParticipantRequest(
+                    room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: record}))
 
     async def _end_session(self) -> None:
         client, task = self.client, self._session_task
@@ -506,6 +583,8 @@ class Worker:
             case bridge.SessionReady(session_id, resumed):
                 self.log_ctx.fields["session_id"] = session_id
                 log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
+                if self.job is not None and not resumed:
+                    self._spawn(self._record_session(session_id), "session-record", isolated=True)
             case bridge.SpeechStarted():
                 log.debug("user started speaking")
                 self.session_channel.user_speaking(True)
@@ -591,6 +670,8 @@ class Worker:
         self.mixer.stop_bed(500)
         await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.mixer.max_queue_ms / 1000))
         self._call_ended()
+        if self.job is not None and self.cfg.end_call_action != "delete_room":
+            await self._close_room_to_fleet()
         self.link.hung_up = True
         if self.cfg.end_call_action == "delete_room":
             from livekit import api
@@ -928,6 +1009,11 @@ async def _run(cfg: Config, log_ctx: LogContext, job: Any = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGUSR1, worker.dump_counters)
+    if job is not None:
+        import dispatch
+
+        # From the serve process when the host goes away, or the kernel when it died.
+        loop.add_signal_handler(dispatch.HANDOVER_SIGNAL, worker.hand_over, "the serve host is going away")
     try:
         return await worker.run()
     except ConfigError as e:

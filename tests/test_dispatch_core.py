@@ -33,7 +33,8 @@ def registered(c: WorkerCore, now: float = 0.0) -> list:
         worker_id="AW_1", server_info=models.ServerInfo(version="1.13.5"))), now)
 
 
-def job(jid: str = "AJ_1", room: str = "room-1", metadata: str = "", agent_name: str = "") -> agent.Job:
+def job(jid: str = "AJ_1", room: str | None = None, metadata: str = "", agent_name: str = "") -> agent.Job:
+    room = room or f"room-{jid}"  # a room per job: a second job for a room we are in is refused
     return agent.Job(id=jid, dispatch_id="AD_" + jid, type=agent.JT_ROOM, room=models.Room(name=room, sid="RM_" + room),
                      metadata=metadata, agent_name=agent_name, attributes={"a": "b"})
 
@@ -398,7 +399,7 @@ def test_serve_settings_are_part_of_the_worker_config_and_errors_name_the_variab
     import config
 
     cfg = config.load_config(BASE)
-    assert cfg.agent_name == "" and cfg.agent_identity == "voice-agent" and cfg.load_threshold == 0.7
+    assert cfg.agent_name == "" and cfg.agent_identity == "voice-agent" and cfg.load_threshold is None
     assert cfg.drain_timeout_s == 600 and cfg.max_calls is None and dispatch.max_calls(cfg) == dispatch.default_max_calls()
     assert dispatch.job_command(cfg)[1:] == (str(dispatch.REPO / "worker.py"), "job")
     config.check_serve_config(cfg)  # the defaults fit: 5 s clean shutdown + 4 <= 10 s stop bound
@@ -729,3 +730,55 @@ def test_cpu_meter_does_not_judge_a_window_too_short_to_measure(tmp_path):
     assert m.sample() == 0.0 and not m.samples
     stat.write_text("cpu  110 0 100 890 0 0 0 0 0 0\n")  # since the first reading: 10 of 100 busy
     assert m.sample() == pytest.approx(0.1)
+
+
+# --- the CPU gate: a moving average, hysteresis, said once -------------------------------------------
+
+
+def test_the_cpu_gate_shuts_at_the_threshold_opens_under_it_by_the_hysteresis_and_says_so_once(caplog):
+    import logging
+
+    c = core(max_calls=4)
+    registered(c)
+    caplog.set_level(logging.INFO, logger="dispatch")
+    readings = [0.5, 0.72, 0.9, 0.71, 0.68, 0.66, 0.64, 0.5]
+    full = []
+    for i, cpu in enumerate(readings):
+        c.cpu_load = cpu
+        c.tick(3.0 + i)  # a change of status is sent at once
+        full.append(c.full_reason() is not None)
+    # Shut from 0.72 on; still shut at 0.68 and 0.66 (within 0.05 under 0.7); open at 0.64.
+    assert full == [False, True, True, True, True, True, False, False]
+    said = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("not taking calls") for m in said) == 1, said
+    assert sum(m.startswith("taking calls again") for m in said) == 1, said
+
+
+def test_the_cpu_meter_averages_five_seconds_of_ticks():
+    assert dispatch.CPU_WINDOW_TICKS * dispatch.TICK_S == 5.0
+    assert dispatch.CpuMeter().samples.maxlen == dispatch.CPU_WINDOW_TICKS
+
+
+def test_dev_mode_is_a_loopback_server_or_a_terminal_never_under_a_service_manager():
+    assert dispatch.dev_mode("ws://127.0.0.1:7880", {}, False) == "the LiveKit server is on this machine"
+    assert dispatch.dev_mode("ws://localhost:7880", {}, False)
+    assert dispatch.dev_mode("wss://lk.example.com", {}, True) == "run from a terminal"
+    assert dispatch.dev_mode("wss://lk.example.com", {}, False) is None
+    assert dispatch.dev_mode("ws://127.0.0.1:7880", {"NOTIFY_SOCKET": "/run/systemd/notify"}, True) is None
+    assert dispatch.dev_mode("ws://127.0.0.1:7880", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, True) is None
+
+
+def test_a_rescued_call_counts_against_capacity_and_the_server_never_hears_of_it():
+    c = core(max_calls=1)
+    registered(c)
+    spec = dispatch.JobSpec(job_id="RJ_1", room="lost", url=URL, token="t" * 30, identity="voice-agent",
+                            name="Voice Agent", rescue="lost")
+    effects = c.rescue(spec, 2.0)
+    assert isinstance(effects[0], dispatch.Launch) and c.full_reason() and "lost" in c.rooms()
+    assert not [e for e in c.job_ready("RJ_1", 3.0) if isinstance(e, dispatch.Send)
+                and e.message.WhichOneof("message") == "update_job"]
+    # A job the server offers for a room we already serve is refused (two agents, one identity).
+    c.job_exited("RJ_1", 4.0, ok=True)
+    c.rescue(spec, 5.0)
+    c2 = c.receive(availability(job("AJ_9", room="lost")), 5.1)
+    assert not answer(c2).available

@@ -1,0 +1,166 @@
+"""Every room with a user gets exactly one agent, whatever happens to the fleet (rescue.py):
+against the real livekit-server v1.13.5, with real serve processes. A host that dies, a fleet
+that was full, a CPU spike, hosts racing for one room, calls that ended on purpose (not brought
+back), explicit dispatch (only its own rooms), a user who leaves (the slot frees) or reloads
+(the call stays). The two-node cluster's share is in test_cluster_fleet.py.
+
+Frequencies as in test_dispatch.py: greeting 650 Hz, reply 1000 Hz, the user 450 Hz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import RoomUser, tone, wait_until
+from test_dispatch import (AGENT, GREETING_HZ, REPLY_HZ, USER_HZ, agents_in, children_of, join,  # noqa: F401
+                           leave_all, present, serves, session_of, standin)
+
+pytestmark = pytest.mark.e2e
+
+FAST = {"RESCUE_INTERVAL_S": "0.5"}  # the default is 2 s; the bounds below hold for both
+
+
+def rescued(serve, room: str | None = None) -> int:
+    where = re.escape(room) if room else r"\S+"
+    return len(re.findall(rf"rescuing room {where} ", serve.output()))
+
+
+class CpuHog:
+    """Busy loops on every core, as a browser starting or a build would, for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 2)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+# --- a host dies ---------------------------------------------------------------------------------
+
+
+async def test_a_host_killed_mid_call_its_call_comes_back_resumed_without_a_second_greeting(
+        livekit_server, standin, serves, room_name):
+    victim = serves("victim", standin=standin, **FAST)
+    await victim.registered()
+    user = await join(livekit_server, room_name, publish=True)
+    try:
+        heard = await user.wait_heard(AGENT, 15)
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 15, "the call's session")
+        session = session_of(standin, 0)
+        await standin.wait_for(lambda: session.replies and session.replies[0].done_at, 10, "the greeting")
+        survivor = serves("survivor", standin=standin, **FAST)
+        await survivor.registered()
+        await victim.wait_for_output("Voice Agent session ready", 5)
+        await asyncio.sleep(1.0)  # the call wrote its session on the user
+        victim.kill()  # SIGKILL: the serve process has no say; its call hands itself over
+        t_kill = time.monotonic()
+        samples: list[int] = []
+
+        async def sample() -> None:
+            while True:
+                samples.append(agents_in(user))
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        await wait_until(lambda: AGENT not in user.room.remote_participants, 10, "the dead host's agent to go")
+        await wait_until(lambda: AGENT in user.room.remote_participants, 10, "an agent back in the room")
+        back_s = time.monotonic() - t_kill
+        print(f"SIGKILL -> agent back in the room after {back_s:.2f} s")
+        assert back_s < 10, f"the agent came back {back_s:.1f} s after its host died"
+        await standin.wait_for(lambda: session.resumes >= 1, 10, "the session resumed")
+        assert len([s for s in standin.sessions if s.audio_arrivals]) == 1, "a second session was started"
+        assert not session.ended, "the dead host's call ended the session instead of handing it over"
+        assert rescued(survivor, room_name) == 1
+        # The conversation goes on: a turn is answered, and no greeting was heard again.
+        t_back = time.monotonic()
+        turns = len(session.replies)
+        user.say(tone(USER_HZ, 0.8, amplitude=0.6))
+        await standin.wait_for(lambda: len(session.replies) > turns and session.replies[-1].done_at, 15, "a reply")
+        await asyncio.sleep(0.6)
+        assert present(heard.timeline(GREETING_HZ), t_back - 3, time.monotonic(), 0.1) == 0, "the greeting again"
+        reply = session.replies[-1]
+        assert present(heard.timeline(REPLY_HZ), reply.first_audio_at + 0.3, reply.first_audio_at + 1.0, 0.1) > 0.9
+        sampler.cancel()
+        assert max(samples) == 1, f"two agents in the room at once: {samples}"
+    finally:
+        await user.leave()
+
+
+# --- a CPU spike, a full fleet ----------------------------------------------------------------------
+
+
+async def test_a_room_opened_during_a_cpu_spike_gets_its_agent_once_the_spike_ends(livekit_server, serves, room_name):
+    """Production settings (LOAD_THRESHOLD=0.7): both hosts refuse while both cores are busy;
+    the room is served within 10 s of the spike's end, and each host said it was full once."""
+    hosts = [serves(f"busy{i}", LOAD_THRESHOLD="0.7", **FAST) for i in range(2)]
+    for h in hosts:
+        await h.registered()
+    hog = CpuHog(8.0)
+    t_hog = time.monotonic()
+    users = []
+    try:
+        await asyncio.sleep(1.5)
+        users.append(await join(livekit_server, room_name))
+        await asyncio.sleep(max(0.0, t_hog + 8.0 - time.monotonic()))
+        hog.stop()
+        t_end = time.monotonic()
+        await wait_until(lambda: AGENT in users[0].room.remote_participants, 10, "the agent after the spike")
+        print(f"spike over -> agent in the room after {time.monotonic() - t_end:.2f} s")
+        for h in hosts:
+            assert h.output().count("not taking calls: host CPU") <= 1, "the full host said so more than once"
+    finally:
+        hog.stop()
+        await leave_all(users)
+
+
+async def test_dev_mode_never_refuses_a_room_on_cpu(livekit_server, serves, room_name):
+    """A developer's machine (the LiveKit server on loopback, LOAD_THRESHOLD unset): a busy CPU
+    does not turn the user away."""
+    dev = serves("dev", LOAD_THRESHOLD="", RESCUE_INTERVAL_S="0")
+    await dev.registered()
+    assert "dev mode (the LiveKit server is on this machine)" in dev.output()
+    hog = CpuHog(6.0)
+    users = []
+    try:
+        await asyncio.sleep(2.0)
+        users.append(await join(livekit_server, room_name))
+        await wait_until(lambda: AGENT in users[0].room.remote_participants, 10, "the agent during the spike")
+        assert dev.accepted(room_name) == 1 and "not taking calls" not in dev.output()
+    finally:
+        hog.stop()
+        await leave_all(users)
+
+
+async def test_a_full_fleet_serves_the_waiting_room_once_a_user_leaves(livekit_server, serves, room_name):
+    hosts = [serves(f"full{i}", MAX_CALLS="1", **FAST) for i in range(2)]
+    for h in hosts:
+        await h.registered()
+    users = []
+    try:
+        for i in range(2):
+            users.append(await join(livekit_server, f"{room_name}-{i}"))
+            await wait_until(lambda u=users[-1]: AGENT in u.room.remote_participants, 15, f"the agent in room {i}")
+        waiting = await join(livekit_server, f"{room_name}-2")
+        users.append(waiting)
+        await asyncio.sleep(3.0)
+        assert AGENT not in waiting.room.remote_participants, "a third call on a fleet of MAX_CALLS=1 x 2"
+        await users[0].leave()
+        t_left = time.monotonic()
+        await wait_until(lambda: AGENT in waiting.room.remote_participants, 15, "the agent in the waiting room")
+        print(f"user left -> the waiting room served after {time.monotonic() - t_left:.2f} s")
+        # The slot frees JOB idle (5 s) after the user left; the waiting room is served within 10 s of that.
+        assert time.monotonic() - t_left < 5 + 10
+        assert sum(rescued(h, f"{room_name}-2") for h in hosts) == 1
+    finally:
+        await leave_all(users)
