@@ -1330,7 +1330,7 @@ class Dispatcher:
             self._apply(self.core.tick(now))
             self.supervisor.check(now)
             if self._drain_deadline is not None and now >= self._drain_deadline and not self.core.stopping:
-                log.warning("drain timeout (%.0f s): ending %d calls still in progress",
+                log.warning("drain timeout (%.0f s): handing %d calls still in progress over",
                             self.settings.drain_timeout_s, self.core.job_count)
                 self._apply(self.core.stop_all("drain timeout", now))
             self._check_finished()

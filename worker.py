@@ -511,8 +511,12 @@ class Worker:
         record = rescue.session_record(self.cfg.livekit_api_secret, self.cfg.room_name, session_id)
         async with server_api(self.cfg) as lk:
             for identity in sorted(self.link.present):
-                await lk.room.update_participant(api.UpdateParticipantRequest(
-                    room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: record}))
+                try:
+                    await lk.room.update_participant(api.UpdateParticipantRequest(
+                        room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: record}))
+                except Exception as e:  # that user has just left, most often
+                    log.info("could not note the session on user %s (%s): a host taking this call over would "
+                             "start a new session", identity, one_line(e))
 
     async def _end_session(self) -> None:
         client, task = self.client, self._session_task

@@ -6,7 +6,8 @@ It does what the real job mode must do around the call, with a tone instead of a
 conversation:
 
 * reads the job from stdin (``dispatch.read_job``) and binds itself to its parent
-  (``dispatch.bind_to_parent``: SIGTERM when the parent dies, hard exit if that is ignored);
+  (``dispatch.bind_to_parent``: the hand-over signal when the parent dies, hard exit if that is
+  ignored);
 * joins ``job.url`` with ``job.token`` (identity, name, kind and ``lk.agent_name`` come
   from the token the server minted), publishes a MICROPHONE track playing a tone, sets
   ``lk.agent.state`` to ``listening``;
@@ -79,8 +80,11 @@ async def run(job: dispatch.JobSpec, k: dict, tag: str, tone_hz: float) -> int:
 
     if k.get("ignore_sigterm"):
         loop.add_signal_handler(signal.SIGTERM, lambda: say("SIGTERM ignored (test knob)"))
+        loop.add_signal_handler(dispatch.HANDOVER_SIGNAL, lambda: say("hand-over signal ignored (test knob)"))
     else:
         loop.add_signal_handler(signal.SIGTERM, end, 0, "SIGTERM")
+        # The host is going away (dispatch.HANDOVER_SIGNAL): a tone has nothing to hand over.
+        loop.add_signal_handler(dispatch.HANDOVER_SIGNAL, end, 0, "hand-over")
     loop.add_signal_handler(signal.SIGINT, end, 0, "SIGINT")
 
     room = rtc.Room()
