@@ -55,6 +55,8 @@ class LiveKitServer:
     rtc_udp_port: int = 0
     proc: subprocess.Popen | None = None
     starts: int = 0
+    # "127.0.0.1:PORT" of a RedisServer: the node then joins the cluster of every node given it.
+    redis_address: str | None = None
 
     @property
     def url(self) -> str:
@@ -67,6 +69,15 @@ class LiveKitServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "livekit-server.log"
+
+    @property
+    def node_id(self) -> str | None:
+        """This process's node id (random at every start), from its log's start line."""
+        try:
+            ids = re.findall(r'starting LiveKit server.*?"nodeID": "(ND_\w+)"', self.log_path.read_text(errors="replace"))
+        except FileNotFoundError:
+            return None
+        return ids[-1] if ids else None
 
     @property
     def media_ip(self) -> str:
@@ -92,7 +103,7 @@ rtc:
   ips: {{includes: ["{ip}/32"]}}
   stun_servers: ["127.0.0.1:3478"]
 logging: {{level: info}}
-"""
+""" + (f"redis: {{address: {self.redis_address}}}\n" if self.redis_address else "")
 
     def start(self, timeout: float = 30.0) -> None:
         if not self.port:
@@ -154,6 +165,140 @@ logging: {{level: info}}
         if room_config is not None:  # api.RoomConfiguration: e.g. agents to dispatch when the room is created
             t = t.with_room_config(room_config)
         return t.to_jwt()
+
+
+def find_redis_binary() -> str | None:
+    for candidate in (os.environ.get("REDIS_SERVER_BIN"), "/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class RedisServer:
+    """Debian's redis-server on a loopback port, in memory only: what makes livekit-server
+    nodes one cluster (node registry, room -> node map, psrpc between nodes)."""
+
+    workdir: Path
+    binary: str = ""
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def command(self, *args: str, timeout: float = 2.0) -> Any:
+        """One command over RESP; the reply as str, int or list (enough for PING, HLEN, HKEYS)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            req = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+            sock.sendall(req.encode())
+            f = sock.makefile("rb")
+
+            def read() -> Any:
+                line = f.readline().rstrip(b"\r\n").decode()
+                kind, rest = line[:1], line[1:]
+                if kind == "+":
+                    return rest
+                if kind == "-":
+                    raise RuntimeError(f"redis: {rest}")
+                if kind == ":":
+                    return int(rest)
+                if kind == "$":
+                    return None if rest == "-1" else f.read(int(rest) + 2)[:-2].decode(errors="replace")
+                if kind == "*":
+                    return [read() for _ in range(int(rest))]
+                raise RuntimeError(f"redis: unexpected reply {line!r}")
+
+            return read()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.binary = self.binary or find_redis_binary() or ""
+        if not self.binary:
+            raise RuntimeError("redis-server not found: run ./scripts/setup --fleet (Debian's redis-server)")
+        self.port = self.port or free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        # No persistence: a test cluster starts empty and leaves nothing behind.
+        self.proc = subprocess.Popen([self.binary, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1",
+                                      "--port", str(self.port), "--dir", str(self.workdir)],
+                                     stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if self.command("PING", timeout=0.5) == "PONG":
+                    return
+            except (OSError, RuntimeError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer PING on {self.address} within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class LiveKitCluster:
+    """A real multi-node livekit-server: one RedisServer and ``nodes`` LiveKitServer processes,
+    each with ports of its own. Any node takes clients and agent workers; each room lives on
+    one node (the server picks it at random when the room is created), and signalling and jobs
+    cross nodes through Redis."""
+
+    def __init__(self, binary: str, workdir: Path, nodes: int = 2) -> None:
+        self.binary, self.workdir = binary, workdir
+        self.redis = RedisServer(workdir / "redis")
+        self.nodes = [LiveKitServer(binary, workdir / f"node{i}") for i in range(nodes)]
+
+    def node_ids(self) -> list[str]:
+        """The node ids registered in Redis (livekit-server's routing hash ``nodes``)."""
+        return sorted(self.redis.command("HKEYS", "nodes"))
+
+    def room_node(self, room: str) -> str | None:
+        """The id of the node that hosts ``room`` (Redis ``room_node_map``), or None."""
+        return self.redis.command("HGET", "room_node_map", room)
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            self.redis.start()
+            for node in self.nodes:
+                node.redis_address = self.redis.address
+                node.start(timeout)
+            # Every node registered in Redis: from then on rooms may be placed on any of them.
+            deadline = time.monotonic() + timeout
+            while len(self.node_ids()) < len(self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(self.node_ids())} of {len(self.nodes)} nodes registered in Redis")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.redis.stop()
+
+    def __enter__(self) -> "LiveKitCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # --- the worker process -------------------------------------------------------------------
