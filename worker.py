@@ -39,9 +39,9 @@ if sys.version_info < MIN_PYTHON:
 
 import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
 import bridge  # noqa: E402
-import rescue  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
+import rescue  # noqa: E402
 import scheduling  # noqa: E402
 import sounds  # noqa: E402
 from config import (  # noqa: E402
@@ -285,8 +285,7 @@ class Worker:
             self.mixer.stop_bed(fade_ms)
         # The bed fades out while the session ends; then leave the room. A call handed over,
         # or taken over by another agent, leaves its session to the one that goes on.
-        keep = self._handover or self.link.replaced
-        await asyncio.gather(self._drop_session() if keep else self._end_session(),
+        await asyncio.gather(self._end_session(keep=self._handover or self.link.replaced),
                              asyncio.sleep((fade_ms + (self.mixer.max_queue_ms if self.mixer is not None else 0)) / 1000))
         await self.link.leave()
 
@@ -476,52 +475,43 @@ class Worker:
             await self._close_room_to_fleet()
             self.request_stop()  # job mode: one call per process
 
-    async def _drop_session(self) -> None:
-        client, task = self.client, self._session_task
-        if client is not None:
-            await client.drop()
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 1.0)
-            except (asyncio.TimeoutError, Exception):
-                pass
-
     async def _close_room_to_fleet(self) -> None:
         """Serve mode, a call that ended on purpose: delete the room's dispatch for this agent,
         which is how the fleet knows not to bring the agent back (rescue.py), and the session
         record on the users."""
-        from livekit import api
-
         try:
             async with server_api(self.cfg) as lk:
                 for d in await lk.agent_dispatch.list_dispatch(room_name=self.cfg.room_name):
                     if d.agent_name == self.job.agent_name:
                         await lk.agent_dispatch.delete_dispatch(d.id, self.cfg.room_name)
-                for identity in sorted(self.link.present):
-                    await lk.room.update_participant(api.UpdateParticipantRequest(
-                        room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: ""}))
+                await self._note_on_users(lk, "")
         except Exception as e:  # the room is gone already, most often
             log.debug("could not close room %s to the fleet: %s", self.cfg.room_name, one_line(e))
 
     async def _record_session(self, session_id: str) -> None:
         """Serve mode: the session id on the users' attributes, signed, so the call that takes
         this one over if its host goes away can resume the session (rescue.py)."""
+        async with server_api(self.cfg) as lk:
+            await self._note_on_users(lk, rescue.session_record(self.cfg.livekit_api_secret, self.cfg.room_name,
+                                                                session_id))
+
+    async def _note_on_users(self, lk: Any, record: str) -> None:
+        """The session record ("": none) on every user of the call."""
         from livekit import api
 
-        record = rescue.session_record(self.cfg.livekit_api_secret, self.cfg.room_name, session_id)
-        async with server_api(self.cfg) as lk:
-            for identity in sorted(self.link.present):
-                try:
-                    await lk.room.update_participant(api.UpdateParticipantRequest(
-                        room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: record}))
-                except Exception as e:  # that user has just left, most often
-                    log.info("could not note the session on user %s (%s): a host taking this call over would "
-                             "start a new session", identity, one_line(e))
+        for identity in sorted(self.link.present):
+            try:
+                await lk.room.update_participant(api.UpdateParticipantRequest(
+                    room=self.cfg.room_name, identity=identity, attributes={rescue.SESSION_ATTRIBUTE: record}))
+            except Exception as e:  # that user has just left, most often
+                log.info("could not note the session on user %s (%s)", identity, one_line(e))
 
-    async def _end_session(self) -> None:
+    async def _end_session(self, keep: bool = False) -> None:
+        """End the session (session.end), or with ``keep`` only close its socket: a call
+        handed over leaves the session resumable for the one that goes on."""
         client, task = self.client, self._session_task
         if client is not None:
-            await client.end(timeout=1.5)
+            await (client.drop() if keep else client.end(timeout=1.5))
         if task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(task), 1.0)
@@ -674,8 +664,6 @@ class Worker:
         self.mixer.stop_bed(500)
         await asyncio.gather(self._end_session(), asyncio.sleep(0.5 + self.mixer.max_queue_ms / 1000))
         self._call_ended()
-        if self.job is not None and self.cfg.end_call_action != "delete_room":
-            await self._close_room_to_fleet()
         self.link.hung_up = True
         if self.cfg.end_call_action == "delete_room":
             from livekit import api
@@ -686,6 +674,8 @@ class Worker:
                 return
             except Exception as e:
                 log.warning("could not delete room %s (%s); leaving it instead", self.cfg.room_name, one_line(e))
+        if self.job is not None:
+            await self._close_room_to_fleet()  # the user stays: the fleet must not bring the agent back
         await self.link.leave()
 
 
