@@ -100,6 +100,7 @@ import collections
 import ctypes
 import datetime
 import enum
+import ipaddress
 import json
 import logging
 import math
@@ -116,6 +117,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
+import rescue
 from backoff import Backoff
 from exits import EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 from logs import LogContext, one_line
@@ -224,8 +226,6 @@ def dev_mode(livekit_url: str, env: Mapping[str, str], interactive: bool) -> str
         return None
     host = (urlsplit(livekit_url).hostname or "").lower()
     try:
-        import ipaddress
-
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
@@ -761,7 +761,7 @@ class WorkerCore:
                                      spec=spec, rescued=True)
         self.rescued += 1
         log.info("rescuing room %s (%s): job %s", spec.room,
-                 "its job was never placed" if spec.rescue == "unplaced" else "its call was lost", spec.job_id)
+                 "its job was never placed" if spec.rescue == rescue.RESCUE_UNPLACED else "its call was lost", spec.job_id)
         return [Launch(spec), *self._status_if_changed(now)]
 
     def job_ready(self, job_id: str, now: float) -> list[Effect]:
@@ -1153,7 +1153,7 @@ class Dispatcher:
         # Names this process in the claims it makes on rooms (rescue.py); worker ids change
         # with every registration.
         self.host_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{os.urandom(3).hex()}".replace(" ", "_")
-        self.rescuer: Any = None
+        self.rescuer: rescue.Rescuer | None = None
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         env.update(child_env or {})
         self.supervisor = Supervisor(self.job_command, stop_timeout_s=cfg.job_stop_timeout_s,
@@ -1293,8 +1293,7 @@ class Dispatcher:
 
     # -- rooms without their agent (rescue.py) --
 
-    def _make_rescuer(self) -> Any:
-        import rescue
+    def _make_rescuer(self) -> rescue.Rescuer:
         from tokens import server_api
 
         planner = rescue.RescuePlanner(rescue.PlannerSettings(
@@ -1304,7 +1303,7 @@ class Dispatcher:
                               can_take=lambda: self.core.registered and self.core.full_reason() is None,
                               busy_rooms=self.core.rooms, launch=self._launch_rescue)
 
-    def _launch_rescue(self, room: Any, decision: Any) -> bool:
+    def _launch_rescue(self, room: rescue.RoomView, decision: rescue.Decision) -> bool:
         """Start a call of our own in a room that lacks its agent (rescue.Rescuer decided)."""
         from tokens import mint_token
 
