@@ -161,6 +161,9 @@ TARGET_CPU_SHARE = 0.7
 # load at or above it is not offered jobs at all (see WorkerCore.load).
 SERVER_TARGET_LOAD = 0.7
 
+# A second SIGTERM/SIGINT counts (ends the calls now) only this long after the first.
+URGENT_SIGNAL_AFTER_S = 0.5
+
 CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
 
@@ -1064,6 +1067,7 @@ class Dispatcher:
         self._ws: Any = None
         self._out: asyncio.Queue[bytes] | None = None
         self._signals = 0
+        self._first_signal_at = 0.0
         self._drain_deadline: float | None = None
         self._finished: asyncio.Event | None = None
         self._fatal: FatalError | None = None
@@ -1114,8 +1118,15 @@ class Dispatcher:
             self._finished.set()
 
     def _on_signal(self, name: str) -> None:
-        self._signals += 1
         now = time.monotonic()
+        if self._signals and now - self._first_signal_at < URGENT_SIGNAL_AFTER_S:
+            # One stop delivered twice at once (`timeout`, `kill PID; kill -- -PGID`): not a
+            # second signal, which would end the calls that should drain.
+            log.debug("%s again %.3f s after the first: one stop, already draining", name, now - self._first_signal_at)
+            return
+        self._signals += 1
+        if self._signals == 1:
+            self._first_signal_at = now
         calls = self.core.job_count
         if self._signals == 1:
             self._drain_deadline = now + self.settings.drain_timeout_s

@@ -904,14 +904,28 @@ def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
     return cfg
 
 
+# A second SIGTERM/SIGINT means "exit now" only this long after the first; see _run.
+URGENT_SIGNAL_AFTER_S = 0.5
+
+
 async def _run(cfg: Config, log_ctx: LogContext, job: Any = None) -> int:
     worker = Worker(cfg, log_ctx, job)
     loop = asyncio.get_running_loop()
     signals_seen = 0
+    first_signal_at = 0.0
 
     def on_signal(signame: str) -> None:
-        nonlocal signals_seen
+        nonlocal signals_seen, first_signal_at
+        now = time.monotonic()
+        if signals_seen and now - first_signal_at < URGENT_SIGNAL_AFTER_S:
+            # `timeout`, cron wrappers and `kill PID; kill -- -PGID` deliver one stop twice
+            # within microseconds: that is the first signal again, not a hurried human.
+            log.debug("%s again %.3f s after the first: one stop, already shutting down", signame,
+                      now - first_signal_at)
+            return
         signals_seen += 1
+        if signals_seen == 1:
+            first_signal_at = now
         if signals_seen > 1 and job is not None:
             # A call process is stopped by its serve process (SIGKILL after JOB_STOP_TIMEOUT_S),
             # not by a hurried human. And one death of the serve process can deliver the

@@ -131,7 +131,7 @@ def serves(livekit_server, tmp_path):
     # reach a process as one.
     for s, tag in started:
         s.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(dispatch.URGENT_SIGNAL_AFTER_S + 0.1)
     for s, tag in started:
         s.signal(signal.SIGTERM)
     deadline = time.monotonic() + 15
@@ -265,6 +265,7 @@ async def test_automatic_dispatch_a_real_call_in_a_room_that_did_not_exist(livek
         # Stop now: the call ends cleanly, the job is reported as a success.
         a.signal(signal.SIGTERM)
         await a.wait_for_output("draining", 5)
+        await asyncio.sleep(dispatch.URGENT_SIGNAL_AFTER_S)  # a second signal, not the first delivered twice
         a.signal(signal.SIGTERM)
         assert await a.wait_exit(15) == 0
         assert session.ended, "the call process did not send session.end"
@@ -585,6 +586,26 @@ async def test_drain_timeout_ends_calls_cleanly(livekit_server, serves, room_nam
         assert "drain timeout (2 s): ending 1 calls" in w.output()
         assert "ending the call: SIGTERM" in w.output()  # ended the clean way, not killed
         await wait_until(lambda: AGENT not in user.room.remote_participants, 5, "the agent to leave")
+    finally:
+        await user.leave()
+
+
+async def test_sigterm_delivered_twice_at_once_drains_and_does_not_end_the_calls(livekit_server, serves, room_name):
+    """`timeout`, cron wrappers and `kill PID; kill -- -PGID` deliver SIGTERM twice within
+    microseconds: one stop, so the host drains; the call in progress goes on (a second
+    signal, later, would end it)."""
+    w = serves("twice")
+    await w.registered()
+    user = await join(livekit_server, room_name)
+    try:
+        assert await served_by(user, [w]) is w
+        w.signal(signal.SIGTERM)
+        time.sleep(0.05)  # two deliveries, as `kill PID; kill -- -PGID` makes them
+        w.signal(signal.SIGTERM)
+        await w.wait_for_output("draining: no new calls", 5)
+        await asyncio.sleep(2.0)
+        assert "again: ending" not in w.output(), "one SIGTERM delivered twice ended the calls instead of draining"
+        assert w.alive and AGENT in user.room.remote_participants, "the call did not go on while draining"
     finally:
         await user.leave()
 
