@@ -64,7 +64,7 @@ import call  # noqa: E402
 from audio_output import AudioOutput, PlaybackEvent, ReplyStartedPlaying  # noqa: E402
 from call import Call, CallSettings, Timer  # noqa: E402
 from captions import Captions  # noqa: E402
-from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
+from logs import LogContext, LogLimiter, escape_controls, one_line, setup_logging  # noqa: E402
 from pcm import SAMPLE_RATE  # noqa: E402
 from room import RoomLink  # noqa: E402
 from session_channel import SessionChannel  # noqa: E402
@@ -1066,7 +1066,7 @@ def report_fatal(cfg: Config, log_ctx: LogContext, message: str, code: int) -> N
     if cfg.log_format == "json":
         log.critical(message, extra={"fields": {"exit_code": code}})
     else:
-        print(f"error: {log_ctx.redact(message)}", file=sys.stderr)
+        print(f"error: {escape_controls(log_ctx.redact(message))}", file=sys.stderr)  # it may name the room
 
 
 if __name__ == "__main__":

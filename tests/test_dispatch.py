@@ -610,6 +610,26 @@ async def test_sigterm_delivered_twice_at_once_drains_and_does_not_end_the_calls
         await user.leave()
 
 
+async def test_a_room_named_with_terminal_escapes_and_a_newline_forges_no_log_line(livekit_server, standin, serves):
+    """Under automatic dispatch anyone who may create a room names it: a name with ANSI escapes
+    and a newline must neither colour the operator's terminal nor start a log line of its own,
+    in the serve process's log or its call process's (the same stream)."""
+    evil = "\x1b[31mEVIL\x1b[0m\nFAKE-LOG-LINE"
+    w = serves("evil", standin=standin, AMBIENT_SOUND="none", LOG_LEVEL="info")
+    await w.registered()
+    user = await join(livekit_server, evil, publish=True)
+    try:
+        await agent_of(user)
+        await w.wait_for_output(r"job AJ_\w+: the call is in room", 15)
+    finally:
+        await user.leave()
+    out = w.output()
+    assert "EVIL" in out, "the room name is not in the log at all"
+    assert "\x1b" not in out, "a raw escape character from a room name reached the log (it colours the terminal)"
+    forged = [line for line in out.splitlines() if line.startswith("FAKE-LOG-LINE")]
+    assert not forged, f"a room name forged log lines: {forged}"
+
+
 async def test_cpu_threshold_refuses_when_the_host_is_busy(livekit_server, serves, room_name):
     # A threshold no host stays under (the test host is busy anyway): every job is refused,
     # with the reason in the log, and the server knows we are full.
