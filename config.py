@@ -396,7 +396,9 @@ class Config:
                                                   _command, group="Serve mode")
     # Operations
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
-                                   "billed) before reporting ready; 0: trust it until the first call",
+                                   "billed) before reporting ready; a success is remembered for an hour (a hash, "
+                                   "never the key, in STATE_DIR or ~/.cache/voice-agent), so restarts do not repeat "
+                                   "it; 0: trust it until the first call",
                                    _bool, group="Operations")
     shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
                                          _number(float, 0.5, 60), group="Operations")

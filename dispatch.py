@@ -117,7 +117,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from backoff import Backoff
-from exits import EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
+from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 from logs import LogContext, one_line
 from systemd import SystemdNotifier
 
@@ -995,7 +995,16 @@ class HealthServer:
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        """Listen; a port or an address that cannot be had is a configuration error (exit 2),
+        found before anything billed or remote happens (the serve process starts it first)."""
+        if self.server is not None:
+            return
+        try:
+            self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            raise FatalError(EXIT_CONFIG, f"HEALTH_PORT {self.port} on HEALTH_HOST {self.host}: cannot listen there "
+                                          f"({e.strerror or one_line(e)}); free the port, or set another port "
+                                          "(0: no health endpoint) or an address of this machine") from None
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("health endpoint on http://%s:%d/healthz", self.host, self.port)
 
@@ -1145,6 +1154,14 @@ class Dispatcher:
             if self._finished is not None:
                 self._finished.set()
 
+    async def open_health(self) -> None:
+        """The health endpoint (HEALTH_PORT), if any: listening from here on. Called before
+        the start-up key check too, so a taken port fails before a billed session."""
+        if self.settings.health_port and self.health is None:
+            health = HealthServer(self, self.settings.health_host, self.settings.health_port)
+            await health.start()
+            self.health = health
+
     def dump_status(self) -> None:
         log.info("status: %s", json.dumps(self.core.snapshot(rooms=True)))
 
@@ -1160,9 +1177,7 @@ class Dispatcher:
                  self.settings.agent_identity, self.max_calls,
                  f"{self.settings.load_threshold:.0%}" if self.core.cpu_gate else "off",
                  shlex.join(self.job_command))
-        if self.settings.health_port:
-            self.health = HealthServer(self, self.settings.health_host, self.settings.health_port)
-            await self.health.start()
+        await self.open_health()
         self.cpu.sample()
         conn = asyncio.create_task(self._connection_loop(), name="agent-socket")
         ticker = asyncio.create_task(self._tick_loop(), name="tick")

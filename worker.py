@@ -663,20 +663,73 @@ def load_tool_registry(cfg: Config) -> Any:
     return tools_mod.ToolRegistry(loaded)
 
 
+# A successful start-up key check is trusted this long: a service manager restarting the
+# worker (LiveKit unreachable, a crash) must not open a billed session every restart.
+KEY_CHECK_VALID_S = 3600.0
+
+
+def key_check_stamp(cfg: Config, settings: bridge.SessionSettings) -> Path | None:
+    """Where a successful key check is remembered: a file named after a hash of the URL,
+    the key and the session settings (never the key itself), in STATE_DIR, else systemd's
+    $STATE_DIRECTORY, else ~/.cache/voice-agent. None if there is nowhere to keep it."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((cfg.voice_agent_url, cfg.assemblyai_api_key, settings)).encode()).hexdigest()
+    cache = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if os.environ.get("HOME") else "")
+    if cfg.state_dir:
+        folder = Path(cfg.state_dir)
+    elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (serve's unit sets no STATE_DIR)
+        folder = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    elif cache:
+        folder = Path(cache) / "voice-agent"
+    else:
+        return None
+    return folder / f"key-check-{digest[:32]}"
+
+
+def _key_check_cached(stamp: Path | None) -> bool:
+    try:
+        return stamp is not None and 0 <= time.time() - stamp.stat().st_mtime < KEY_CHECK_VALID_S
+    except OSError:
+        return False
+
+
+def _remember_key_check(stamp: Path | None) -> None:
+    if stamp is None:
+        return
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old in stamp.parent.glob("key-check-*"):  # one stamp: the last key and settings proven
+            if old != stamp:
+                old.unlink(missing_ok=True)
+        stamp.touch()
+        os.utime(stamp)
+    except OSError as e:
+        log.debug("cannot remember the key check in %s (%s): the next start checks again", stamp.parent,
+                  one_line(e))
+
+
 async def prove_api_key(cfg: Config, tools: Any) -> None:
     """Prove the API key once at start (STARTUP_CHECK), so systemd (or the serve host, for
     every call it will run) knows a bad key before any call. An unreachable or busy service
     is retried (backoff.Backoff) for RECONNECT_GIVE_UP_S seconds, then bridge.GaveUp (exit 5);
-    a rejected key or configuration raises at once (exit 3 or 4)."""
+    a rejected key or configuration raises at once (exit 3 or 4). A success with the same
+    key, URL and session settings within KEY_CHECK_VALID_S is not repeated (it is billed)."""
+    settings = session_settings(cfg, tools.definitions())
+    stamp = key_check_stamp(cfg, settings)
+    if _key_check_cached(stamp):
+        log.info("Voice Agent API key verified within the last %.0f minutes with these settings: not checked again",
+                 KEY_CHECK_VALID_S / 60)
+        return
     give_up = cfg.reconnect_give_up_s
     retry = backoff.Backoff(0.5, 10.0, give_up)
     while True:
         try:
             # No attempt outlasts the give-up time by more than a second.
             timeout = max(1.0, min(10.0, give_up - retry.failing_for()))
-            sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key,
-                                              session_settings(cfg, tools.definitions()), timeout)
+            sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key, settings, timeout)
             log.info("Voice Agent API key verified (session %s opened and ended)", sid)
+            _remember_key_check(stamp)
             return
         except (OSError, asyncio.TimeoutError) as e:
             delay = retry.failed()
@@ -991,6 +1044,7 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
     dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names})
 
     async def serve() -> int:
+        await dispatcher.open_health()  # local resources first: nothing billed on a path that then fails here
         if cfg.startup_check:
             log_session_config(cfg)
             await prove_api_key(cfg, tools)
@@ -998,7 +1052,7 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
 
     try:
         return asyncio.run(serve())
-    except bridge.ApiError as e:
+    except (FatalError, bridge.ApiError) as e:
         report_fatal(cfg, log_ctx, str(e), exit_code(e))
         return exit_code(e)
     finally:

@@ -777,6 +777,52 @@ async def test_serve_refuses_to_start_with_a_rejected_key_or_a_bad_setting(livek
             w.kill()
 
 
+async def test_serve_failing_for_a_local_reason_opens_no_billed_session(livekit_server, standin, tmp_path):
+    """A taken HEALTH_PORT or an address that is not this machine's: one line, exit 2 (which
+    systemd does not restart), found before the start-up key check opens a billed session."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [({"HEALTH_PORT": str(taken.getsockname()[1])}, f"HEALTH_PORT {taken.getsockname()[1]} on HEALTH_HOST"),
+             ({"HEALTH_PORT": str(free_port()), "HEALTH_HOST": "999.1.1.1"}, "HEALTH_HOST 999.1.1.1")]
+    try:
+        for i, (env, text) in enumerate(cases):
+            w = ServeProcess(serve_env(livekit_server, f"local{i}", standin.url, STARTUP_CHECK="1", **env),
+                             tmp_path / f"local{i}").start()
+            try:
+                code = await w.wait_exit(20)
+            finally:
+                w.kill()
+            out = w.output()
+            errors = [line for line in out.splitlines() if line.startswith("error:")]
+            assert code == 2 and "Traceback" not in out, f"exit {code}, not one line and exit 2:\n{out}"
+            assert len(errors) == 1 and text in errors[0], out
+            assert "registered with LiveKit" not in out
+        assert not standin.sessions, (f"{len(standin.sessions)} billed Voice Agent sessions opened by starts that then "
+                                      "failed for a local reason")
+    finally:
+        taken.close()
+
+
+async def test_a_restarted_serve_does_not_prove_the_key_again(livekit_server, standin, tmp_path):
+    """A service manager restarting serve (LiveKit unreachable, a crash: systemd restarts it
+    every few seconds for ever) must not open a billed session per restart: a successful key
+    check is remembered for a while (a hash in the state folder, never the key)."""
+    env = serve_env(livekit_server, "again", standin.url, STARTUP_CHECK="1", STATE_DIR=str(tmp_path / "state"))
+    for attempt in range(2):
+        w = ServeProcess(env, tmp_path / f"again{attempt}").start()
+        try:
+            await w.registered()
+            w.signal(signal.SIGTERM)
+            assert await w.wait_exit(10) == 0
+        finally:
+            w.kill()
+    assert len(standin.sessions) == 1, f"{len(standin.sessions)} billed key checks for two starts within minutes"
+    assert "not checked again" in w.output()
+    stamps = list((tmp_path / "state").glob("key-check-*"))
+    assert len(stamps) == 1 and ASSEMBLYAI_KEY not in stamps[0].read_text() + stamps[0].name
+
+
 async def test_job_mode_refuses_to_run_without_a_job(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "worker.py"), "job"], stdin=subprocess.DEVNULL,
                        env={"PATH": os.environ.get("PATH", "")}, cwd=tmp_path, capture_output=True, text=True,
