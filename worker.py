@@ -843,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="The HMAC key is")
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
+    try:
+        gather_env(cli)  # a broken ./.env is one line for every command, before anything starts
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check":
         logging.basicConfig(level=logging.CRITICAL)
         import check

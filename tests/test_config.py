@@ -119,6 +119,24 @@ def test_flags_override_env_and_env_overrides_dotenv(tmp_path):
         del os.environ["ROOM_NAME"]
 
 
+@pytest.mark.parametrize("content, line, also", [
+    ("ROOM_NAME=r1\n".encode("utf-16"), 1, "UTF-16"),  # what a Windows editor saves
+    (b"ROOM_NAME=r1\nAMBIENT_VOLUME 0.9\nGREETING=hi\n", 2, "AMBIENT_VOLUME"),
+    (b"ROOM_NAME=r1\nASSEMBLYAI_API_KEY sk-very-secret-value\n", 2, "ASSEMBLYAI_API_KEY"),
+    (b'ROOM_NAME=r1\nGREETING="unterminated\n', 2, "GREETING"),
+], ids=["utf-16", "no-equals-sign", "a-secret-on-the-line", "unterminated-quote"])
+def test_a_dotenv_that_cannot_be_read_whole_is_one_line_naming_the_file_and_line(tmp_path, content, line, also):
+    """Not UTF-8, or a line that is not NAME=value: python-dotenv skips it with a warning that
+    names neither file nor line, and its setting silently takes the default. One line, exit 2,
+    and never the line's value (it may be a secret)."""
+    (tmp_path / ".env").write_bytes(content)
+    r = run_worker(REQUIRED, "token", cwd=tmp_path)
+    assert r.returncode == 2, f"exit {r.returncode} with a broken .env:\n{r.stdout}{r.stderr}"
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tmp_path / '.env'} line {line}" in r.stderr and also in r.stderr, r.stderr
+    assert "sk-very-secret-value" not in r.stderr
+
+
 def test_token_command_needs_no_api_key():
     env = {k: v for k, v in REQUIRED.items() if k != "ASSEMBLYAI_API_KEY"}
     r = run_worker(env, "token")
