@@ -37,6 +37,27 @@ if sys.version_info < MIN_PYTHON:
           file=sys.stderr)
     raise SystemExit(2)
 
+# requirements.txt's packages (av is loaded only for non-WAV sounds, and says so itself):
+# `python worker.py` outside the virtualenv would end in a ModuleNotFoundError traceback.
+import importlib.util  # noqa: E402
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+_MISSING = [name for name, module in (("livekit", "livekit.rtc"), ("livekit-api", "livekit.api"),
+                                       ("websockets", "websockets"), ("numpy", "numpy"),
+                                       ("python-dotenv", "dotenv"))
+            if not _installed(module)]
+if _MISSING:
+    print(f"error: {', '.join(_MISSING)} not installed for {sys.executable}: run ./scripts/run (it sets up .venv "
+          f"and runs the worker in it), or .venv/bin/python worker.py", file=sys.stderr)
+    raise SystemExit(2)
+
 import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
 import bridge  # noqa: E402
 import control  # noqa: E402

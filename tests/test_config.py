@@ -137,6 +137,17 @@ def test_a_dotenv_that_cannot_be_read_whole_is_one_line_naming_the_file_and_line
     assert "sk-very-secret-value" not in r.stderr
 
 
+@pytest.mark.parametrize("args", [(), ("--help",), ("serve",)])
+def test_outside_the_virtualenv_is_one_line_saying_how_to_run_it(args):
+    """README's `python worker.py` with a Python that lacks requirements.txt (-S: no
+    site-packages, as outside .venv): one line naming the fix, exit 2, no traceback."""
+    r = subprocess.run([sys.executable, "-S", str(REPO / "worker.py"), *args], env={"PATH": "/usr/bin:/bin"},
+                       cwd=REPO / "tests", capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr}"
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "./scripts/run" in r.stderr and ".venv/bin/python" in r.stderr and "websockets" in r.stderr, r.stderr
+
+
 def test_token_command_needs_no_api_key():
     env = {k: v for k, v in REQUIRED.items() if k != "ASSEMBLYAI_API_KEY"}
     r = run_worker(env, "token")
