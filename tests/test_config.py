@@ -148,6 +148,35 @@ def test_outside_the_virtualenv_is_one_line_saying_how_to_run_it(args):
     assert "./scripts/run" in r.stderr and ".venv/bin/python" in r.stderr and "websockets" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("delay_s", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+def test_ctrl_c_while_it_starts_is_a_quiet_stop(delay_s):
+    """Ctrl-C in the first moments (the modules load for ~0.3 s, then the settings are read):
+    a stop like any other, exit 0, never a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "worker.py"), "token"], env={"PATH": "/usr/bin:/bin", **REQUIRED},
+                            cwd=REPO / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import signal
+    import time
+
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    if "worker.py" not in err and proc.returncode in (1, -signal.SIGINT):
+        return  # on a loaded host the signal came before Python itself was up: nothing of ours ran
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, f"Ctrl-C after {delay_s} s:\n{err}"
+    assert proc.returncode == 0, f"Ctrl-C after {delay_s} s: exit {proc.returncode}\n{err}"
+
+
+def test_a_tools_module_raising_keyboardinterrupt_at_import_is_a_configuration_error(tmp_path):
+    """A module that raises KeyboardInterrupt (or a Ctrl-C while it imports) is an import
+    that failed: one line and exit 2, not a silent exit 0."""
+    tools_py = tmp_path / "interrupting_tools.py"
+    tools_py.write_text("raise KeyboardInterrupt\n")
+    r = run_worker({**REQUIRED, "TOOLS_MODULE": str(tools_py), "LIVEKIT_URL": "ws://127.0.0.1:9"}, "serve")
+    assert r.returncode == 2, f"exit {r.returncode}: {r.stderr}"
+    assert "TOOLS_MODULE" in r.stderr and "KeyboardInterrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_token_command_needs_no_api_key():
     env = {k: v for k, v in REQUIRED.items() if k != "ASSEMBLYAI_API_KEY"}
     r = run_worker(env, "token")
