@@ -483,6 +483,11 @@ class Controller:
             sound = await self._decode_off_loop(lambda: sounds.load(source, target_lufs=target,
                                                                     max_duration_s=self.s.max_audio_s))
             bed = Bed(source if source.startswith("builtin:") else f"clip:{clip}", 0.0, sound.name)
+        if loop:
+            try:
+                sounds.check_loop(sound)
+            except sounds.SoundError as e:
+                raise ControlError(ERR_INVALID, str(e)) from None
         if loop and not sound.name.startswith("builtin:"):
             seamless = sounds.make_seamless_loop(sound.samples, int(0.25 * sounds.SAMPLE_RATE))
             sound = sounds.Sound(sound.name, seamless, sound.source_rate, sound.loudness_lufs)
