@@ -489,6 +489,25 @@ def check_serve_config(cfg: Config) -> None:
 
 
 
+def check_state_dir(cfg: Config) -> None:
+    """STATE_DIR, when set, must be a folder this process can write (it is created): found
+    at start, not at the first control call, whose bed would then silently not be kept."""
+    import os
+
+    if not cfg.state_dir:
+        return
+    path = Path(cfg.state_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"STATE_DIR {cfg.state_dir[:120]!r}: cannot write there ({e.strerror or e}); make it a "
+                          "folder this user can write, or set STATE_DIR empty (the bed is then not kept across "
+                          "restarts)") from None
+
+
 def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:
     if cfg.agent_id:
         # A stored agent: its first update is {agent_id} alone; see log_session_config.

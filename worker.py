@@ -74,6 +74,7 @@ from config import (  # noqa: E402
     LOCAL_SERVER_PROVIDES,
     Config,
     check_serve_config,
+    check_state_dir,
     env_name,
     load_banks,
     load_config,
@@ -788,7 +789,8 @@ class _Parser(argparse.ArgumentParser):
             hidden = len(words) - len(options)
             message = ("unrecognized arguments: " + (" ".join(options) or "(values)")
                        + (f" (and {hidden} value{'s' if hidden != 1 else ''}, not shown)" if options and hidden else ""))
-        return super().error(message)
+        # One line, as for every other mistake: the usage is 34 lines that bury it.
+        self.exit(EXIT_CONFIG, f"error: {message}; see {self.prog} --help\n")
 
 
 class _SecretFlag(argparse.Action):
@@ -905,6 +907,11 @@ def main(argv: list[str] | None = None) -> int:
         identity = args.identity or "operator"
         return asyncio.run(control.call(cfg.livekit_url, mint_token(cfg, identity, name=identity), cfg.agent_identity,
                                         args.method, args.payload, args.file))
+    try:
+        check_state_dir(cfg)  # a local resource: before a server is started or anything remote is tried
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         with contextlib.ExitStack() as services:  # stopped after the worker has left the room
             try:

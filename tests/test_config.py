@@ -216,6 +216,29 @@ def test_mistyped_flags_are_named_without_their_values(args):
     assert r.returncode == 2 and "FLAGSECRET" not in r.stdout + r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args", [["--bogus"], ["nope"], ["--room-name"]])
+def test_a_mistyped_command_line_is_one_error_line_pointing_to_help(args):
+    """Not 34 lines of usage burying the one that says what is wrong."""
+    r = run_worker(REQUIRED, *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, f"exit {r.returncode}:\n{r.stderr}"
+    assert r.stderr.startswith("error: ") and r.stderr.rstrip().endswith("see worker.py --help"), r.stderr
+
+
+def test_control_with_an_unknown_method_says_so_and_lists_the_methods():
+    r = run_worker(REQUIRED, "control", "nuke")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: unknown control method 'nuke': use mix_audio, play, state", r.stderr
+
+
+def test_a_state_dir_that_cannot_be_written_is_found_at_start(tmp_path):
+    """Not at the first control call, whose bed would silently not be kept: one line, exit 2,
+    before anything is started or contacted."""
+    (tmp_path / "a-file").write_text("")
+    r = run_worker({**REQUIRED, "LIVEKIT_URL": "ws://127.0.0.1:9", "STATE_DIR": str(tmp_path / "a-file" / "state")})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, f"exit {r.returncode}:\n{r.stderr}"
+    assert r.stderr.startswith("error: STATE_DIR") and "cannot write there" in r.stderr, r.stderr
+
+
 def test_help_says_where_secrets_go():
     text = " ".join(run_worker({}, "--help").stdout.split())
     for flag, name in SECRET_FLAGS.items():
