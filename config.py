@@ -375,7 +375,8 @@ class Config:
                                "explicit dispatch (only rooms that ask for this agent name)", _agent_name,
                                group="Serve mode")
     max_calls: int | None = _setting(None, "serve: calls this host runs at once; a job beyond it is refused (empty: "
-                                     "from the cores this process may use: cores x 0.7 / 0.1, see README)",
+                                     "from the cores and the memory this process may use: cores x 0.7 / 0.1, at "
+                                     "most (memory - 384 MB) / 90 MB, see README)",
                                      _optional(_number(int, 1, 1000)), group="Serve mode")
     load_threshold: float = _setting(0.7, "serve: refuse jobs while the host's CPU (0-1, 2.5 s average, starting "
                                      "calls counted) is at or above this; 1: only MAX_CALLS limits",

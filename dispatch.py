@@ -157,6 +157,16 @@ TICK_S = 0.5
 PER_CALL_CORES = 0.1
 TARGET_CPU_SHARE = 0.7
 
+# Memory. PER_CALL_MEMORY_MB: one call process with a conversation going (2026-12-08, this VM,
+# three calls at once with the stand-in API): 86 MB RSS, 55 MB PSS, 51 MB of it private; 90 is
+# the RSS rounded up (the shared pages count once in a cgroup, so this errs on the safe side).
+# MEMORY_RESERVE_MB: the serve process (64 MB RSS) and one control upload being decoded (up to
+# ~310 MB, deploy/voice-agent.service), which any call may start at any time. Without this
+# bound a host of 8 cores (56 calls by the CPU) under the serve unit's MemoryMax=3G would meet
+# the OOM killer, which may take serve and every call with it.
+PER_CALL_MEMORY_MB = 90
+MEMORY_RESERVE_MB = 384
+
 # livekit-server's `agents.target_load` default: a node whose available workers all report a
 # load at or above it is not offered jobs at all (see WorkerCore.load).
 SERVER_TARGET_LOAD = 0.7
@@ -189,9 +199,54 @@ def available_cores() -> float:
         return float(os.cpu_count() or 1)
 
 
-def default_max_calls(cores: float | None = None) -> int:
+def available_memory_mb(root: Path = Path("/")) -> float | None:
+    """Memory this process and its calls may use, in MB: the host's MemAvailable, or less
+    where a cgroup memory limit on the way from this process's cgroup to the top is lower
+    (a container's or a systemd unit's MemoryMax; cgroup v2 memory.max, v1
+    memory.limit_in_bytes). None if neither can be read."""
+    limits: list[float] = []
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) / 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        groups = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        groups = []
+    for line in groups:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            top, name = root / "sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            top, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = top / path.strip().lstrip("/")
+        while folder == top or top in folder.parents:
+            try:
+                text = (folder / name).read_text().strip()
+                if text != "max":
+                    limits.append(int(text) / 2**20)
+            except (OSError, ValueError):
+                pass
+            if folder == top:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def default_max_calls(cores: float | None = None, memory_mb: float | None = None) -> int:
+    """The calls this host holds: by the cores (TARGET_CPU_SHARE of them at PER_CALL_CORES a
+    call) and by the memory (PER_CALL_MEMORY_MB a call after MEMORY_RESERVE_MB), whichever is
+    fewer. None: this process's (available_cores, available_memory_mb)."""
     cores = available_cores() if cores is None else cores
-    return max(1, math.floor(cores * TARGET_CPU_SHARE / PER_CALL_CORES + 1e-9))
+    by_cpu = math.floor(cores * TARGET_CPU_SHARE / PER_CALL_CORES + 1e-9)
+    memory_mb = available_memory_mb() if memory_mb is None else memory_mb
+    by_memory = (math.floor((memory_mb - MEMORY_RESERVE_MB) / PER_CALL_MEMORY_MB)
+                 if memory_mb is not None and math.isfinite(memory_mb) else by_cpu)
+    return max(1, min(by_cpu, by_memory))
 
 
 def default_job_command() -> tuple[str, ...]:

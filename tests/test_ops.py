@@ -48,7 +48,7 @@ async def test_check_passes_against_real_server_and_standin(livekit_server, stan
                  "\u2713 AMBIENT_SOUND: builtin:office", "all checks passed",
                  "\u2713 serve mode: LiveKit accepts this key as an agent worker (registered as AW_"):
         assert line in out, out
-    assert "automatic dispatch, up to " in out and "calls on this host (MAX_CALLS from the cores)" in out
+    assert "automatic dispatch, up to " in out and "calls on this host (MAX_CALLS from the cores and the memory)" in out
     assert len(standin.sessions) == 1 and standin.sessions[0].ended, "check must open AND end a session"
     assert API_SECRET not in out and ASSEMBLYAI_KEY not in out
 
