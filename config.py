@@ -21,10 +21,27 @@ log = logging.getLogger("worker")
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
-             secret: bool = False, group: str = "general", missing: str | None = None) -> Any:
-    """``missing``: what the one line says when a required setting is not set (default: its help)."""
+             secret: bool = False, group: str = "general", missing: str | None = None,
+             shown_default: str | None = None) -> Any:
+    """``missing``: what the one line says when a required setting is not set (default: its help).
+    ``shown_default``: what `--help` (and the docs) say instead of "required" or the default,
+    where that alone would mislead (LIVEKIT_URL empty starts a local server)."""
     return field(default=default, metadata={"help": help, "parse": parse, "required": required,
-                                            "secret": secret, "group": group, "missing": missing})
+                                            "secret": secret, "group": group, "missing": missing,
+                                            "shown_default": shown_default})
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A setting's default as `--help` shows it: booleans as 1/0, as the docs and .env.example write them."""
+    if f.metadata["shown_default"]:
+        return f.metadata["shown_default"]
+    if f.metadata["required"]:
+        return "required"
+    if f.default in (None, "", ()):
+        return "default: empty"
+    if isinstance(f.default, bool):
+        return f"default: {int(f.default)}"
+    return f"default: {f.default!r}"
 
 
 def _nonempty(v: str) -> str:
@@ -237,11 +254,14 @@ class Config:
     # LiveKit
     livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud; "
                                 "empty: run and demo start a local LiveKit server in dev mode (and use its keys)",
-                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit")
+                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit",
+                                shown_default="empty: a local server; required by token, control, check and "
+                                              "under systemd")
     livekit_api_key: str = _setting(None, "LiveKit API key (livekit-server --dev: devkey)", _nonempty,
-                                    required=True, group="LiveKit")
+                                    required=True, group="LiveKit", shown_default="required with LIVEKIT_URL")
     livekit_api_secret: str = _setting(None, "LiveKit API secret (livekit-server --dev: secret)", _nonempty,
-                                       required=True, secret=True, group="LiveKit")
+                                       required=True, secret=True, group="LiveKit",
+                                       shown_default="required with LIVEKIT_URL")
     local_server_bind: str = _setting("127.0.0.1", "where the local LiveKit server (LIVEKIT_URL empty) listens: "
                                       "127.0.0.1, this machine only; an address of this machine, or 0.0.0.0 for all, "
                                       "lets others join (its keys, devkey / secret, are public: anyone who reaches "
@@ -361,9 +381,9 @@ class Config:
                                           _number(float, 1, 3600), group="Control")
     control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
                                            _number(float, 1, 6000), group="Control")
-    audio_priority: str = _setting("realtime", "CPU scheduling for the audio: realtime (real-time scheduling for the "
-                                   "audio and media threads, nice -10 for the rest), nice (nice -10 only) or normal; "
-                                   "needs CAP_SYS_NICE, else it falls back quietly",
+    audio_priority: str = _setting("realtime", "CPU scheduling: realtime (real-time round-robin for the whole worker: "
+                                   "audio thread 12 > LiveKit's media threads 10 > event loop 5), nice (nice -10) or "
+                                   "normal; needs CAP_SYS_NICE, else it falls back quietly",
                                    _choice("realtime", "nice", "normal"), group="Audio")
     tokio_worker_threads: int = _setting(1, "worker threads of the LiveKit SDK's Rust runtime (tokio's own variable, "
                                          "set for the SDK before it starts): a call needs one; each more only adds "

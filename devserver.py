@@ -168,7 +168,7 @@ def find_binary() -> tuple[str, str] | None:
 
 NO_SERVER = ("LIVEKIT_URL is not set, and no LiveKit server is here to start: there is no livekit-server on PATH and "
              "no Go to build one. Install one (brew install livekit, or curl -sSL https://get.livekit.io | bash), or "
-             "Go >= 1.26 (https://go.dev/dl/: the first run then builds it, about 4 minutes), or set LIVEKIT_URL, "
+             "Go >= 1.26 (https://go.dev/dl/: the first run then builds it, about a minute and a half), or set LIVEKIT_URL, "
              "LIVEKIT_API_KEY and LIVEKIT_API_SECRET to a server of yours")
 
 

@@ -80,6 +80,7 @@ from config import (  # noqa: E402
     load_config,
     log_session_config,
     session_settings,
+    shown_default,
 )
 from environment import ConfigError, gather_env  # noqa: E402
 from exits import (  # noqa: E402
@@ -849,8 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = f.metadata["group"]
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
-        default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "", ())
-                                                             else "default: empty")
+        default = shown_default(f)
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["secret"]:
             # Listed in the group's text, and the flag refused (never stored) if given anyway.

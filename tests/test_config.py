@@ -239,6 +239,22 @@ def test_a_state_dir_that_cannot_be_written_is_found_at_start(tmp_path):
     assert r.stderr.startswith("error: STATE_DIR") and "cannot write there" in r.stderr, r.stderr
 
 
+def test_help_shows_defaults_as_the_docs_write_them():
+    """Booleans as 1/0 (README, .env.example), and LIVEKIT_URL and its keys not "required":
+    empty starts a local server."""
+    help_text = " ".join(run_worker({}, "--help").stdout.split())
+    readme = (REPO / "README.md").read_text()
+    assert "default: True" not in help_text and "default: False" not in help_text
+    for f in dataclasses.fields(config.Config):
+        if isinstance(f.default, bool):
+            name, shown = f.name.upper(), str(int(f.default))
+            assert f"env {name}; default: {shown}]" in help_text, f"--help shows {name}'s default other than {shown}"
+            assert f"| `{name}` | `{shown}` |" in readme, f"README's {name} default is not {shown}"
+    for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        assert f"env {name}; required]" not in help_text, f"--help calls {name} required; empty starts a local server"
+    assert "nice -10 for the rest" not in help_text  # realtime mode runs the whole worker at SCHED_RR
+
+
 def test_help_says_where_secrets_go():
     text = " ".join(run_worker({}, "--help").stdout.split())
     for flag, name in SECRET_FLAGS.items():
