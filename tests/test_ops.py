@@ -236,7 +236,7 @@ async def test_sigterm_delivered_twice_at_once_is_one_clean_stop(livekit_server,
     try:
         await user.join()
         await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 15, "the session")
-        assert "voice-agent" in user.room.remote_participants
+        await wait_until(lambda: "voice-agent" in user.room.remote_participants, 5, "the agent in the room")
         worker.signal(signal.SIGTERM)
         time.sleep(0.05)  # apart enough to be two deliveries, as `kill PID; kill -- -PGID` makes them
         worker.signal(signal.SIGTERM)
