@@ -731,8 +731,7 @@ def _remember_key_check(stamp: Path | None) -> None:
         for old in stamp.parent.glob("key-check-*"):  # one stamp: the last key and settings proven
             if old != stamp:
                 old.unlink(missing_ok=True)
-        stamp.touch()
-        os.utime(stamp)
+        stamp.touch()  # its time is the check's
     except OSError as e:
         log.debug("cannot remember the key check in %s (%s): the next start checks again", stamp.parent,
                   one_line(e))
