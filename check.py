@@ -103,7 +103,7 @@ async def _check_serve(cfg: Config, report: _Report, livekit_ok: bool) -> None:
     if ok:
         mode = f"explicit dispatch as {cfg.agent_name!r}" if cfg.agent_name else "automatic dispatch"
         report.ok(f"serve mode: {line}; {mode}, up to {dispatch.max_calls(cfg)} calls on this host"
-                  + ("" if cfg.max_calls else " (MAX_CALLS from the cores)"))
+                  + ("" if cfg.max_calls else " (MAX_CALLS from the cores and the memory)"))
     elif "rejected" in line:
         report.bad(f"serve mode: {line}", "copy the key and secret of this server (livekit-server --dev: devkey / "
                                           "secret); only `python worker.py serve` needs this")

@@ -21,10 +21,27 @@ log = logging.getLogger("worker")
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] = str, *, required: bool = False,
-             secret: bool = False, group: str = "general", missing: str | None = None) -> Any:
-    """``missing``: what the one line says when a required setting is not set (default: its help)."""
+             secret: bool = False, group: str = "general", missing: str | None = None,
+             shown_default: str | None = None) -> Any:
+    """``missing``: what the one line says when a required setting is not set (default: its help).
+    ``shown_default``: what `--help` (and the docs) say instead of "required" or the default,
+    where that alone would mislead (LIVEKIT_URL empty starts a local server)."""
     return field(default=default, metadata={"help": help, "parse": parse, "required": required,
-                                            "secret": secret, "group": group, "missing": missing})
+                                            "secret": secret, "group": group, "missing": missing,
+                                            "shown_default": shown_default})
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A setting's default as `--help` shows it: booleans as 1/0, as the docs and .env.example write them."""
+    if f.metadata["shown_default"]:
+        return f.metadata["shown_default"]
+    if f.metadata["required"]:
+        return "required"
+    if f.default in (None, "", ()):
+        return "default: empty"
+    if isinstance(f.default, bool):
+        return f"default: {int(f.default)}"
+    return f"default: {f.default!r}"
 
 
 def _nonempty(v: str) -> str:
@@ -237,11 +254,14 @@ class Config:
     # LiveKit
     livekit_url: str = _setting(None, "LiveKit server URL, e.g. ws://localhost:7880 or wss://<project>.livekit.cloud; "
                                 "empty: run and demo start a local LiveKit server in dev mode (and use its keys)",
-                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit")
+                                _url("ws", "wss", "http", "https"), required=True, group="LiveKit",
+                                shown_default="empty: a local server; required by token, control, check and "
+                                              "under systemd")
     livekit_api_key: str = _setting(None, "LiveKit API key (livekit-server --dev: devkey)", _nonempty,
-                                    required=True, group="LiveKit")
+                                    required=True, group="LiveKit", shown_default="required with LIVEKIT_URL")
     livekit_api_secret: str = _setting(None, "LiveKit API secret (livekit-server --dev: secret)", _nonempty,
-                                       required=True, secret=True, group="LiveKit")
+                                       required=True, secret=True, group="LiveKit",
+                                       shown_default="required with LIVEKIT_URL")
     local_server_bind: str = _setting("127.0.0.1", "where the local LiveKit server (LIVEKIT_URL empty) listens: "
                                       "127.0.0.1, this machine only; an address of this machine, or 0.0.0.0 for all, "
                                       "lets others join (its keys, devkey / secret, are public: anyone who reaches "
@@ -363,9 +383,9 @@ class Config:
                                           _number(float, 1, 3600), group="Control")
     control_rate_per_min: float = _setting(30.0, "control calls allowed per caller per minute (bursts of 10)",
                                            _number(float, 1, 6000), group="Control")
-    audio_priority: str = _setting("realtime", "CPU scheduling for the audio: realtime (real-time scheduling for the "
-                                   "audio and media threads, nice -10 for the rest), nice (nice -10 only) or normal; "
-                                   "needs CAP_SYS_NICE, else it falls back quietly",
+    audio_priority: str = _setting("realtime", "CPU scheduling: realtime (real-time round-robin for the whole worker: "
+                                   "audio thread 12 > LiveKit's media threads 10 > event loop 5), nice (nice -10) or "
+                                   "normal; needs CAP_SYS_NICE, else it falls back quietly",
                                    _choice("realtime", "nice", "normal"), group="Audio")
     tokio_worker_threads: int = _setting(1, "worker threads of the LiveKit SDK's Rust runtime (tokio's own variable, "
                                          "set for the SDK before it starts): a call needs one; each more only adds "
@@ -377,7 +397,8 @@ class Config:
                                "explicit dispatch (only rooms that ask for this agent name)", _agent_name,
                                group="Serve mode")
     max_calls: int | None = _setting(None, "serve: calls this host runs at once; a job beyond it is refused (empty: "
-                                     "from the cores this process may use: cores x 0.7 / 0.1, see README)",
+                                     "from the cores and the memory this process may use: cores x 0.7 / 0.1, at "
+                                     "most (memory - 384 MB) / 90 MB, see README)",
                                      _optional(_number(int, 1, 1000)), group="Serve mode")
     load_threshold: float | None = _setting(None, "serve: refuse jobs while the host's CPU (0-1, 5 s moving average, "
                                             "starting calls counted) is at or above this; 1: only MAX_CALLS limits "
@@ -406,7 +427,9 @@ class Config:
                                                   _command, group="Serve mode")
     # Operations
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
-                                   "billed) before reporting ready; 0: trust it until the first call",
+                                   "billed) before reporting ready; a success is remembered for an hour (a hash, "
+                                   "never the key, in STATE_DIR or ~/.cache/voice-agent), so restarts do not repeat "
+                                   "it; 0: trust it until the first call",
                                    _bool, group="Operations")
     shutdown_timeout_s: float = _setting(5.0, "longest clean shutdown on SIGTERM before exiting anyway",
                                          _number(float, 0.5, 60), group="Operations")
@@ -495,6 +518,25 @@ def check_serve_config(cfg: Config) -> None:
 
 
 
+
+
+def check_state_dir(cfg: Config) -> None:
+    """STATE_DIR, when set, must be a folder this process can write (it is created): found
+    at start, not at the first control call, whose bed would then silently not be kept."""
+    import os
+
+    if not cfg.state_dir:
+        return
+    path = Path(cfg.state_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"STATE_DIR {cfg.state_dir[:120]!r}: cannot write there ({e.strerror or e}); make it a "
+                          "folder this user can write, or set STATE_DIR empty (the bed is then not kept across "
+                          "restarts)") from None
 
 
 def session_settings(cfg: Config, tools: list[dict[str, Any]] | None = None) -> bridge.SessionSettings:

@@ -319,7 +319,7 @@ class Controller:
             try:
                 return json.dumps(await self.handle(method, data.caller_identity, data.payload))
             except ControlError as e:
-                raise rtc.RpcError(e.code, str(e)[:200]) from None
+                raise rtc.RpcError(e.code, _fit(str(e), RPC_MESSAGE_CHARS)) from None
         return handler
 
     async def handle(self, method: str, caller: str, payload: str | dict[str, Any]) -> dict[str, Any]:
@@ -377,8 +377,8 @@ class Controller:
             if args["stop"] is not True or len(args) != 1:
                 raise ControlError(ERR_INVALID, '"stop" must be true and alone')
             self.mixer.stop_bed()
-            self._set(Bed("stopped", 0.0, "none"))
-            return {"ok": True, "bed": None}
+            kept = self._set(Bed("stopped", 0.0, "none"))
+            return {"ok": True, "bed": None, **kept}
         if audio is None and "audio" in args:
             audio = _b64(args["audio"])
         if audio is not None and "clip" in args:
@@ -391,16 +391,16 @@ class Controller:
                 raise ControlError(ERR_INVALID, "no bed is playing: there is nothing to re-level")
             self.mixer.set_bed_volume(volume)
             if self.active is not None:
-                self._set(Bed(self.active.source, volume, self.active.name, self.active.audio))
+                kept = self._set(Bed(self.active.source, volume, self.active.name, self.active.audio))
             else:
-                self._set(Bed("configured", volume, str(playing)))
-            return {"ok": True, "bed": playing, "volume": volume}
+                kept = self._set(Bed("configured", volume, str(playing)))
+            return {"ok": True, "bed": playing, "volume": volume, **kept}
         volume = self.s.default_volume if volume is None else volume
         bed, sound = await self._resolve(args.get("clip"), audio, self.s.bed_target_lufs, loop=True)
         bed.volume = volume
         self.mixer.set_bed(sound.name, sound.samples, volume)
-        self._set(bed)
-        return {"ok": True, "bed": sound.name, "volume": volume, "duration_s": round(sound.duration_s, 2)}
+        kept = self._set(bed)
+        return {"ok": True, "bed": sound.name, "volume": volume, "duration_s": round(sound.duration_s, 2), **kept}
 
     async def play(self, args: dict[str, Any], audio: bytes | None = None) -> dict[str, Any]:
         unknown = set(args) - {"audio", "clip", "volume"}
@@ -427,13 +427,19 @@ class Controller:
 
     # -- persistence and call lifecycle --
 
-    def _set(self, bed: Bed) -> None:
+    def _set(self, bed: Bed) -> dict[str, Any]:
+        """Make ``bed`` the call's and keep it in STATE_DIR. Returns what the caller's answer
+        must add when it could not be kept (ok false, and why): the bed plays, but a restart
+        would not bring it back, and the caller must not be told otherwise."""
         self.active = bed
         if self.store is not None:
             try:
                 self.store.save(bed)
             except OSError as e:
                 log.warning("could not persist the bed in %s: %s", self.store.dir, e)
+                return {"ok": False, "error": f"the bed plays, but it could not be kept in STATE_DIR "
+                                              f"({e.strerror or _one_line(e)}): a restart would not bring it back"}
+        return {}
 
     async def restore(self) -> bool:
         """After a restart: bring back the bed the call had. True if there was one."""
@@ -483,6 +489,11 @@ class Controller:
             sound = await self._decode_off_loop(lambda: sounds.load(source, target_lufs=target,
                                                                     max_duration_s=self.s.max_audio_s))
             bed = Bed(source if source.startswith("builtin:") else f"clip:{clip}", 0.0, sound.name)
+        if loop:
+            try:
+                sounds.check_loop(sound)
+            except sounds.SoundError as e:
+                raise ControlError(ERR_INVALID, str(e)) from None
         if loop and not sound.name.startswith("builtin:"):
             seamless = sounds.make_seamless_loop(sound.samples, int(0.25 * sounds.SAMPLE_RATE))
             sound = sounds.Sound(sound.name, seamless, sound.source_rate, sound.loudness_lufs)
@@ -606,6 +617,21 @@ def _close_reader(reader: Any) -> None:
         log.debug("could not close an upload stream: %s", _one_line(e))
 
 
+# The longest refusal text sent back (LiveKit bounds an RPC error's message at 256 bytes).
+RPC_MESSAGE_CHARS = 200
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, shortened at the end of a clause ("; ...": the
+    fix, such as an ffmpeg command, is the last one), so no command is cut in the middle;
+    the worker's log has the whole line."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("; ", 0, limit - len(" (more in the worker's log)"))
+    head = text[:cut] if cut > 0 else text[:limit - len(" (more in the worker's log)")].rsplit(" ", 1)[0]
+    return head + " (more in the worker's log)"
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join((str(e) or type(e).__name__).split())[:200]
 
@@ -647,7 +673,8 @@ async def call(livekit_url: str, token: str, agent_identity: str, method: str | 
     from livekit import rtc
 
     if method not in METHODS:
-        print(f"error: control needs a method: {', '.join(METHODS)}", file=sys.stderr)
+        what = "control needs a method" if not method else f"unknown control method {method[:40]!r}"
+        print(f"error: {what}: use {', '.join(METHODS)}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         args = json.loads(payload)
@@ -686,9 +713,10 @@ async def call(livekit_url: str, token: str, agent_identity: str, method: str | 
         if audio is not None:
             args["audio"] = base64.b64encode(audio).decode()
         try:
-            print(await room.local_participant.perform_rpc(destination_identity=agent_identity, method=method,
-                                                           payload=json.dumps(args), response_timeout=60))
-            return 0
+            answer_text = await room.local_participant.perform_rpc(destination_identity=agent_identity, method=method,
+                                                                   payload=json.dumps(args), response_timeout=60)
+            print(answer_text)
+            return 0 if json.loads(answer_text).get("ok", True) else 1  # state has no "ok"
         except rtc.RpcError as e:
             print(f"error: {e.message} (code {e.code})", file=sys.stderr)
             return 1

@@ -168,7 +168,7 @@ def find_binary() -> tuple[str, str] | None:
 
 NO_SERVER = ("LIVEKIT_URL is not set, and no LiveKit server is here to start: there is no livekit-server on PATH and "
              "no Go to build one. Install one (brew install livekit, or curl -sSL https://get.livekit.io | bash), or "
-             "Go >= 1.26 (https://go.dev/dl/: the first run then builds it, about 4 minutes), or set LIVEKIT_URL, "
+             "Go >= 1.26 (https://go.dev/dl/: the first run then builds it, about a minute and a half), or set LIVEKIT_URL, "
              "LIVEKIT_API_KEY and LIVEKIT_API_SECRET to a server of yours")
 
 
@@ -269,6 +269,9 @@ def start_server(bind: str = DEFAULT_BIND, *, say: Say = _stderr, timeout_s: flo
     loopback = ipaddress.ip_address(bind).is_loopback
     probe = "127.0.0.1" if bind in ("0.0.0.0", "::") or loopback else bind
     host = "localhost" if loopback or bind in ("0.0.0.0", "::") else bind
+    # The server first: with none to run and no Go to build one, that is the one line to say
+    # (not a note about a port it will then never use).
+    binary, origin = find_binary() or build(say)
     port = PORT
     if not _bindable(bind, PORT):
         port = _free_port(bind)
@@ -281,7 +284,6 @@ def start_server(bind: str = DEFAULT_BIND, *, say: Say = _stderr, timeout_s: flo
             say(f"Port {PORT} is taken by something else: the local server uses port {port} instead (paste the URL "
                 f"printed below, not ws://localhost:{PORT}).")
     udp_port = UDP_PORT if _bindable("0.0.0.0", UDP_PORT, socket.SOCK_DGRAM) else _free_port("0.0.0.0", socket.SOCK_DGRAM)
-    binary, origin = find_binary() or build(say)
     version = _version(binary)
     log_path = log_path_for(port)
     with open(log_path, "wb") as log_file:

@@ -119,7 +119,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import rescue
 from backoff import Backoff
-from exits import EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
+from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 from logs import LogContext, one_line
 from systemd import SystemdNotifier
 
@@ -159,6 +159,16 @@ TICK_S = 0.5
 PER_CALL_CORES = 0.1
 TARGET_CPU_SHARE = 0.7
 
+# Memory. PER_CALL_MEMORY_MB: one call process with a conversation going (2026-12-08, this VM,
+# three calls at once with the stand-in API): 86 MB RSS, 55 MB PSS, 51 MB of it private; 90 is
+# the RSS rounded up (the shared pages count once in a cgroup, so this errs on the safe side).
+# MEMORY_RESERVE_MB: the serve process (64 MB RSS) and one control upload being decoded (up to
+# ~310 MB, deploy/voice-agent.service), which any call may start at any time. Without this
+# bound a host of 8 cores (56 calls by the CPU) under the serve unit's MemoryMax=3G would meet
+# the OOM killer, which may take serve and every call with it.
+PER_CALL_MEMORY_MB = 90
+MEMORY_RESERVE_MB = 384
+
 # livekit-server's `agents.target_load` default: a node whose available workers all report a
 # load at or above it is not offered jobs at all (see WorkerCore.load).
 SERVER_TARGET_LOAD = 0.7
@@ -174,6 +184,9 @@ CPU_WINDOW_TICKS = 10
 # What a call process gets to hand its call over (see WorkerCore.stop_all), also as its
 # parent-death signal: a host that dies leaves its calls to the rest of the fleet.
 HANDOVER_SIGNAL = signal.SIGUSR2
+
+# A second SIGTERM/SIGINT counts (hands the calls over now) only this long after the first.
+URGENT_SIGNAL_AFTER_S = 0.5
 
 CHILD_WATCHDOG_S = 10.0  # WATCHDOG_USEC given to a child: it pings every 5 s
 CHILD_WATCHDOG_GRACE = 2.0  # killed after 2 x CHILD_WATCHDOG_S without a ping
@@ -200,9 +213,54 @@ def available_cores() -> float:
         return float(os.cpu_count() or 1)
 
 
-def default_max_calls(cores: float | None = None) -> int:
+def available_memory_mb(root: Path = Path("/")) -> float | None:
+    """Memory this process and its calls may use, in MB: the host's MemAvailable, or less
+    where a cgroup memory limit on the way from this process's cgroup to the top is lower
+    (a container's or a systemd unit's MemoryMax; cgroup v2 memory.max, v1
+    memory.limit_in_bytes). None if neither can be read."""
+    limits: list[float] = []
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) / 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        groups = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        groups = []
+    for line in groups:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            top, name = root / "sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            top, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = top / path.strip().lstrip("/")
+        while folder == top or top in folder.parents:
+            try:
+                text = (folder / name).read_text().strip()
+                if text != "max":
+                    limits.append(int(text) / 2**20)
+            except (OSError, ValueError):
+                pass
+            if folder == top:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def default_max_calls(cores: float | None = None, memory_mb: float | None = None) -> int:
+    """The calls this host holds: by the cores (TARGET_CPU_SHARE of them at PER_CALL_CORES a
+    call) and by the memory (PER_CALL_MEMORY_MB a call after MEMORY_RESERVE_MB), whichever is
+    fewer. None: this process's (available_cores, available_memory_mb)."""
     cores = available_cores() if cores is None else cores
-    return max(1, math.floor(cores * TARGET_CPU_SHARE / PER_CALL_CORES + 1e-9))
+    by_cpu = math.floor(cores * TARGET_CPU_SHARE / PER_CALL_CORES + 1e-9)
+    memory_mb = available_memory_mb() if memory_mb is None else memory_mb
+    by_memory = (math.floor((memory_mb - MEMORY_RESERVE_MB) / PER_CALL_MEMORY_MB)
+                 if memory_mb is not None and math.isfinite(memory_mb) else by_cpu)
+    return max(1, min(by_cpu, by_memory))
 
 
 def default_job_command() -> tuple[str, ...]:
@@ -1090,7 +1148,16 @@ class HealthServer:
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        """Listen; a port or an address that cannot be had is a configuration error (exit 2),
+        found before anything billed or remote happens (the serve process starts it first)."""
+        if self.server is not None:
+            return
+        try:
+            self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            raise FatalError(EXIT_CONFIG, f"HEALTH_PORT {self.port} on HEALTH_HOST {self.host}: cannot listen there "
+                                          f"({e.strerror or one_line(e)}); free the port, or set another port "
+                                          "(0: no health endpoint) or an address of this machine") from None
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("health endpoint on http://%s:%d/healthz", self.host, self.port)
 
@@ -1167,6 +1234,7 @@ class Dispatcher:
         self._ws: Any = None
         self._out: asyncio.Queue[bytes] | None = None
         self._signals = 0
+        self._first_signal_at = 0.0
         self._drain_deadline: float | None = None
         self._finished: asyncio.Event | None = None
         self._fatal: FatalError | None = None
@@ -1217,8 +1285,15 @@ class Dispatcher:
             self._finished.set()
 
     def _on_signal(self, name: str) -> None:
-        self._signals += 1
         now = time.monotonic()
+        if self._signals and now - self._first_signal_at < URGENT_SIGNAL_AFTER_S:
+            # One stop delivered twice at once (`timeout`, `kill PID; kill -- -PGID`): not a
+            # second signal, which would end the calls that should drain.
+            log.debug("%s again %.3f s after the first: one stop, already draining", name, now - self._first_signal_at)
+            return
+        self._signals += 1
+        if self._signals == 1:
+            self._first_signal_at = now
         calls = self.core.job_count
         if self._signals == 1:
             self._drain_deadline = now + self.settings.drain_timeout_s
@@ -1238,6 +1313,14 @@ class Dispatcher:
             if self._finished is not None:
                 self._finished.set()
 
+    async def open_health(self) -> None:
+        """The health endpoint (HEALTH_PORT), if any: listening from here on. Called before
+        the start-up key check too, so a taken port fails before a billed session."""
+        if self.settings.health_port and self.health is None:
+            health = HealthServer(self, self.settings.health_host, self.settings.health_port)
+            await health.start()
+            self.health = health
+
     def dump_status(self) -> None:
         log.info("status: %s", json.dumps(self.core.snapshot(rooms=True)))
 
@@ -1256,9 +1339,7 @@ class Dispatcher:
         if self.dev_mode:
             log.info("dev mode (%s): a busy CPU never makes this host refuse a call; LOAD_THRESHOLD=0.7 to change",
                      self.dev_mode)
-        if self.settings.health_port:
-            self.health = HealthServer(self, self.settings.health_host, self.settings.health_port)
-            await self.health.start()
+        await self.open_health()
         self.cpu.sample()
         conn = asyncio.create_task(self._connection_loop(), name="agent-socket")
         ticker = asyncio.create_task(self._tick_loop(), name="tick")

@@ -24,7 +24,8 @@ EXIT_ROOM_DELETED = 9
 # (code, what it means): `python worker.py --help` prints this table.
 EXIT_CODES: list[tuple[int, str]] = [
     (EXIT_OK, "stopped cleanly (SIGTERM/SIGINT)"),
-    (EXIT_INTERNAL, "internal error (a bug: please report it)"),
+    (EXIT_INTERNAL, "internal error (a bug: please report it); check: a check failed; control: the worker "
+                    "refused the call"),
     (EXIT_CONFIG, "configuration error: a missing or invalid variable, or a bad sound file"),
     (EXIT_API_AUTH, "the Voice Agent API rejected ASSEMBLYAI_API_KEY"),
     (EXIT_API_CONFIG, "the Voice Agent API rejected the session configuration"),

@@ -128,18 +128,63 @@ def _redacted_record(ctx: LogContext, formatter: logging.Formatter, record: logg
     return r
 
 
+# Control characters (C0, DEL, C1) and the Unicode line breaks: with them a room name, an
+# identity, a chat text or an API error would colour the operator's terminal (ANSI escapes)
+# or forge log lines of its own (a newline).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character written as an escape (\\n, \\x1b, ...): what
+    a text log line or a terminal shows of a string that came from outside. Backslashes stay
+    as they are (paths), so an escape is not told apart from the same characters typed."""
+    return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escape, text)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record. The message and the fields are escaped here, once, after the
+    arguments are formatted in, so no call site can forget a string from the room or the
+    API; a traceback keeps its lines (escaped otherwise)."""
+
     def __init__(self, ctx: LogContext) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         self.ctx = ctx
 
+    def formatException(self, ei: Any) -> str:
+        """The traceback with its own lines, but each of its texts on one line: an exception's
+        message (a room name, an API error) cannot start a line of its own."""
+        import traceback
+
+        out = []
+        for chunk in traceback.TracebackException(*ei).format():
+            if chunk.startswith("  File "):  # a frame: the file, the line of code
+                out.append(chunk)
+                continue
+            core = chunk.strip("\n")
+            start = chunk.index(core) if core else 0
+            out.append(chunk[:start] + escape_controls(core) + chunk[start + len(core):])
+        return "".join(out).rstrip("\n")
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(_redacted_record(self.ctx, self, record))
+        r = _redacted_record(self.ctx, self, record)
+        r.msg = escape_controls(r.msg)
+        if r.exc_text:
+            r.exc_text = escape_controls(r.exc_text, keep_newlines=True)
+        if r.stack_info:
+            r.stack_info = escape_controls(r.stack_info, keep_newlines=True)
+        line = super().format(r)
         fields = self.ctx.redact_value(getattr(record, "fields", None) or {})
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        extra = " ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}" for k in self.ctx.text_fields
-                         if getattr(record, k, None))
+            line += " " + escape_controls(" ".join(f"{k}={v}" for k, v in fields.items()))
+        extra = escape_controls(" ".join(f"{k}={self.ctx.redact_value(getattr(record, k))}"
+                                         for k in self.ctx.text_fields if getattr(record, k, None)))
         # Everything above is redacted already; this pass catches what the joins made.
         return self.ctx.redact(f"{line} [{extra}]" if extra else line)
 

@@ -202,8 +202,13 @@ class RoomLink:
         if reason in (rtc.DisconnectReason.ROOM_DELETED, rtc.DisconnectReason.PARTICIPANT_REMOVED):
             raise FatalError(EXIT_ROOM_DELETED,
                              f"removed from room {self.cfg.room_name} ({rtc.DisconnectReason.Name(reason).lower()})")
-        log.warning("disconnected from the room (%s); rejoining",
-                    rtc.DisconnectReason.Name(reason) if reason is not None else "unknown")
+        if reason == rtc.DisconnectReason.ROOM_CLOSED:
+            # What livekit-server does to a room only the agent is in, after its empty timeout
+            # (5 min by default): routine for an idle worker, not a fault to page anyone about.
+            log.info("the server closed the room (ROOM_CLOSED: nobody but the agent was in it); rejoining")
+        else:
+            log.warning("disconnected from the room (%s); rejoining",
+                        rtc.DisconnectReason.Name(reason) if reason is not None else "unknown")
         await asyncio.sleep(0.5)
 
     async def _wait_for_empty_room(self) -> None:

@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shlex
+import stat
 import struct
 import threading
 import zlib
@@ -203,6 +204,8 @@ def _read_file(path_text: str) -> bytes:
         ) from None
     if path.is_dir():
         raise SoundError(f"{path_text}: is a directory, not a sound file; point to a file inside it")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read; /dev/zero never ends; both say size 0
+        raise SoundError(f"{path_text}: is not a regular file (a pipe or a device); point to a sound file")
     if st.st_size == 0:
         raise SoundError(f"{path_text}: the sound file is empty (0 bytes); re-export or re-copy it")
     if st.st_size > MAX_FILE_BYTES:
@@ -492,8 +495,9 @@ def _wav_chunks(data: bytes, name: str, endian: str) -> tuple[_WavFormat, memory
             if size == _UNKNOWN_SIZE and ds64_data_size is not None:
                 size = ds64_data_size
             if size == _UNKNOWN_SIZE or size > available:
-                if size != _UNKNOWN_SIZE:
-                    log.debug("%s: data chunk says %d bytes, file has %d: using what is there", name, size, available)
+                if size != _UNKNOWN_SIZE:  # a cut-off copy: its audio plays, but say so
+                    log.warning("%s: the WAV header says %d bytes of audio, the file has %d (a cut-off copy?): "
+                                "using what is there", name, size, available)
                 body = view[start:]
                 break
             body = view[start : start + size]
@@ -1287,6 +1291,19 @@ class Choice:
     sound: Sound
 
 
+# A loop shorter than this repeats so fast that it is heard as a buzz, not as a bed: a file
+# cut off just after its header, a 1 ms export.
+MIN_LOOP_S = 0.1
+
+
+def check_loop(sound: Sound) -> None:
+    """Raise SoundError if ``sound`` is too short to loop."""
+    if sound.duration_s < MIN_LOOP_S:
+        raise SoundError(f"{sound.name}: only {sound.duration_s * 1000:.0f} ms of audio, which would buzz when "
+                         f"looped: a loop needs at least {MIN_LOOP_S * 1000:.0f} ms (a cut-off copy? re-copy or "
+                         f"re-export it)")
+
+
 class ClipBank:
     """What AMBIENT_SOUND or THINKING_SOUND names: one source or a clip list, every clip
     decoded (and, for loops, made seamless) once, up front, so a bad file fails at start
@@ -1302,6 +1319,8 @@ class ClipBank:
                 continue
             try:
                 sound = load(clip.source, target_lufs=target_lufs)
+                if loop:
+                    check_loop(sound)
             except SoundError as e:
                 raise SoundError(f"{variable}: {e}") from None
             if loop and not clip.source.startswith(BUILTIN_PREFIX):  # built-ins loop seamlessly as made

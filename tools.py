@@ -294,7 +294,9 @@ def _user_frame(tb: types.TracebackType | None) -> str:
 def _import_failure(spec: str, e: BaseException) -> ToolError:
     if isinstance(e, SyntaxError):
         return ToolError(f"syntax error in {e.filename}:{e.lineno}: {_one_line(e.msg)}")
-    return ToolError(f"importing {spec} failed: {type(e).__name__}: {_one_line(e)}{_user_frame(e.__traceback__)}")
+    detail = _one_line(e) if str(e) else ""
+    return ToolError(f"importing {spec} failed: {type(e).__name__}{': ' + detail if detail else ''}"
+                     f"{_user_frame(e.__traceback__)}")
 
 
 def _import_path(spec: str) -> tuple[types.ModuleType, types.ModuleType | None]:
@@ -312,7 +314,7 @@ def _import_path(spec: str) -> tuple[types.ModuleType, types.ModuleType | None]:
     sys.modules[name] = module  # dataclasses and pickling look modules up here
     try:
         module_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # what a module may raise: all are its failure
         _forget(module, previous)
         raise _import_failure(spec, e) from None
     return module, previous
@@ -334,7 +336,7 @@ def _import_name(spec: str) -> types.ModuleType:
             raise ToolError(f"no module named {spec!r} (give an importable module name or a path to a .py file)"
                             ) from None
         raise _import_failure(spec, e) from None
-    except (Exception, SystemExit) as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # what a module may raise: all are its failure
         raise _import_failure(spec, e) from None
 
 

@@ -16,25 +16,52 @@ ARCHITECTURE.md has the whole layout.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import dataclasses
-import logging
 import os
-import random
 import signal
-import sys
-import threading
-import time
-import warnings
-from pathlib import Path
-from typing import Any
+
+if __name__ == "__main__":
+    # Ctrl-C while the modules below load (~0.3 s): nothing has started, nothing is printed
+    # yet, so stop quietly (exit 0, as for any stop) rather than with a traceback.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 MIN_PYTHON = (3, 11)  # asyncio.timeout, datetime.UTC; scripts/setup, `check` and the README say the same
 if sys.version_info < MIN_PYTHON:
     print(f"error: Python >= {'.'.join(map(str, MIN_PYTHON))} is required; this is {sys.version.split()[0]}",
           file=sys.stderr)
+    raise SystemExit(2)
+
+# requirements.txt's packages (av is loaded only for non-WAV sounds, and says so itself):
+# `python worker.py` outside the virtualenv would end in a ModuleNotFoundError traceback.
+import importlib.util  # noqa: E402
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+_MISSING = [name for name, module in (("livekit", "livekit.rtc"), ("livekit-api", "livekit.api"),
+                                       ("websockets", "websockets"), ("numpy", "numpy"),
+                                       ("python-dotenv", "dotenv"))
+            if not _installed(module)]
+if _MISSING:
+    print(f"error: {', '.join(_MISSING)} not installed for {sys.executable}: run ./scripts/run (it sets up .venv "
+          f"and runs the worker in it), or .venv/bin/python worker.py", file=sys.stderr)
     raise SystemExit(2)
 
 import backoff  # noqa: E402  (after the version check: the modules below need 3.11)
@@ -48,11 +75,13 @@ from config import (  # noqa: E402
     LOCAL_SERVER_PROVIDES,
     Config,
     check_serve_config,
+    check_state_dir,
     env_name,
     load_banks,
     load_config,
     log_session_config,
     session_settings,
+    shown_default,
 )
 from environment import ConfigError, gather_env  # noqa: E402
 from exits import (  # noqa: E402
@@ -65,7 +94,7 @@ import call  # noqa: E402
 from audio_output import AudioOutput, PlaybackEvent, ReplyStartedPlaying  # noqa: E402
 from call import Call, CallSettings, Timer  # noqa: E402
 from captions import Captions  # noqa: E402
-from logs import LogContext, LogLimiter, one_line, setup_logging  # noqa: E402
+from logs import LogContext, LogLimiter, escape_controls, one_line, setup_logging  # noqa: E402
 from pcm import SAMPLE_RATE  # noqa: E402
 from room import RoomLink  # noqa: E402
 from session_channel import SessionChannel  # noqa: E402
@@ -738,20 +767,72 @@ def load_tool_registry(cfg: Config) -> Any:
     return tools_mod.ToolRegistry(loaded)
 
 
+# A successful start-up key check is trusted this long: a service manager restarting the
+# worker (LiveKit unreachable, a crash) must not open a billed session every restart.
+KEY_CHECK_VALID_S = 3600.0
+
+
+def key_check_stamp(cfg: Config, settings: bridge.SessionSettings) -> Path | None:
+    """Where a successful key check is remembered: a file named after a hash of the URL,
+    the key and the session settings (never the key itself), in STATE_DIR, else systemd's
+    $STATE_DIRECTORY, else ~/.cache/voice-agent. None if there is nowhere to keep it."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((cfg.voice_agent_url, cfg.assemblyai_api_key, settings)).encode()).hexdigest()
+    cache = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if os.environ.get("HOME") else "")
+    if cfg.state_dir:
+        folder = Path(cfg.state_dir)
+    elif os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory= (serve's unit sets no STATE_DIR)
+        folder = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    elif cache:
+        folder = Path(cache) / "voice-agent"
+    else:
+        return None
+    return folder / f"key-check-{digest[:32]}"
+
+
+def _key_check_cached(stamp: Path | None) -> bool:
+    try:
+        return stamp is not None and 0 <= time.time() - stamp.stat().st_mtime < KEY_CHECK_VALID_S
+    except OSError:
+        return False
+
+
+def _remember_key_check(stamp: Path | None) -> None:
+    if stamp is None:
+        return
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old in stamp.parent.glob("key-check-*"):  # one stamp: the last key and settings proven
+            if old != stamp:
+                old.unlink(missing_ok=True)
+        stamp.touch()  # its time is the check's
+    except OSError as e:
+        log.debug("cannot remember the key check in %s (%s): the next start checks again", stamp.parent,
+                  one_line(e))
+
+
 async def prove_api_key(cfg: Config, tools: Any) -> None:
     """Prove the API key once at start (STARTUP_CHECK), so systemd (or the serve host, for
     every call it will run) knows a bad key before any call. An unreachable or busy service
     is retried (backoff.Backoff) for RECONNECT_GIVE_UP_S seconds, then bridge.GaveUp (exit 5);
-    a rejected key or configuration raises at once (exit 3 or 4)."""
+    a rejected key or configuration raises at once (exit 3 or 4). A success with the same
+    key, URL and session settings within KEY_CHECK_VALID_S is not repeated (it is billed)."""
+    settings = session_settings(cfg, tools.definitions())
+    stamp = key_check_stamp(cfg, settings)
+    if _key_check_cached(stamp):
+        log.info("Voice Agent API key verified within the last %.0f minutes with these settings: not checked again",
+                 KEY_CHECK_VALID_S / 60)
+        return
     give_up = cfg.reconnect_give_up_s
     retry = backoff.Backoff(0.5, 10.0, give_up)
     while True:
         try:
             # No attempt outlasts the give-up time by more than a second.
             timeout = max(1.0, min(10.0, give_up - retry.failing_for()))
-            sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key,
-                                              session_settings(cfg, tools.definitions()), timeout)
+            sid = await bridge.verify_session(cfg.voice_agent_url, cfg.assemblyai_api_key, settings, timeout)
             log.info("Voice Agent API key verified (session %s opened and ended)", sid)
+            _remember_key_check(stamp)
             return
         except (OSError, asyncio.TimeoutError) as e:
             delay = retry.failed()
@@ -783,7 +864,8 @@ class _Parser(argparse.ArgumentParser):
             hidden = len(words) - len(options)
             message = ("unrecognized arguments: " + (" ".join(options) or "(values)")
                        + (f" (and {hidden} value{'s' if hidden != 1 else ''}, not shown)" if options and hidden else ""))
-        return super().error(message)
+        # One line, as for every other mistake: the usage is 34 lines that bury it.
+        self.exit(EXIT_CONFIG, f"error: {message}; see {self.prog} --help\n")
 
 
 class _SecretFlag(argparse.Action):
@@ -842,8 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = f.metadata["group"]
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
-        default = "required" if f.metadata["required"] else (f"default: {f.default!r}" if f.default not in (None, "", ())
-                                                             else "default: empty")
+        default = shown_default(f)
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["secret"]:
             # Listed in the group's text, and the flag refused (never stored) if given anyway.
@@ -865,6 +946,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="The HMAC key is")
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k.isupper()}
+    try:
+        gather_env(cli)  # a broken ./.env is one line for every command, before anything starts
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check":
         logging.basicConfig(level=logging.CRITICAL)
         import check
@@ -895,6 +981,11 @@ def main(argv: list[str] | None = None) -> int:
         identity = args.identity or "operator"
         return asyncio.run(control.call(cfg.livekit_url, mint_token(cfg, identity, name=identity), cfg.agent_identity,
                                         args.method, args.payload, args.file))
+    try:
+        check_state_dir(cfg)  # a local resource: before a server is started or anything remote is tried
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         with contextlib.ExitStack() as services:  # stopped after the worker has left the room
             try:
@@ -979,14 +1070,28 @@ def start_services(cfg: Config, command: str, env: dict[str, str], local: bool,
     return cfg
 
 
+# A second SIGTERM/SIGINT means "exit now" only this long after the first; see _run.
+URGENT_SIGNAL_AFTER_S = 0.5
+
+
 async def _run(cfg: Config, log_ctx: LogContext, job: Any = None) -> int:
     worker = Worker(cfg, log_ctx, job)
     loop = asyncio.get_running_loop()
     signals_seen = 0
+    first_signal_at = 0.0
 
     def on_signal(signame: str) -> None:
-        nonlocal signals_seen
+        nonlocal signals_seen, first_signal_at
+        now = time.monotonic()
+        if signals_seen and now - first_signal_at < URGENT_SIGNAL_AFTER_S:
+            # `timeout`, cron wrappers and `kill PID; kill -- -PGID` deliver one stop twice
+            # within microseconds: that is the first signal again, not a hurried human.
+            log.debug("%s again %.3f s after the first: one stop, already shutting down", signame,
+                      now - first_signal_at)
+            return
         signals_seen += 1
+        if signals_seen == 1:
+            first_signal_at = now
         if signals_seen > 1 and job is not None:
             # A call process is stopped by its serve process (SIGKILL after JOB_STOP_TIMEOUT_S),
             # not by a hurried human. And one death of the serve process can deliver the
@@ -1057,6 +1162,7 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
     dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names})
 
     async def serve() -> int:
+        await dispatcher.open_health()  # local resources first: nothing billed on a path that then fails here
         if cfg.startup_check:
             log_session_config(cfg)
             await prove_api_key(cfg, tools)
@@ -1064,7 +1170,7 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
 
     try:
         return asyncio.run(serve())
-    except bridge.ApiError as e:
+    except (FatalError, bridge.ApiError) as e:
         report_fatal(cfg, log_ctx, str(e), exit_code(e))
         return exit_code(e)
     finally:
@@ -1132,8 +1238,13 @@ def report_fatal(cfg: Config, log_ctx: LogContext, message: str, code: int) -> N
     if cfg.log_format == "json":
         log.critical(message, extra={"fields": {"exit_code": code}})
     else:
-        print(f"error: {log_ctx.redact(message)}", file=sys.stderr)
+        print(f"error: {escape_controls(log_ctx.redact(message))}", file=sys.stderr)  # it may name the room
 
 
 if __name__ == "__main__":
-    exits.exit_now(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the modules are loaded: main() handles Ctrl-C
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C outside what main() guards (settings, `check`): a stop, not a crash
+        code = EXIT_OK
+    exits.exit_now(code)

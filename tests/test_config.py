@@ -119,6 +119,64 @@ def test_flags_override_env_and_env_overrides_dotenv(tmp_path):
         del os.environ["ROOM_NAME"]
 
 
+@pytest.mark.parametrize("content, line, also", [
+    ("ROOM_NAME=r1\n".encode("utf-16"), 1, "UTF-16"),  # what a Windows editor saves
+    (b"ROOM_NAME=r1\nAMBIENT_VOLUME 0.9\nGREETING=hi\n", 2, "AMBIENT_VOLUME"),
+    (b"ROOM_NAME=r1\nASSEMBLYAI_API_KEY sk-very-secret-value\n", 2, "ASSEMBLYAI_API_KEY"),
+    (b'ROOM_NAME=r1\nGREETING="unterminated\n', 2, "GREETING"),
+], ids=["utf-16", "no-equals-sign", "a-secret-on-the-line", "unterminated-quote"])
+def test_a_dotenv_that_cannot_be_read_whole_is_one_line_naming_the_file_and_line(tmp_path, content, line, also):
+    """Not UTF-8, or a line that is not NAME=value: python-dotenv skips it with a warning that
+    names neither file nor line, and its setting silently takes the default. One line, exit 2,
+    and never the line's value (it may be a secret)."""
+    (tmp_path / ".env").write_bytes(content)
+    r = run_worker(REQUIRED, "token", cwd=tmp_path)
+    assert r.returncode == 2, f"exit {r.returncode} with a broken .env:\n{r.stdout}{r.stderr}"
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tmp_path / '.env'} line {line}" in r.stderr and also in r.stderr, r.stderr
+    assert "sk-very-secret-value" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("--help",), ("serve",)])
+def test_outside_the_virtualenv_is_one_line_saying_how_to_run_it(args):
+    """README's `python worker.py` with a Python that lacks requirements.txt (-S: no
+    site-packages, as outside .venv): one line naming the fix, exit 2, no traceback."""
+    r = subprocess.run([sys.executable, "-S", str(REPO / "worker.py"), *args], env={"PATH": "/usr/bin:/bin"},
+                       cwd=REPO / "tests", capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr}"
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "./scripts/run" in r.stderr and ".venv/bin/python" in r.stderr and "websockets" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+def test_ctrl_c_while_it_starts_is_a_quiet_stop(delay_s):
+    """Ctrl-C in the first moments (the modules load for ~0.3 s, then the settings are read):
+    a stop like any other, exit 0, never a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "worker.py"), "token"], env={"PATH": "/usr/bin:/bin", **REQUIRED},
+                            cwd=REPO / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import signal
+    import time
+
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    if "worker.py" not in err and proc.returncode in (1, -signal.SIGINT):
+        return  # on a loaded host the signal came before Python itself was up: nothing of ours ran
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, f"Ctrl-C after {delay_s} s:\n{err}"
+    assert proc.returncode == 0, f"Ctrl-C after {delay_s} s: exit {proc.returncode}\n{err}"
+
+
+def test_a_tools_module_raising_keyboardinterrupt_at_import_is_a_configuration_error(tmp_path):
+    """A module that raises KeyboardInterrupt (or a Ctrl-C while it imports) is an import
+    that failed: one line and exit 2, not a silent exit 0."""
+    tools_py = tmp_path / "interrupting_tools.py"
+    tools_py.write_text("raise KeyboardInterrupt\n")
+    r = run_worker({**REQUIRED, "TOOLS_MODULE": str(tools_py), "LIVEKIT_URL": "ws://127.0.0.1:9"}, "serve")
+    assert r.returncode == 2, f"exit {r.returncode}: {r.stderr}"
+    assert "TOOLS_MODULE" in r.stderr and "KeyboardInterrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_token_command_needs_no_api_key():
     env = {k: v for k, v in REQUIRED.items() if k != "ASSEMBLYAI_API_KEY"}
     r = run_worker(env, "token")
@@ -156,6 +214,45 @@ def test_a_secret_given_as_a_flag_is_refused_with_one_line(args):
 def test_mistyped_flags_are_named_without_their_values(args):
     r = run_worker(REQUIRED, *args)
     assert r.returncode == 2 and "FLAGSECRET" not in r.stdout + r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["nope"], ["--room-name"]])
+def test_a_mistyped_command_line_is_one_error_line_pointing_to_help(args):
+    """Not 34 lines of usage burying the one that says what is wrong."""
+    r = run_worker(REQUIRED, *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, f"exit {r.returncode}:\n{r.stderr}"
+    assert r.stderr.startswith("error: ") and r.stderr.rstrip().endswith("see worker.py --help"), r.stderr
+
+
+def test_control_with_an_unknown_method_says_so_and_lists_the_methods():
+    r = run_worker(REQUIRED, "control", "nuke")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: unknown control method 'nuke': use mix_audio, play, state", r.stderr
+
+
+def test_a_state_dir_that_cannot_be_written_is_found_at_start(tmp_path):
+    """Not at the first control call, whose bed would silently not be kept: one line, exit 2,
+    before anything is started or contacted."""
+    (tmp_path / "a-file").write_text("")
+    r = run_worker({**REQUIRED, "LIVEKIT_URL": "ws://127.0.0.1:9", "STATE_DIR": str(tmp_path / "a-file" / "state")})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, f"exit {r.returncode}:\n{r.stderr}"
+    assert r.stderr.startswith("error: STATE_DIR") and "cannot write there" in r.stderr, r.stderr
+
+
+def test_help_shows_defaults_as_the_docs_write_them():
+    """Booleans as 1/0 (README, .env.example), and LIVEKIT_URL and its keys not "required":
+    empty starts a local server."""
+    help_text = " ".join(run_worker({}, "--help").stdout.split())
+    readme = (REPO / "README.md").read_text()
+    assert "default: True" not in help_text and "default: False" not in help_text
+    for f in dataclasses.fields(config.Config):
+        if isinstance(f.default, bool):
+            name, shown = f.name.upper(), str(int(f.default))
+            assert f"env {name}; default: {shown}]" in help_text, f"--help shows {name}'s default other than {shown}"
+            assert f"| `{name}` | `{shown}` |" in readme, f"README's {name} default is not {shown}"
+    for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        assert f"env {name}; required]" not in help_text, f"--help calls {name} required; empty starts a local server"
+    assert "nice -10 for the rest" not in help_text  # realtime mode runs the whole worker at SCHED_RR
 
 
 def test_help_says_where_secrets_go():

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,42 @@ async def test_large_upload_goes_as_a_byte_stream(livekit_server, standin, room_
     finally:
         worker.kill()
         await user.leave()
+
+
+async def test_the_caller_is_told_when_the_bed_cannot_be_kept_and_a_refusal_is_whole(livekit_server, standin,
+                                                                                     room_name, tmp_path, scene):
+    """A bed that could not be written to STATE_DIR (the disk, the folder replaced) plays, but
+    a restart would lose it: the caller gets ok false and why, not ok true. And the CLI's
+    refusal of a file that does not decode is not cut in the middle of its ffmpeg command."""
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, **scene), tmp_path / "w").start()
+    operator = RoomUser(livekit_server, room_name, "operator")
+    state_dir = tmp_path / "state"
+    try:
+        await worker.wait_for_output("joined room", 20)
+        await operator.join(publish=False)
+        assert (await rpc(operator, "mix_audio", {"clip": "lobby.wav"}))["ok"] is True
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
+        state_dir.write_text("not a folder any more")
+        answer = await rpc(operator, "mix_audio", {"clip": "builtin:cafe"})
+        assert answer["ok"] is False and "could not be kept in STATE_DIR" in answer["error"], (
+            f"the caller was told {answer} although the bed was not saved")
+        garbage = tmp_path / "notes.wav"
+        garbage.write_bytes(b"\x00\x01\x02\x03" * 500)  # 2 kB: small enough to go as an RPC
+        env = {**{k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ},
+               **worker_env(livekit_server, standin.url, room_name)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(REPO / "worker.py"), "control", "mix_audio", "--file", str(garbage),
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        line = err.decode().strip()
+        assert proc.returncode == 1 and len(line.splitlines()) == 1 and "cannot decode" in line, line
+        assert re.search(r"ffmpeg -i \S+ -ac 1 -ar 24000 \S+\.wav \(code", line) or "(more in the worker's log)" in line, (
+            f"the refusal was cut short: {line}")
+    finally:
+        worker.kill()
+        await operator.leave()
 
 
 async def test_bed_survives_kill_9_and_normal_end_removes_it(livekit_server, standin, room_name, tmp_path, scene):

@@ -116,3 +116,20 @@ def test_the_settings_name_the_local_server_after_it_starts(monkeypatch, capsys)
     assert stopped == ["server"]
     out = capsys.readouterr().out
     assert "LiveKit URL:  ws://localhost:17880" in out and "Demo:" not in out
+
+
+def test_with_no_server_and_no_go_the_one_line_is_not_preceded_by_a_port_note(monkeypatch):
+    """Port 7880 held by another dev server, no livekit-server anywhere and no Go: the error
+    is all that is said (no "starting a separate one on port ..." for a server that never starts)."""
+    from exits import FatalError
+
+    said: list[str] = []
+    monkeypatch.setattr(devserver, "find_binary", lambda: None)
+    monkeypatch.setattr(devserver.shutil, "which", lambda name: None)
+    monkeypatch.setattr(devserver, "_bindable", lambda *a, **k: False)
+    monkeypatch.setattr(devserver, "answers", lambda *a, **k: True)
+    monkeypatch.setattr(devserver, "accepts_dev_keys", lambda *a, **k: True)
+    with pytest.raises(FatalError) as err:
+        devserver.start_server("127.0.0.1", say=said.append)
+    assert str(err.value) == devserver.NO_SERVER
+    assert said == [], f"said before the error: {said}"

@@ -131,7 +131,7 @@ def serves(livekit_server, tmp_path):
     # reach a process as one.
     for s, tag in started:
         s.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(dispatch.URGENT_SIGNAL_AFTER_S + 0.1)
     for s, tag in started:
         s.signal(signal.SIGTERM)
     deadline = time.monotonic() + 15
@@ -270,6 +270,7 @@ async def test_automatic_dispatch_a_real_call_in_a_room_that_did_not_exist(livek
         # Stop now: the call is handed over, the job is reported as a success.
         a.signal(signal.SIGTERM)
         await a.wait_for_output("draining", 5)
+        await asyncio.sleep(dispatch.URGENT_SIGNAL_AFTER_S)  # a second signal, not the first delivered twice
         a.signal(signal.SIGTERM)
         assert await a.wait_exit(15) == 0
         await standin.wait_for(lambda: session.dropped_at is not None, 5, "the call's socket to close")
@@ -596,6 +597,46 @@ async def test_drain_timeout_hands_calls_over_cleanly(livekit_server, serves, ro
         await user.leave()
 
 
+async def test_sigterm_delivered_twice_at_once_drains_and_does_not_end_the_calls(livekit_server, serves, room_name):
+    """`timeout`, cron wrappers and `kill PID; kill -- -PGID` deliver SIGTERM twice within
+    microseconds: one stop, so the host drains; the call in progress goes on (a second
+    signal, later, would end it)."""
+    w = serves("twice")
+    await w.registered()
+    user = await join(livekit_server, room_name)
+    try:
+        assert await served_by(user, [w]) is w
+        w.signal(signal.SIGTERM)
+        time.sleep(0.05)  # two deliveries, as `kill PID; kill -- -PGID` makes them
+        w.signal(signal.SIGTERM)
+        await w.wait_for_output("draining: no new calls", 5)
+        await asyncio.sleep(2.0)
+        assert "again: ending" not in w.output(), "one SIGTERM delivered twice ended the calls instead of draining"
+        assert w.alive and AGENT in user.room.remote_participants, "the call did not go on while draining"
+    finally:
+        await user.leave()
+
+
+async def test_a_room_named_with_terminal_escapes_and_a_newline_forges_no_log_line(livekit_server, standin, serves):
+    """Under automatic dispatch anyone who may create a room names it: a name with ANSI escapes
+    and a newline must neither colour the operator's terminal nor start a log line of its own,
+    in the serve process's log or its call process's (the same stream)."""
+    evil = "\x1b[31mEVIL\x1b[0m\nFAKE-LOG-LINE"
+    w = serves("evil", standin=standin, AMBIENT_SOUND="none", LOG_LEVEL="info")
+    await w.registered()
+    user = await join(livekit_server, evil, publish=True)
+    try:
+        await agent_of(user)
+        await w.wait_for_output(r"job AJ_\w+: the call is in room", 15)
+    finally:
+        await user.leave()
+    out = w.output()
+    assert "EVIL" in out, "the room name is not in the log at all"
+    assert "\x1b" not in out, "a raw escape character from a room name reached the log (it colours the terminal)"
+    forged = [line for line in out.splitlines() if line.startswith("FAKE-LOG-LINE")]
+    assert not forged, f"a room name forged log lines: {forged}"
+
+
 async def test_cpu_threshold_refuses_when_the_host_is_busy(livekit_server, serves, room_name):
     # A threshold no host stays under (the test host is busy anyway): every job is refused,
     # with the reason in the log, and the server knows we are full.
@@ -741,6 +782,52 @@ async def test_serve_refuses_to_start_with_a_rejected_key_or_a_bad_setting(livek
     finally:
         for w in procs:
             w.kill()
+
+
+async def test_serve_failing_for_a_local_reason_opens_no_billed_session(livekit_server, standin, tmp_path):
+    """A taken HEALTH_PORT or an address that is not this machine's: one line, exit 2 (which
+    systemd does not restart), found before the start-up key check opens a billed session."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [({"HEALTH_PORT": str(taken.getsockname()[1])}, f"HEALTH_PORT {taken.getsockname()[1]} on HEALTH_HOST"),
+             ({"HEALTH_PORT": str(free_port()), "HEALTH_HOST": "999.1.1.1"}, "HEALTH_HOST 999.1.1.1")]
+    try:
+        for i, (env, text) in enumerate(cases):
+            w = ServeProcess(serve_env(livekit_server, f"local{i}", standin.url, STARTUP_CHECK="1", **env),
+                             tmp_path / f"local{i}").start()
+            try:
+                code = await w.wait_exit(20)
+            finally:
+                w.kill()
+            out = w.output()
+            errors = [line for line in out.splitlines() if line.startswith("error:")]
+            assert code == 2 and "Traceback" not in out, f"exit {code}, not one line and exit 2:\n{out}"
+            assert len(errors) == 1 and text in errors[0], out
+            assert "registered with LiveKit" not in out
+        assert not standin.sessions, (f"{len(standin.sessions)} billed Voice Agent sessions opened by starts that then "
+                                      "failed for a local reason")
+    finally:
+        taken.close()
+
+
+async def test_a_restarted_serve_does_not_prove_the_key_again(livekit_server, standin, tmp_path):
+    """A service manager restarting serve (LiveKit unreachable, a crash: systemd restarts it
+    every few seconds for ever) must not open a billed session per restart: a successful key
+    check is remembered for a while (a hash in the state folder, never the key)."""
+    env = serve_env(livekit_server, "again", standin.url, STARTUP_CHECK="1", STATE_DIR=str(tmp_path / "state"))
+    for attempt in range(2):
+        w = ServeProcess(env, tmp_path / f"again{attempt}").start()
+        try:
+            await w.registered()
+            w.signal(signal.SIGTERM)
+            assert await w.wait_exit(10) == 0
+        finally:
+            w.kill()
+    assert len(standin.sessions) == 1, f"{len(standin.sessions)} billed key checks for two starts within minutes"
+    assert "not checked again" in w.output()
+    stamps = list((tmp_path / "state").glob("key-check-*"))
+    assert len(stamps) == 1 and ASSEMBLYAI_KEY not in stamps[0].read_text() + stamps[0].name
 
 
 async def test_job_mode_refuses_to_run_without_a_job(tmp_path):

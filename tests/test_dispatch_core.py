@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -417,10 +418,48 @@ def test_serve_settings_are_part_of_the_worker_config_and_errors_name_the_variab
 
 
 def test_max_calls_default_from_cores():
-    assert dispatch.default_max_calls(2) == 14
-    assert dispatch.default_max_calls(4) == 28
-    assert dispatch.default_max_calls(0.5) == 3
-    assert dispatch.default_max_calls(0.1) == 1  # never 0
+    plenty = float("inf")  # memory no limit here
+    assert dispatch.default_max_calls(2, plenty) == 14
+    assert dispatch.default_max_calls(4, plenty) == 28
+    assert dispatch.default_max_calls(0.5, plenty) == 3
+    assert dispatch.default_max_calls(0.1, plenty) == 1  # never 0
+
+
+def fake_host(tmp_path, cgroup: str, limits: dict[str, str], available_kb: int, v1: bool = False):
+    """A /proc and /sys/fs/cgroup as dispatch.available_memory_mb reads them."""
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: {2 * available_kb} kB\nMemAvailable: {available_kb} kB\n")
+    (tmp_path / "proc/self/cgroup").write_text(f"4:memory:{cgroup}\n" if v1 else f"0::{cgroup}\n")
+    top = tmp_path / ("sys/fs/cgroup/memory" if v1 else "sys/fs/cgroup")
+    for folder, value in limits.items():
+        (top / folder).mkdir(parents=True, exist_ok=True)
+        (top / folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(value + "\n")
+    return tmp_path
+
+
+def test_the_serve_units_memory_limit_bounds_the_default_max_calls(tmp_path):
+    """deploy/voice-agent.service's MemoryMax holds about 30 calls at 90 MB each (plus the serve
+    process and an upload's decode), but cores x 7 is 56 on 8 cores: the cgroup would meet the
+    OOM killer, which may kill serve and every call with it. The default follows the memory."""
+    unit = (dispatch.REPO / "deploy" / "voice-agent.service").read_text()
+    memory_max = re.search(r"^MemoryMax=(\d+)G$", unit, re.M)
+    assert memory_max, "the serve unit's MemoryMax is not in G"
+    limit = int(memory_max.group(1)) * 2**30
+    root = fake_host(tmp_path / "v2", "/system.slice/voice-agent.service",
+                     {"system.slice/voice-agent.service": str(limit), "system.slice": "max"}, available_kb=64 * 2**20)
+    memory_mb = dispatch.available_memory_mb(root)
+    assert memory_mb == limit / 2**20
+    calls = dispatch.default_max_calls(8, memory_mb)
+    needed_mb = calls * dispatch.PER_CALL_MEMORY_MB + dispatch.MEMORY_RESERVE_MB
+    assert needed_mb <= limit / 2**20, (f"the default MAX_CALLS on 8 cores is {calls}: {needed_mb:.0f} MB, over the "
+                                        f"unit's MemoryMax={memory_max.group(1)}G")
+    assert calls == 29
+    # cgroup v1 (and the tighter of a parent's limit and the host's free memory).
+    root = fake_host(tmp_path / "v1", "/pod/c1", {"pod": str(1024 * 2**20), "pod/c1": str(2**63 - 4096)},
+                     available_kb=64 * 2**20, v1=True)
+    assert dispatch.default_max_calls(8, dispatch.available_memory_mb(root)) == 7
+    root = fake_host(tmp_path / "bare", "/", {}, available_kb=2 * 2**20)  # 2 GB free, no limit
+    assert dispatch.default_max_calls(8, dispatch.available_memory_mb(root)) == 18
 
 
 def test_agent_url():

@@ -48,7 +48,7 @@ async def test_check_passes_against_real_server_and_standin(livekit_server, stan
                  "\u2713 AMBIENT_SOUND: builtin:office", "all checks passed",
                  "\u2713 serve mode: LiveKit accepts this key as an agent worker (registered as AW_"):
         assert line in out, out
-    assert "automatic dispatch, up to " in out and "calls on this host (MAX_CALLS from the cores)" in out
+    assert "automatic dispatch, up to " in out and "calls on this host (MAX_CALLS from the cores and the memory)" in out
     assert len(standin.sessions) == 1 and standin.sessions[0].ended, "check must open AND end a session"
     assert API_SECRET not in out and ASSEMBLYAI_KEY not in out
 
@@ -215,7 +215,7 @@ async def test_second_sigterm_exits_at_once(livekit_server, tmp_path, room_name)
         await user.join()
         await worker.wait_for_output("starting a Voice Agent session", 15)
         worker.signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.6)  # later than 0.5 s: a second signal, not the first one delivered twice
         t0 = time.monotonic()
         worker.signal(signal.SIGTERM)
         await worker.wait_exit(3)
@@ -223,6 +223,32 @@ async def test_second_sigterm_exits_at_once(livekit_server, tmp_path, room_name)
     finally:
         worker.kill()
         server.close()
+        await user.leave()
+
+
+async def test_sigterm_delivered_twice_at_once_is_one_clean_stop(livekit_server, standin, room_name, tmp_path):
+    """`timeout`, cron wrappers and `kill PID; kill -- -PGID` deliver SIGTERM twice within
+    microseconds: that is one stop, so the worker ends the session and leaves the room
+    (no "exit now" that leaves the agent listed in the room for ~20 s)."""
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, AMBIENT_SOUND="none"),
+                           tmp_path / "w").start()
+    user = RoomUser(livekit_server, room_name)
+    try:
+        await user.join()
+        await standin.wait_for(lambda: standin.sessions and standin.sessions[0].ready_at, 15, "the session")
+        await wait_until(lambda: "voice-agent" in user.room.remote_participants, 5, "the agent in the room")
+        worker.signal(signal.SIGTERM)
+        time.sleep(0.05)  # apart enough to be two deliveries, as `kill PID; kill -- -PGID` makes them
+        worker.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert await worker.wait_exit(10) == 0, worker.output()
+        await wait_until(lambda: "voice-agent" not in user.room.remote_participants, 3,
+                         "the agent to leave the room after one stop sent twice")
+        assert time.monotonic() - t0 < 8
+        assert "exiting now" not in worker.output(), "two signals at once were taken as a hurried second one"
+        assert standin.sessions[0].ended, "the session was not ended: the worker exited without a clean stop"
+    finally:
+        worker.kill()
         await user.leave()
 
 

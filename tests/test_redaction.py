@@ -137,3 +137,24 @@ async def test_a_rejected_token_is_not_logged_even_in_part(livekit_server, room_
         for line in out.splitlines():
             if line.strip():
                 json.loads(line)
+
+
+def test_strings_from_outside_cannot_colour_the_terminal_or_forge_a_line(logged):
+    """A room name, an identity, a chat text or an API error can hold ANSI escapes and line
+    breaks: every text line escapes them (JSON escapes them anyway), whatever the call site
+    did; a traceback keeps its lines."""
+    fmt, log, buf, _ = logged
+    evil = "\x1b[31mEVIL\x1b[0m\nFAKE-LOG-LINE\r\u2028\x85\x07"
+    log.info("room %s joined by %r", evil, evil, extra={"fields": {"identity": evil}})
+    try:
+        raise ValueError(evil)
+    except ValueError as e:
+        log.warning("call failed: %s", e, exc_info=e)
+    out = lines(fmt, buf)
+    raw = [c for c in buf.getvalue() if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f or c in "\u2028\u2029"]
+    assert not raw, f"raw control characters in the {fmt} log: {raw!r}"
+    assert not any(line.startswith("FAKE-LOG-LINE") for line in out), out
+    if fmt == "text":
+        assert "\\x1b[31mEVIL\\x1b[0m\\nFAKE-LOG-LINE" in out[0], out[0]
+        assert out[1].endswith("call failed: \\x1b[31mEVIL\\x1b[0m\\nFAKE-LOG-LINE\\r\\u2028\\x85\\x07")
+        assert out[2] == "Traceback (most recent call last):", out

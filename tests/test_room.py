@@ -243,3 +243,29 @@ async def test_room_deleted_ends_the_worker_with_code_9(livekit_server, standin,
     finally:
         worker.kill()
         await user.leave()
+
+
+async def test_an_idle_room_closed_by_the_server_is_logged_as_what_it_is(livekit_server, standin, room_name, tmp_path):
+    """livekit-server closes a room that only the agent is in (its empty timeout, 5 min by
+    default; 1 s here): the worker rejoins, and says so at INFO. A WARNING every 5 minutes
+    of an idle worker looks like a fault and pages someone."""
+    from livekit import api
+
+    lk = api.LiveKitAPI(livekit_server.http_url, API_KEY, API_SECRET)
+    try:
+        await lk.room.create_room(api.CreateRoomRequest(name=room_name, empty_timeout=1, departure_timeout=1))
+    finally:
+        await lk.aclose()
+    # Someone holds the room open until the agent is in it; then the agent is alone.
+    holder = await RoomUser(livekit_server, room_name, "holder").join(publish=False)
+    worker = start_worker(livekit_server, standin, room_name, tmp_path)
+    try:
+        await worker.wait_for_output(r"joined room", 20)
+        await holder.leave()
+        line = (await worker.wait_for_output(r".*\bROOM_CLOSED\b.*", 40)).group(0)
+        assert " WARNING " not in line and " INFO " in line, f"an idle room's closing was logged as a fault: {line}"
+        await worker.wait_for_output(r"(?s)ROOM_CLOSED.*joined room", 20)
+        assert worker.alive
+    finally:
+        worker.kill()
+        await holder.leave()

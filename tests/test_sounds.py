@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 import sounds
+from harness import REPO
 from sounds import SAMPLE_RATE, Clip, SoundError
 
 # --------------------------------------------------------------------------------------------
@@ -303,10 +305,12 @@ def test_rf64_with_ds64_chunk_decodes() -> None:
     check_decoded_sine(sounds.decode_bytes(data), 0.5, 440, 0.5)
 
 
-def test_truncated_file_uses_the_audio_that_is_there() -> None:
+def test_truncated_file_uses_the_audio_that_is_there(caplog: pytest.LogCaptureFixture) -> None:
     data = make_wav(sine(440, 1.0, 16000), 16000, "pcm16")
     cut = data[: len(data) - 16000 + 1]  # half the audio gone, and half a sample frame
-    sound = sounds.decode_bytes(cut)
+    with caplog.at_level("WARNING", logger="sounds"):
+        sound = sounds.decode_bytes(cut)
+    assert "cut-off copy" in caplog.text, "a WAV with half its audio missing was used without a word"
     assert sound.duration_s == pytest.approx(0.5, abs=0.002)
     assert dominant_freq(sound.samples) == pytest.approx(440, abs=1)
 
@@ -447,6 +451,38 @@ def test_empty_missing_directory_and_unreadable_files(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(Path, "read_bytes", denied)  # root ignores chmod, so simulate it
     assert "permission" in error_for(str(locked)).lower()
+
+
+def test_a_fifo_or_a_device_as_a_sound_is_called_not_a_regular_file(tmp_path: Path) -> None:
+    """A FIFO would block the read and /dev/zero never ends; both report 0 bytes: the
+    message must say what they are, not that the file is empty."""
+    fifo = tmp_path / "bed.wav"
+    os.mkfifo(fifo)
+    for source in (str(fifo), "/dev/zero"):
+        message = error_for(source)
+        assert "not a regular file" in message and "empty" not in message, message
+
+
+@pytest.mark.parametrize("keep", ["header and one sample", "1 ms"])
+def test_a_bed_cut_off_after_its_header_or_a_1_ms_bed_is_refused(tmp_path: Path, keep: str) -> None:
+    """A WAV cut off just after its header (a download that failed) or a 1 ms export loops
+    into a buzz: the bed is refused with one line (exit 2 at start), not accepted as 0.0 s."""
+    if keep == "1 ms":
+        data = make_wav(sine(440, 0.001, 48000), 48000, "pcm16")
+    else:
+        data = make_wav(sine(440, 1.0, 16000), 16000, "pcm16")[:46]  # 44-byte header + one sample
+    path = tmp_path / "bed.wav"
+    path.write_bytes(data)
+    with pytest.raises(SoundError) as err:
+        sounds.ClipBank(str(path), "AMBIENT_SOUND", target_lufs=-30.0)
+    message = str(err.value)
+    assert message.startswith("AMBIENT_SOUND: ") and "ms of audio" in message and "\n" not in message, message
+    r = subprocess.run([sys.executable, str(REPO / "worker.py"), "check"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60, env={"PATH": "/usr/bin:/bin", "AMBIENT_SOUND": str(path),
+                                        "LIVEKIT_URL": "ws://127.0.0.1:9", "LIVEKIT_API_KEY": "k",
+                                        "LIVEKIT_API_SECRET": "s", "ASSEMBLYAI_API_KEY": "a",
+                                        "VOICE_AGENT_URL": "ws://127.0.0.1:9/v1/ws"})
+    assert "\u2717 AMBIENT_SOUND" in r.stdout, f"check passed a {keep} bed:\n{r.stdout}"
 
 
 def test_wav_without_audio_zero_channels_and_absurd_rates_are_rejected(tmp_path: Path) -> None:
