@@ -248,6 +248,7 @@ class Rescuer:
     has a call in; ``launch(room_view, decision)``: start the call, True if it did."""
 
     RECHECK_S = 8.0  # a served room whose participant count did not change is looked at again after this
+    SURVEY_TIMEOUT_S = 15.0
 
     def __init__(self, api: Callable[[], Any], planner: RescuePlanner, *, agent_identity: str, interval_s: float,
                  can_take: Callable[[], bool], busy_rooms: Callable[[], set[str]],
@@ -270,11 +271,12 @@ class Rescuer:
             if not self.can_take():
                 continue
             try:
-                await self.survey()
+                async with asyncio.timeout(self.SURVEY_TIMEOUT_S):  # a server that hangs must not stall the loop
+                    await self.survey()
                 if failing:
                     log.info("room survey works again")
                 failing = False
-            except Exception as e:  # the server API unreachable, a 5xx: the next survey tries again
+            except Exception as e:  # the server API unreachable, a 5xx, a timeout: the next survey tries again
                 self.errors += 1
                 if not failing:
                     log.warning("cannot survey the rooms (%s: %s); retrying", type(e).__name__, str(e)[:200])
@@ -302,6 +304,8 @@ class Rescuer:
                 if view is None:
                     continue
                 decision = self.planner.observe(view, time.time())
+                if seen is None or seen.verdict is not decision.verdict:
+                    log.debug("room %s: %s", r.name, decision.verdict.value)
                 self._seen[r.sid] = _Seen(r.num_participants, decision.verdict, now)
                 if decision.verdict is Verdict.RESCUE:
                     await self._claim_and_launch(lk, r, view, decision)

@@ -437,19 +437,20 @@ async def test_sigterm_drains_the_call_goes_on_new_rooms_go_elsewhere_exit_0(liv
 
 
 async def test_max_calls_one_second_room_goes_to_another_worker_or_waits(livekit_server, standin, serves, room_name):
-    one = serves("one", standin=standin, MAX_CALLS="1")
+    # The server's placement alone (RESCUE_INTERVAL_S=0): test_fleet.py has the waiting room served later.
+    one = serves("one", standin=standin, MAX_CALLS="1", RESCUE_INTERVAL_S="0")
     await one.registered()
     u1 = await join(livekit_server, f"{room_name}-1")
     users = [u1]
     try:
         assert await served_by(u1, [one]) is one
         await one.wait_for_output("not taking calls: full: 1 of MAX_CALLS=1", 5)
-        # Full, and nobody else: v1.13.5 leaves the room without an agent (no retry later).
+        # Full, and nobody else: v1.13.5 leaves the room without an agent (no retry of its own).
         u2 = await join(livekit_server, f"{room_name}-2")
         users.append(u2)
         await asyncio.sleep(4.0)
         assert AGENT not in u2.room.remote_participants and one.alive and one.accepted() == 1
-        two = serves("two", standin=standin, MAX_CALLS="1")
+        two = serves("two", standin=standin, MAX_CALLS="1", RESCUE_INTERVAL_S="0")
         await two.registered()
         u3 = await join(livekit_server, f"{room_name}-3")
         users.append(u3)
@@ -611,7 +612,7 @@ async def test_sigterm_delivered_twice_at_once_drains_and_does_not_end_the_calls
         w.signal(signal.SIGTERM)
         await w.wait_for_output("draining: no new calls", 5)
         await asyncio.sleep(2.0)
-        assert "again: ending" not in w.output(), "one SIGTERM delivered twice ended the calls instead of draining"
+        assert "again: handing" not in w.output(), "one SIGTERM delivered twice handed the calls over instead of draining"
         assert w.alive and AGENT in user.room.remote_participants, "the call did not go on while draining"
     finally:
         await user.leave()
