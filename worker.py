@@ -41,6 +41,7 @@ import backoff  # noqa: E402  (after the version check: the modules below need 3
 import bridge  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
+import metrics  # noqa: E402
 import scheduling  # noqa: E402
 import sounds  # noqa: E402
 from config import (  # noqa: E402
@@ -128,6 +129,10 @@ class Worker:
         self.notifier = SystemdNotifier()
         self._api_verified = asyncio.Event()
         self._input_errors = LogLimiter()  # failures of tasks that handle outside input
+        # The call's figures: in a serve process's child they reach its /metrics through the
+        # multiprocess files (metrics.py), in the single-room worker METRICS_PORT serves them.
+        self.metrics = metrics.CallMetrics(metrics.new_registry(), count_calls=job is None)
+        self.metrics_server: metrics.MetricsServer | None = None
 
     # -- task ownership --
 
@@ -203,6 +208,19 @@ class Worker:
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
         track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
+            if self.job is not None:
+                self.metrics.call_started()  # a job is one call, with or without a user
+            elif self.cfg.metrics_port:
+                self.metrics_server = metrics.MetricsServer(self.metrics.render, self.cfg.metrics_host,
+                                                            self.cfg.metrics_port)
+                try:
+                    await self.metrics_server.start()
+                except OSError as e:
+                    self.metrics_server = None
+                    raise FatalError(EXIT_CONFIG, f"cannot serve metrics on {self.cfg.metrics_host}:"
+                                     f"{self.cfg.metrics_port} (METRICS_HOST, METRICS_PORT): {e.strerror or e}") from None
+            self._spawn(self._sync_metrics(), "metrics")
+            self._spawn(metrics.monitor_loop_lag(self.metrics.loop_lag), "loop-lag")
             if self.job is None:
                 self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
                 self._spawn(self._startup_check(), "startup-check")
@@ -250,8 +268,11 @@ class Worker:
             t.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=1.0)
+        self._log_call_end("failed" if self._fatal_message else "completed")
         if self.mixer is not None:
             await asyncio.wait({asyncio.ensure_future(self.mixer.aclose())}, timeout=2.5)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
 
     async def _graceful_stop(self) -> None:
@@ -294,6 +315,26 @@ class Worker:
             await asyncio.sleep(10)
             log.debug("counters", extra={"fields": self.counters()})
 
+    async def _sync_metrics(self) -> None:
+        """The mixer's and the API client's counters into the metrics, once a second."""
+        while True:
+            await asyncio.sleep(metrics.SYNC_INTERVAL_S)
+            self._sync_metrics_now()
+
+    def _sync_metrics_now(self) -> None:
+        if self.mixer is not None:
+            audio = self.mixer.snapshot()
+            self.metrics.sync(int(audio["underruns"]), float(audio["queue_ms"]), self.client)
+
+    def _log_call_end(self, outcome: str) -> None:
+        """The call's one summary line (no text, no names, no secrets: metrics.CallFigures)."""
+        self._sync_metrics_now()
+        if outcome == "completed" and self.job is not None and getattr(self.job, "rescue", ""):
+            outcome = "recovered"
+        line = self.metrics.call_ended(outcome)
+        if line is not None:
+            log.info("call ended", extra={"fields": line})
+
     def counters(self) -> dict[str, Any]:
         """Everything worth watching for leaks and health, in one place (also on SIGUSR1)."""
         client = self.client
@@ -332,6 +373,8 @@ class Worker:
                 self.link.show_state(state.value)
                 self.session_channel.agent_state(state.value)
             case call.StartSession(number, new_bed, replacement):
+                if not replacement:
+                    self.metrics.call_started()
                 self._start_session(number, new_bed, replacement)
             case call.SendText(text, interrupt):
                 if self.client is not None:
@@ -383,8 +426,11 @@ class Worker:
     def _on_playback(self, event: PlaybackEvent) -> None:
         self.captions.wake()
         if isinstance(event, ReplyStartedPlaying):
+            st = self.output.reply_stats(event.reply_id)
+            self.metrics.reply_playing(event.reply_id, event.at, st.first_received_at if st is not None else None)
             self._feed(call.PlaybackStarted(event.reply_id))
         else:
+            self.metrics.reply_silent(event.reply_id, event.at, event.interrupted)
             self._feed(call.PlaybackStopped())
 
     # -- the Voice Agent session: starts with the first user, ends when the last has gone --
@@ -420,6 +466,7 @@ class Worker:
             by_service = client.protocol.ended and not client.ending
         finally:
             self._history = client.protocol.history
+            self.metrics.sync_api(client)  # its last attempts, before a replacement's client
             if self.client is client:
                 self.client = None
                 self.log_ctx.fields["session_id"] = None
@@ -433,6 +480,8 @@ class Worker:
 
     async def _end_call(self) -> None:
         await self._end_session()
+        if self.job is None:  # a job's line comes at its end, with the process's outcome
+            self._log_call_end("completed")
         self._call_ended()
         if self.job is not None:
             self.request_stop()  # job mode: one call per process
@@ -507,10 +556,14 @@ class Worker:
                 self.log_ctx.fields["session_id"] = session_id
                 log.info("Voice Agent session %s (%s)", "resumed" if resumed else "ready", session_id)
             case bridge.SpeechStarted():
+                self.metrics.speech_started()
                 log.debug("user started speaking")
                 self.session_channel.user_speaking(True)
             case bridge.SpeechStopped():
+                self.metrics.speech_stopped()
                 self.session_channel.user_speaking(False)
+            case bridge.ReplyInterrupted(reply_id):
+                self.metrics.reply_interrupted(reply_id)
             case bridge.UserTranscript(text, item_id, final):
                 who = self.link.caption_speaker()
                 if who is not None and text:
@@ -974,7 +1027,9 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
     log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format, redact_jwts=True)
     # The calls read their settings as this process did: flags and ./.env included.
     names = {env_name(f) for f in dataclasses.fields(Config)}
-    dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names})
+    serve_metrics = metrics.ServeMetrics() if cfg.health_port else None  # /metrics on the health port
+    dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names},
+                                     metrics=serve_metrics)
 
     async def serve() -> int:
         if cfg.startup_check:
@@ -989,6 +1044,8 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
         return exit_code(e)
     finally:
         dispatcher.supervisor.kill_all()
+        if serve_metrics is not None:
+            serve_metrics.close()  # its children's files: after they are gone
 
 
 def run_job(cli: dict[str, str]) -> int:
