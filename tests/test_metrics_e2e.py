@@ -1,0 +1,130 @@
+"""The real Prometheus (Debian's ``prometheus``, on loopback, scraping every second) scrapes a
+``python worker.py serve`` process with two real calls (``python worker.py job`` children
+with the Voice Agent API stand-in, real SDK users in two rooms), and is asked through its
+HTTP API; then every panel of deploy/grafana-dashboard.json runs against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import REPO, RoomUser, free_port, tone, wait_until
+from prometheus_server import Prometheus, find_prometheus, finite
+from test_dispatch import AGENT, USER_HZ, agent_of, serves, session_of, standin  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.e2e
+
+DASHBOARD = REPO / "deploy" / "grafana-dashboard.json"
+LINE_KEYS = {"event", "outcome", "duration_s", "turns", "turn_latency_p50_ms", "turn_latency_p95_ms",
+             "reply_latency_p50_ms", "reply_latency_p95_ms", "barge_ins", "barge_in_p50_ms", "underruns",
+             "api_reconnects", "api_resumes"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target; Grafana's $__rate_interval as a window that
+    covers the whole test (a panel over the last minutes)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"].replace("$__rate_interval", "5m")) for p in panels for t in p["targets"]]
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    started: list[Prometheus] = []
+
+    def start(targets: list[str]) -> Prometheus:
+        p = Prometheus(tmp_path / "prometheus", targets).start()
+        started.append(p)
+        return p
+
+    if find_prometheus() is None:
+        pytest.fail("Debian's prometheus is not installed: run ./scripts/setup --metrics (./scripts/test does)")
+    yield start
+    for p in started:
+        p.stop()
+
+
+async def until(prom: Prometheus, expr: str, want: float, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = prom.value(expr)
+        if got == want:
+            return
+        assert time.monotonic() < deadline, f"Prometheus says {what} is {got}, not {want} ({expr})"
+        await asyncio.sleep(0.25)
+
+
+def call_lines(log: str) -> list[dict]:
+    out = []
+    for line in log.splitlines():
+        if '"call_ended"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_data(
+        livekit_server, standin, serves, prometheus, room_name):
+    health = free_port()
+    serve = serves("metrics", standin=standin, HEALTH_PORT=str(health), LOG_FORMAT="json", LOG_LEVEL="info")
+    await serve.registered()
+    prom = prometheus([f"127.0.0.1:{health}"])
+    await wait_until(prom.targets_up, 15, "Prometheus scraping the serve process's /metrics")
+    users = [RoomUser(livekit_server, f"{room_name}-{i}") for i in range(2)]
+    try:
+        for u in users:
+            await u.join()
+        for u in users:
+            await agent_of(u)
+        await until(prom, "sum(lk_agents_active_job_count)", 2, 15, "the calls in progress")
+        await standin.wait_for(lambda: session_of(standin, 1) is not None, 15, "both calls' sessions")
+        sessions = [session_of(standin, 0), session_of(standin, 1)]
+        for s in sessions:
+            await standin.wait_for(lambda: s.replies and s.replies[0].done_at, 15, "the greeting")
+        # A turn in each call, then a barge-in on the answer in the first (its speech is a turn too).
+        for u in users:
+            u.say(tone(USER_HZ, 0.8, amplitude=0.6))
+        for s in sessions:
+            await standin.wait_for(lambda: len(s.replies) >= 2 and s.replies[1].done_at, 15, "an answer")
+        first = sessions[0]
+        users[0].say(tone(USER_HZ, 0.8, amplitude=0.6))
+        await standin.wait_for(lambda: len(first.replies) >= 3 and first.replies[2].first_audio_at, 15,
+                               "the second answer")
+        await asyncio.sleep(0.6)
+        users[0].say(tone(USER_HZ, 0.6, amplitude=0.6))
+        await standin.wait_for(lambda: first.replies[2].interrupted_at is not None, 10, "the barge-in")
+        await standin.wait_for(lambda: len(first.replies) >= 4 and first.replies[3].done_at, 15,
+                               "the answer to the barge-in")
+        await asyncio.sleep(0.5)
+        turns = sum(1 for s in sessions for r in s.replies if r.kind == "turn" and r.first_audio_at)
+        assert turns == 4, f"the stand-in answered {turns} turns, the test took 4"
+        await until(prom, "sum(voice_agent_turn_latency_seconds_count)", turns, 10,
+                    "the number of turns measured")
+        await until(prom, "sum(voice_agent_barge_in_seconds_count)", 1, 10, "the number of barge-ins measured")
+        # While the calls run, every panel has something to draw (the output queue is a gauge of
+        # live calls only; the outcomes are counted from 0).
+        empty = [(title, q) for title, q in dashboard_queries() if not finite(prom.query(q))]
+        assert not empty, f"dashboard panels without data: {empty}"
+    finally:
+        for u in users:
+            await u.leave()
+    # IDLE_TIMEOUT_S=2: both calls end, cleanly.
+    await until(prom, "sum(lk_agents_active_job_count)", 0, 20, "the calls in progress after the users left")
+    await until(prom, 'sum(voice_agent_calls_total{outcome="completed"})', 2, 10, "the completed calls")
+    # Counters of ended calls stay; their gauges are gone.
+    assert prom.value("sum(voice_agent_turn_latency_seconds_count)") == turns, \
+        "the turn count went backwards when the calls ended"
+    await wait_until(lambda: not prom.query("voice_agent_output_queue_seconds"), 10,
+                     "the output queue gauge of ended calls to disappear")
+    # The call-end lines: one per call, the figures only.
+    lines = call_lines(serve.output())
+    assert len(lines) == 2, f"{len(lines)} call-end lines for 2 calls"
+    for line in lines:
+        assert set(line) - {"ts", "level", "logger", "msg", "room", "session_id", "reply_id"} == LINE_KEYS, \
+            line
+        assert line["outcome"] == "completed" and line["underruns"] == 0, line
+    assert sorted(ln["turns"] for ln in lines) == [1, 3], lines
+    assert sorted(ln["barge_ins"] for ln in lines) == [0, 1], lines
+    assert all(ln["turn_latency_p50_ms"] and ln["turn_latency_p50_ms"] > 0 for ln in lines), lines
