@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import REPO, RoomUser, free_port, tone, wait_until
+from harness import REPO, RoomUser, WorkerProcess, free_port, tone, wait_until, worker_env
 from prometheus_server import Prometheus, find_prometheus, finite
 from test_dispatch import AGENT, USER_HZ, agent_of, serves, session_of, standin  # noqa: F401 (fixtures)
 
@@ -128,3 +129,67 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
     assert sorted(ln["turns"] for ln in lines) == [1, 3], lines
     assert sorted(ln["barge_ins"] for ln in lines) == [0, 1], lines
     assert all(ln["turn_latency_p50_ms"] and ln["turn_latency_p50_ms"] > 0 for ln in lines), lines
+
+
+def scrape_text(port: int) -> dict[tuple[str, tuple], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers["Content-Type"]
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_single_room_worker_serves_its_call_on_metrics_port(livekit_server, standin, room_name, tmp_path):
+    """METRICS_PORT: the single-room worker's own figures, a call counted when it ends."""
+    port = free_port()
+    worker = WorkerProcess(worker_env(livekit_server, standin.url, room_name, METRICS_PORT=str(port),
+                                      IDLE_TIMEOUT_S="1", GREETING="Hello"), tmp_path / "worker").start()
+    user = RoomUser(livekit_server, room_name)
+    try:
+        await worker.wait_for_output(r"metrics on http://127\.0\.0\.1:\d+/metrics")
+        s = scrape_text(port)
+        assert s[("voice_agent_calls_total", (("outcome", "completed"),))] == 0
+        assert s[("lk_agents_active_job_count", ())] == 0
+        await user.join()
+        await standin.wait_for(lambda: standin.sessions and standin.sessions[0].replies
+                               and standin.sessions[0].replies[0].done_at, 20, "the greeting")
+        session = standin.sessions[0]
+        assert scrape_text(port)[("lk_agents_active_job_count", ())] == 1
+        user.say(tone(USER_HZ, 0.8, amplitude=0.6))
+        await standin.wait_for(lambda: len(session.replies) >= 2 and session.replies[1].done_at, 15, "the answer")
+        await asyncio.sleep(0.3)
+        assert scrape_text(port)[("voice_agent_turn_latency_seconds_count", ())] == 1
+    finally:
+        await user.leave()
+    await worker.wait_for_output(r"call ended", 15)
+    s = scrape_text(port)
+    assert s[("voice_agent_calls_total", (("outcome", "completed"),))] == 1
+    assert s[("lk_agents_active_job_count", ())] == 0
+    assert s[("voice_agent_api_connects_total", (("result", "ok"),))] == 1
+    worker.signal()
+    assert await worker.wait_exit(15) == 0
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error(livekit_server, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**worker_env(livekit_server, "ws://127.0.0.1:9/v1/ws", "r"), "METRICS_PORT": str(port),
+               "PATH": os.environ.get("PATH", "")}
+        r = subprocess.run([sys.executable, str(REPO / "worker.py")], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "METRICS_PORT" in errors[0], r.stderr[-2000:]
+    bad = subprocess.run([sys.executable, str(REPO / "worker.py")], env={**env, "METRICS_PORT": "70000"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "METRICS_PORT" in bad.stderr, bad.stderr
