@@ -284,6 +284,9 @@ class ServeMetrics:
     the dispatcher calls ``job_started`` / ``job_exited`` and hands each child ``job_env``."""
 
     def __init__(self, root: str | None = None) -> None:
+        # This process's own values live in memory: a PROMETHEUS_MULTIPROC_DIR inherited from
+        # whoever started us would put them in files of a directory that is not ours.
+        os.environ.pop(MULTIPROC_ENV, None)
         from prometheus_client import CollectorRegistry, Counter
 
         # Private to this process (mkdtemp: mode 0700), removed by close().
@@ -312,8 +315,13 @@ class ServeMetrics:
         path = self._dirs.get(spec.job_id)
         if path is None:
             self._seq += 1
-            path = self._dirs[spec.job_id] = os.path.join(self.root, f"job-{self._seq}")
-            os.makedirs(path, exist_ok=True)
+            path = os.path.join(self.root, f"job-{self._seq}")
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:  # the call matters more than its figures
+                log.warning("job %s runs without metrics: cannot create %s: %s", spec.job_id, path, e.strerror or e)
+                return {}
+            self._dirs[spec.job_id] = path
         return {MULTIPROC_ENV: path}
 
     def job_started(self, spec: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from harness import REPO, RoomUser, WorkerProcess, free_port, tone, wait_until, worker_env
 from prometheus_server import Prometheus, find_prometheus, finite
-from test_dispatch import AGENT, USER_HZ, agent_of, serves, session_of, standin  # noqa: F401 (fixtures)
+from test_dispatch import USER_HZ, agent_of, children_of, serves, session_of, standin  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
 
@@ -84,23 +85,23 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
         sessions = [session_of(standin, 0), session_of(standin, 1)]
         for s in sessions:
             await standin.wait_for(lambda: s.replies and s.replies[0].done_at, 15, "the greeting")
-        # A turn in each call, then a barge-in on the answer in the first (its speech is a turn too).
+        # A turn in each call.
         for u in users:
             u.say(tone(USER_HZ, 0.8, amplitude=0.6))
         for s in sessions:
             await standin.wait_for(lambda: len(s.replies) >= 2 and s.replies[1].done_at, 15, "an answer")
         first = sessions[0]
-        users[0].say(tone(USER_HZ, 0.8, amplitude=0.6))
-        await standin.wait_for(lambda: len(first.replies) >= 3 and first.replies[2].first_audio_at, 15,
-                               "the second answer")
-        await asyncio.sleep(0.6)
+        # A long reply in the first call, and the user talks over it (the service interrupts it).
+        long = await standin.trigger_reply(seconds=4.0, session=first)
+        await standin.wait_for(lambda: long.first_audio_at is not None, 10, "the long reply")
+        await asyncio.sleep(1.0)
         users[0].say(tone(USER_HZ, 0.6, amplitude=0.6))
-        await standin.wait_for(lambda: first.replies[2].interrupted_at is not None, 10, "the barge-in")
-        await standin.wait_for(lambda: len(first.replies) >= 4 and first.replies[3].done_at, 15,
-                               "the answer to the barge-in")
+        await standin.wait_for(lambda: long.interrupted_at is not None, 10, "the barge-in")
+        await standin.wait_for(lambda: any(r.kind == "turn" and r.started_at and r.started_at > long.interrupted_at
+                                           and r.done_at for r in first.replies), 15, "the answer to the barge-in")
         await asyncio.sleep(0.5)
         turns = sum(1 for s in sessions for r in s.replies if r.kind == "turn" and r.first_audio_at)
-        assert turns == 4, f"the stand-in answered {turns} turns, the test took 4"
+        assert turns == 3, f"the stand-in answered {turns} turns, the users took 3"
         await until(prom, "sum(voice_agent_turn_latency_seconds_count)", turns, 10,
                     "the number of turns measured")
         await until(prom, "sum(voice_agent_barge_in_seconds_count)", 1, 10, "the number of barge-ins measured")
@@ -119,14 +120,33 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
         "the turn count went backwards when the calls ended"
     await wait_until(lambda: not prom.query("voice_agent_output_queue_seconds"), 10,
                      "the output queue gauge of ended calls to disappear")
-    # The call-end lines: one per call, the figures only.
+    # A third call whose process crashes (SIGKILL: nothing of its own end runs): counted failed,
+    # its gauge gone, the counts of the calls before it kept.
+    crasher = RoomUser(livekit_server, f"{room_name}-crash")
+    try:
+        await crasher.join()
+        await agent_of(crasher)
+        await until(prom, "count(voice_agent_output_queue_seconds)", 1, 15, "the crashing call's queue gauge")
+        pids = children_of("metrics")
+        assert len(pids) == 1, f"{len(pids)} call processes for one call"
+        os.kill(pids[0], signal.SIGKILL)
+        await until(prom, 'sum(voice_agent_calls_total{outcome="failed"})', 1, 15, "the failed calls")
+        await until(prom, "sum(lk_agents_active_job_count)", 0, 10, "the calls in progress after the crash")
+        await wait_until(lambda: not prom.query("voice_agent_output_queue_seconds"), 10,
+                         "the crashed call's output queue gauge to disappear")
+        assert prom.value("sum(voice_agent_turn_latency_seconds_count)") == turns, \
+            "the turn count went backwards when a call crashed"
+        assert prom.value('sum(voice_agent_calls_total{outcome="completed"})') == 2
+    finally:
+        await crasher.leave()
+    # The call-end lines: one per call that ended by itself, the figures only.
     lines = call_lines(serve.output())
     assert len(lines) == 2, f"{len(lines)} call-end lines for 2 calls"
     for line in lines:
         assert set(line) - {"ts", "level", "logger", "msg", "room", "session_id", "reply_id"} == LINE_KEYS, \
             line
         assert line["outcome"] == "completed" and line["underruns"] == 0, line
-    assert sorted(ln["turns"] for ln in lines) == [1, 3], lines
+    assert sorted(ln["turns"] for ln in lines) == [1, 2], lines
     assert sorted(ln["barge_ins"] for ln in lines) == [0, 1], lines
     assert all(ln["turn_latency_p50_ms"] and ln["turn_latency_p50_ms"] > 0 for ln in lines), lines
 
