@@ -373,7 +373,9 @@ class Worker:
                 self.link.show_state(state.value)
                 self.session_channel.agent_state(state.value)
             case call.StartSession(number, new_bed, replacement):
-                if not replacement:
+                if not replacement and self.job is None:
+                    # A call the service ended while nobody was left has had no end of its own.
+                    self._log_call_end("completed")
                     self.metrics.call_started()
                 self._start_session(number, new_bed, replacement)
             case call.SendText(text, interrupt):
@@ -480,8 +482,6 @@ class Worker:
 
     async def _end_call(self) -> None:
         await self._end_session()
-        if self.job is None:  # a job's line comes at its end, with the process's outcome
-            self._log_call_end("completed")
         self._call_ended()
         if self.job is not None:
             self.request_stop()  # job mode: one call per process
@@ -497,7 +497,8 @@ class Worker:
                 pass
 
     def _call_ended(self) -> None:
-        """A call ended normally: its runtime bed goes with it."""
+        """A call ended normally: its summary line; its runtime bed goes with it."""
+        self._log_call_end("completed")
         had_runtime_bed = self.controller.active is not None
         self.controller.call_ended()
         if had_runtime_bed:
