@@ -10,11 +10,12 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from harness import REPO, RoomUser, WorkerProcess, free_port, tone, wait_until, worker_env
+from harness import API_SECRET, ASSEMBLYAI_KEY, REPO, RoomUser, WorkerProcess, free_port, tone, wait_until, worker_env
 from prometheus_server import Prometheus, find_prometheus, finite
 from test_dispatch import USER_HZ, agent_of, children_of, serves, session_of, standin  # noqa: F401 (fixtures)
 
@@ -105,6 +106,9 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
         await until(prom, "sum(voice_agent_turn_latency_seconds_count)", turns, 10,
                     "the number of turns measured")
         await until(prom, "sum(voice_agent_barge_in_seconds_count)", 1, 10, "the number of barge-ins measured")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{health}/metrics", timeout=5).read().decode()
+        assert room_name not in body and "sess_" not in body, "a room name or a session id is in /metrics"
+        assert API_SECRET not in body and ASSEMBLYAI_KEY not in body, "a secret is in /metrics"
         # While the calls run, every panel has something to draw (the output queue is a gauge of
         # live calls only; the outcomes are counted from 0).
         empty = [(title, q) for title, q in dashboard_queries() if not finite(prom.query(q))]
@@ -152,8 +156,6 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
 
 
 def scrape_text(port: int) -> dict[tuple[str, tuple], float]:
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
