@@ -53,6 +53,7 @@ TURN_BUCKETS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 BARGE_IN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LAG_INTERVAL_S = 0.5  # how often the event-loop monitor wakes up
+LAG_NAME, LAG_HELP = "voice_agent_event_loop_lag_seconds", "How late an event loop runs (process: call or serve)"
 SYNC_INTERVAL_S = 1.0  # how often the mixer's and the API client's counters are read
 
 OUTCOMES = ("completed", "failed", "refused", "recovered")
@@ -146,8 +147,7 @@ class CallMetrics:
                                ["result"], registry=reg)
         self.connects.labels("ok")  # shown (at 0) before the first attempt: a panel has a series to draw
         self.resumes.labels("ok")
-        self.loop_lag = Histogram("voice_agent_event_loop_lag_seconds", "How late the call's event loop runs",
-                                  buckets=LAG_BUCKETS, registry=reg)
+        self.loop_lag = Histogram(LAG_NAME, LAG_HELP, ["process"], buckets=LAG_BUCKETS, registry=reg).labels("call")
         self.calls: Any = None
         if count_calls:
             self.calls = Counter("voice_agent_calls", "Calls by how they ended", ["outcome"], registry=reg)
@@ -287,7 +287,7 @@ class ServeMetrics:
         # This process's own values live in memory: a PROMETHEUS_MULTIPROC_DIR inherited from
         # whoever started us would put them in files of a directory that is not ours.
         os.environ.pop(MULTIPROC_ENV, None)
-        from prometheus_client import CollectorRegistry, Counter
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
         # Private to this process (mkdtemp: mode 0700), removed by close().
         self.root = root or tempfile.mkdtemp(prefix="voice-agent-metrics-")
@@ -303,6 +303,9 @@ class ServeMetrics:
             self.calls.labels(outcome)
         self.rooms_recovered = Counter("voice_agent_rooms_recovered",
                                        "Rooms served after their job was lost or their host died", registry=self.own)
+        # The serve process's own loop: it answers LiveKit's job offers, which wait 3 s at most.
+        self.loop_lag = Histogram(LAG_NAME, LAG_HELP, ["process"], buckets=LAG_BUCKETS,
+                                  registry=self.own).labels("serve")
         self.registry.register(self)
 
     def attach(self, dispatcher: Any) -> None:

@@ -1033,10 +1033,16 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
                                      metrics=serve_metrics)
 
     async def serve() -> int:
+        if serve_metrics is not None:
+            lag = asyncio.create_task(metrics.monitor_loop_lag(serve_metrics.loop_lag), name="loop-lag")
         if cfg.startup_check:
             log_session_config(cfg)
             await prove_api_key(cfg, tools)
-        return await dispatcher.run()
+        try:
+            return await dispatcher.run()
+        finally:
+            if serve_metrics is not None:
+                lag.cancel()
 
     try:
         return asyncio.run(serve())

@@ -113,6 +113,9 @@ async def test_prometheus_scrapes_two_real_calls_and_every_dashboard_panel_has_d
         # live calls only; the outcomes are counted from 0).
         empty = [(title, q) for title, q in dashboard_queries() if not finite(prom.query(q))]
         assert not empty, f"dashboard panels without data: {empty}"
+        for process in ("serve", "call"):
+            assert prom.query(f'voice_agent_event_loop_lag_seconds_count{{process="{process}"}} > 0'), \
+                f"no event-loop lag measured in the {process} process"
     finally:
         for u in users:
             await u.leave()
