@@ -23,7 +23,7 @@ Series (labels are low-cardinality on purpose: no room, no identity, no session 
 ``voice_agent_turn_latency_seconds``, ``voice_agent_barge_in_seconds``,
 ``voice_agent_output_underruns_total``, ``voice_agent_output_queue_seconds``,
 ``voice_agent_api_connects_total{result}``, ``voice_agent_api_resumes_total{result}``,
-``voice_agent_event_loop_lag_seconds``.
+``voice_agent_event_loop_lag_seconds{process}`` (call, serve).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -52,9 +52,10 @@ REPLY_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
 TURN_BUCKETS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 BARGE_IN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-LAG_INTERVAL_S = 0.5  # how often the event-loop monitor wakes up
+# How often the event-loop monitor wakes up; in a call it also reads the mixer's and the client's
+# counters then (one wake-up a second for both: an idle loop's wake-ups are most of what metrics cost).
+LAG_INTERVAL_S = 1.0
 LAG_NAME, LAG_HELP = "voice_agent_event_loop_lag_seconds", "How late an event loop runs (process: call or serve)"
-SYNC_INTERVAL_S = 1.0  # how often the mixer's and the API client's counters are read
 
 OUTCOMES = ("completed", "failed", "refused", "recovered")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -261,14 +262,17 @@ class CallMetrics:
                     f.connects += new
 
 
-async def monitor_loop_lag(histogram: Any, interval_s: float = LAG_INTERVAL_S) -> None:
+async def monitor_loop_lag(histogram: Any, interval_s: float = LAG_INTERVAL_S,
+                           then: Callable[[], None] | None = None) -> None:
     """Observe how late this event loop wakes a sleeper (what a blocking call costs every
-    other task of the process), every ``interval_s``."""
+    other task of the process), every ``interval_s``; then call ``then``, if given."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + interval_s
         await asyncio.sleep(interval_s)
         histogram.observe(max(0.0, loop.time() - due))
+        if then is not None:
+            then()
 
 
 # --- in the serve process --------------------------------------------------------------------
@@ -460,7 +464,3 @@ def http_response(code: int, body: bytes, content_type: str) -> bytes:
     return (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
 
-
-def serving_env(env: Mapping[str, str]) -> bool:
-    """In a call process: does its serve process collect our figures?"""
-    return bool(env.get(MULTIPROC_ENV))

@@ -219,8 +219,8 @@ class Worker:
                     self.metrics_server = None
                     raise FatalError(EXIT_CONFIG, f"cannot serve metrics on {self.cfg.metrics_host}:"
                                      f"{self.cfg.metrics_port} (METRICS_HOST, METRICS_PORT): {e.strerror or e}") from None
-            self._spawn(self._sync_metrics(), "metrics")
-            self._spawn(metrics.monitor_loop_lag(self.metrics.loop_lag), "loop-lag")
+            # Once a second: how late the loop runs, and the mixer's and the client's counters.
+            self._spawn(metrics.monitor_loop_lag(self.metrics.loop_lag, then=self._sync_metrics_now), "metrics")
             if self.job is None:
                 self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
                 self._spawn(self._startup_check(), "startup-check")
@@ -315,13 +315,8 @@ class Worker:
             await asyncio.sleep(10)
             log.debug("counters", extra={"fields": self.counters()})
 
-    async def _sync_metrics(self) -> None:
-        """The mixer's and the API client's counters into the metrics, once a second."""
-        while True:
-            await asyncio.sleep(metrics.SYNC_INTERVAL_S)
-            self._sync_metrics_now()
-
     def _sync_metrics_now(self) -> None:
+        """The mixer's and the API client's counters into the metrics."""
         if self.mixer is not None:
             audio = self.mixer.snapshot()
             self.metrics.sync(int(audio["underruns"]), float(audio["queue_ms"]), self.client)

@@ -3,19 +3,22 @@
 
     python bench/metrics_bench.py [--calls 10] [--seconds 30] [--rounds 2]
 
-Real parts: metrics.ServeMetrics behind dispatch.HealthServer (the serve process's /metrics),
-scraped over HTTP once a second as Prometheus does (the scraper's own CPU is not counted:
-it is Prometheus's), and N call processes, each an asyncio loop doing what a call's metrics
-do (metrics.CallMetrics writing prometheus_client's multiprocess files in its own
-directory): the event-loop monitor (2 a second), the 1 s sync of the mixer's and the
-client's counters, a turn every 3.5 s (turn and reply latency), a barge-in every third turn.
-No audio, no room: the calls' own work is the same with metrics on or off, so it is left
-out and the difference is what metrics cost.
+Real parts: metrics.ServeMetrics behind dispatch.HealthServer (the serve process's /metrics)
+with its own event-loop monitor, scraped over HTTP once a second as Prometheus does (the
+scraper's own CPU is not counted: it is Prometheus's), and N call processes, each an
+asyncio loop doing what a call's metrics do (metrics.CallMetrics writing prometheus_client's
+multiprocess files in its own directory): the event-loop monitor with the sync of the
+mixer's and the client's counters (one wake-up a second), a turn every 3.5 s (turn and
+reply latency), a barge-in every third turn. No audio, no room: the calls' own work is the
+same with metrics on or off, so it is left out and the difference is what metrics cost.
+The children's loops are otherwise idle, so each wake-up costs more than in a real call,
+whose loop is busy anyway: the calls' share is an upper bound.
 
 Modes, alternated per round: ``on`` (the children observe and write their files, the
 parent is scraped every second) and ``off`` (the children run the same loop without
 metrics, nothing is scraped). CPU is utime+stime from /proc, in % of one core, over the
-measured window (after a 3 s warm-up). Also: the time one scrape takes with N calls.
+measured window (after the children are up, and 2 s more). Also: the time one scrape
+takes with N calls (wall clock, as the scraper sees it).
 """
 
 from __future__ import annotations
@@ -40,17 +43,16 @@ on = sys.argv[2] == "on"
 async def main():
     import metrics
     m = metrics.CallMetrics(metrics.new_registry()) if on else None
-    if m is not None:
-        m.call_started()
-        asyncio.get_running_loop().create_task(metrics.monitor_loop_lag(m.loop_lag))
     client = type("C", (), {"protocol": type("P", (), {"results": {("connect", "ok"): 1}})()})()
+    if m is not None:  # as worker.py: the loop monitor and the 1 s counter sync, one wake-up
+        m.call_started()
+        asyncio.get_running_loop().create_task(
+            metrics.monitor_loop_lag(m.loop_lag, then=lambda: m.sync(0, 100.0, client)))
     print("ready", flush=True)
     turn = 0
     next_turn = time.monotonic() + 3.5
-    while True:
+    while True:  # a call's own 1 s work, with metrics or without
         await asyncio.sleep(1.0)
-        if m is not None:
-            m.sync(0, 100.0, client)
         if time.monotonic() >= next_turn:
             next_turn += 3.5
             turn += 1
@@ -87,6 +89,8 @@ async def main():
         print(serve.job_env(spec)["PROMETHEUS_MULTIPROC_DIR"], flush=True)
     health = dispatch.HealthServer(d, "127.0.0.1", 0)
     await health.start()
+    if sys.argv[4] == "on":  # the serve process's own event-loop monitor (worker._serve)
+        asyncio.get_running_loop().create_task(metrics.monitor_loop_lag(serve.loop_lag))
     print(health.port, flush=True)
     await asyncio.Event().wait()
 
@@ -96,7 +100,7 @@ asyncio.run(main())
 
 def run_mode(mode: str, calls: int, seconds: float) -> dict[str, float]:
     root = tempfile.mkdtemp(prefix="metrics-bench-")
-    serve = subprocess.Popen([sys.executable, "-c", SERVE, str(REPO), root, str(calls)], stdout=subprocess.PIPE,
+    serve = subprocess.Popen([sys.executable, "-c", SERVE, str(REPO), root, str(calls), mode], stdout=subprocess.PIPE,
                              text=True)
     dirs = [serve.stdout.readline().strip() for _ in range(calls)]
     port = int(serve.stdout.readline())
