@@ -24,6 +24,12 @@ Series (labels are low-cardinality on purpose: no room, no identity, no session 
 ``voice_agent_output_underruns_total``, ``voice_agent_output_queue_seconds``,
 ``voice_agent_api_connects_total{result}``, ``voice_agent_api_resumes_total{result}``,
 ``voice_agent_event_loop_lag_seconds{process}`` (call, serve).
+
+Outcomes, each call counted once when it ends (serve mode: by the serve process, from the
+child's exit): ``completed`` (exit 0), ``failed`` (crashed, killed, or exited with an error),
+``recovered`` (a rescued room's job, ``JobSpec.rescue``, that ended well), ``refused`` (a job
+the worker declined: full, draining; WorkerCore's refusal count). The single-room worker
+counts its calls itself (completed, or failed when the process ends on an error).
 """
 
 from __future__ import annotations
