@@ -364,6 +364,15 @@ HISTORY_TURNS = 20
 # a full service closes 1008 too): an unauthorized/forbidden error frame, HTTP 401/403, or this.
 _AUTH_REASON = re.compile(r"unauthori[sz]ed|forbidden|api[ _-]?key|authenticat", re.I)
 _VOICE_REASON = re.compile(r"voice", re.I)
+# A refusal before session.ready, by its session.error code, as the metrics name it.
+_REFUSAL_RESULTS = {"at_capacity": "capacity", "concurrency_exceeded": "capacity", "server_error": "server_error",
+                    "internal_error": "server_error", "agent_init_failed": "agent", "agent_timeout": "agent"}
+
+
+def _refusal_result(code: str) -> str:
+    return _REFUSAL_RESULTS.get(code, "refused")
+
+
 # A close reason after session.ready that says the session itself is gone: no resume.
 _GONE_REASON = re.compile(r"expired|not[ _-]?found|session[ _-]?forbidden", re.I)
 GREETING_START_S = 5.0  # a greeting that has not started this long after session.ready is not coming
@@ -424,6 +433,11 @@ class Protocol:
         # close that follows means (a busy service, a bad key ...). One line, for the logs.
         self._refusal: str | None = None
         self.last_refusal = ""
+        # Every attempt to start ("connect") or resume ("resume") a session on a socket, by
+        # result: "ok", or why not ("auth", "config", "capacity", "server_error", "agent",
+        # "refused", "gone", "http", "closed", "unreachable"). For the metrics; few values.
+        self.results: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._refusal_code = ""
         # A reply.audio chunk of odd length leaves half a sample: kept for the next chunk.
         self._carry = b""
         self._carry_reply: str | None = None
@@ -489,6 +503,8 @@ class Protocol:
         the caller reconnects (with backoff) and calls connection_opened()."""
         phase, self.phase = self.phase, "idle"
         refusal, self._refusal = self._refusal, None
+        refusal_code, self._refusal_code = self._refusal_code, ""
+        self._count_failed_attempt(phase, code, reason, http_status, refusal_code if refusal is not None else None)
         # A reply in flight when the socket went is over for us: whatever the service does on
         # resume, its later audio (if any) is announced anew.
         self.current_reply = None
@@ -541,6 +557,31 @@ class Protocol:
             # the session survives it for 30 s.
             self._dropped_at = now
         return events
+
+    def _count_failed_attempt(self, phase: str, code: int | None, reason: str, http_status: int | None,
+                              refusal_code: str | None) -> None:
+        """A socket closed before its session got ready: count the attempt by why."""
+        if phase == "idle":  # no socket at all (unreachable, or a refused handshake)
+            kind = "resume" if self.session_id is not None and self._dropped_at is not None else "connect"
+        elif phase in ("starting", "resuming"):
+            kind = "connect" if phase == "starting" else "resume"
+        else:
+            return  # ready (it counted as ok), ended, abandoned (counted when refused)
+        if http_status in (401, 403):
+            result = "auth"
+        elif http_status is not None:
+            result = "http"
+        elif refusal_code is not None:
+            result = _refusal_result(refusal_code)
+        elif code == 1008 and _AUTH_REASON.search(reason):
+            result = "auth"
+        elif code == 1008:
+            result = "refused"
+        elif code is None:
+            result = "unreachable"
+        else:
+            result = "closed"
+        self.results[(kind, result)] += 1
 
     def _forget_session(self) -> None:
         self._dropped_at = None
@@ -675,6 +716,7 @@ class Protocol:
         self.last_refusal = ""
         if resumed:
             self.counters["resumes"] += 1
+        self.results[("resume" if resumed else "connect", "ok")] += 1
         return [SessionReady(sid, resumed), *self._release_chat_if_free()]
 
     def _on_session_updated(self, msg: dict[str, Any]) -> list[Any]:
@@ -691,16 +733,22 @@ class Protocol:
         self.counters["errors"] += 1
         self.counters["error:" + code[:40]] += 1
         detail = f"{code}{' (' + param + ')' if param else ''}: {message}".strip()
+        attempt = {"starting": "connect", "resuming": "resume"}.get(self.phase)
         if self.phase == "resuming" and code in RESUME_TERMINAL_CODES:
+            self.results[("resume", "gone" if code != "unauthorized" else "auth")] += 1
             log.warning("session resume refused (%s); starting a fresh session", code)
             self._forget_session()
             self.phase = "abandoned"
             return [Close("resume refused")]
         if code in AUTH_CODES:
+            self.results[(attempt or "connect", "auth")] += 1
             raise KeyRejected(f"Voice Agent API rejected ASSEMBLYAI_API_KEY ({code})")
         if code in CONFIG_CODES or (code == "invalid_value" and self.phase == "starting"):
+            self.results[(attempt or "connect", "config")] += 1
             raise ConfigRejected(f"Voice Agent API rejected the session configuration: {detail}")
         if code in ("session_expired", "session_not_found", "session_forbidden"):
+            if attempt is not None:
+                self.results[(attempt, "gone")] += 1
             log.warning("Voice Agent API session gone (%s); starting a fresh session", code)
             self._forget_session()
             self.phase = "abandoned"
@@ -709,6 +757,7 @@ class Protocol:
             # Before session.ready: the close that follows is a refusal of this handshake
             # (at capacity, agent_init_failed ...), retried with backoff. Remembered for it.
             self._refusal = detail[:200]
+            self._refusal_code = code
             log.debug("session.error before session.ready: %s", detail)
             return []
         if code in RETRYABLE_CODES:

@@ -418,14 +418,19 @@ class Config:
                                          group="Serve mode")
     job_start_timeout_s: float = _setting(30.0, "serve: a call not in its room this long after its assignment is "
                                           "killed", _number(float, 1, 600), group="Serve mode")
-    health_port: int = _setting(0, "serve: answer GET /healthz (alive), /readyz (registered, not draining) and "
-                                "/status on this port; 0: off", _number(int, 0, 65535), group="Serve mode")
+    health_port: int = _setting(0, "serve: answer GET /healthz (alive), /readyz (registered, not draining), "
+                                "/status and /metrics (Prometheus) on this port; 0: off", _number(int, 0, 65535),
+                                group="Serve mode")
     health_host: str = _setting("127.0.0.1", "serve: address of the health endpoint (0.0.0.0 in a container)",
                                 _nonempty, group="Serve mode")
     serve_job_command: tuple[str, ...] = _setting((), "serve, for tests and benchmarks: the command run per job, as "
                                                   "shell words or a JSON list (empty: python worker.py job)",
                                                   _command, group="Serve mode")
     # Operations
+    metrics_port: int = _setting(0, "single-room worker: serve GET /metrics (Prometheus) on this port; 0: off (serve "
+                                 "mode: on HEALTH_PORT)", _number(int, 0, 65535), group="Operations")
+    metrics_host: str = _setting("127.0.0.1", "single-room worker: address of the metrics endpoint (0.0.0.0 in a "
+                                 "container)", _nonempty, group="Operations")
     startup_check: bool = _setting(True, "at start, open and end a Voice Agent session to prove the key (about 1 s "
                                    "billed) before reporting ready; a success is remembered for an hour (a hash, "
                                    "never the key, in STATE_DIR or ~/.cache/voice-agent), so restarts do not repeat "

@@ -958,8 +958,10 @@ class Supervisor:
 
     def __init__(self, command: Sequence[str], *, stop_timeout_s: float, start_timeout_s: float,
                  on_ready: Callable[[str], None], on_exit: Callable[[str, bool, str, int | None], None],
-                 watchdog_s: float = CHILD_WATCHDOG_S, env: Mapping[str, str] | None = None) -> None:
+                 watchdog_s: float = CHILD_WATCHDOG_S, env: Mapping[str, str] | None = None,
+                 job_env: Callable[[JobSpec], Mapping[str, str]] | None = None) -> None:
         self.command = tuple(command)
+        self.job_env = job_env  # variables of one job's process on top of ``env`` (its metrics directory)
         self.stop_timeout_s = stop_timeout_s
         self.start_timeout_s = start_timeout_s
         self.watchdog_s = watchdog_s
@@ -999,6 +1001,8 @@ class Supervisor:
         try:
             env = dict(self.base_env, NOTIFY_SOCKET=self._notify_socket(child),
                        WATCHDOG_USEC=str(int(self.watchdog_s * 1e6)))
+            if self.job_env is not None:
+                env.update(self.job_env(spec))
             try:
                 child.proc = await asyncio.create_subprocess_exec(
                     *command, stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True, close_fds=True)
@@ -1141,7 +1145,8 @@ class HealthServer:
     """``GET /healthz``: 200 while the event loop and the supervision tick run (liveness:
     never fails because LiveKit is unreachable, a restart would only end the calls in
     progress). ``GET /readyz``: 200 while registered and taking calls, else 503.
-    ``GET /status``: the worker's counters as JSON (no secrets, no room names)."""
+    ``GET /status``: the worker's counters as JSON (no secrets, no room names).
+    ``GET /metrics``: Prometheus (metrics.ServeMetrics), when the dispatcher has it."""
 
     def __init__(self, dispatcher: "Dispatcher", host: str, port: int) -> None:
         self.d, self.host, self.port = dispatcher, host, port
@@ -1175,6 +1180,12 @@ class HealthServer:
                 code, body = (200, "ready\n") if ready else (503, "draining\n" if core.draining else "not registered\n")
             elif path == "/status":
                 code, body = 200, json.dumps(core.snapshot()) + "\n"
+            elif path.split("?")[0] == "/metrics" and self.d.metrics is not None:
+                import metrics
+
+                writer.write(metrics.http_response(200, self.d.metrics.render(), metrics.CONTENT_TYPE))
+                await writer.drain()
+                return
             else:
                 code, body = 404, "not found\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
@@ -1204,11 +1215,12 @@ class Dispatcher:
     STABLE_S = 30.0  # a registration that lasted this long resets the backoff
 
     def __init__(self, cfg: "Config", redactor: LogContext | None = None,
-                 child_env: Mapping[str, str] | None = None) -> None:
+                 child_env: Mapping[str, str] | None = None, metrics: Any = None) -> None:
         """``cfg``: the worker's whole configuration (config.Config; the serve settings are
         AGENT_NAME, MAX_CALLS, ...). ``child_env``: variables every call process gets on top
         of this process's environment (the settings as this process read them, flags and
-        ./.env included, so a call sees exactly what was validated here)."""
+        ./.env included, so a call sees exactly what was validated here). ``metrics``: a
+        metrics.ServeMetrics (``GET /metrics`` on the health endpoint), or None."""
         self.settings = cfg
         self.max_calls = max_calls(cfg)
         self.job_command = job_command(cfg)
@@ -1223,9 +1235,13 @@ class Dispatcher:
         self.rescuer: rescue.Rescuer | None = None
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         env.update(child_env or {})
+        self.metrics = metrics
         self.supervisor = Supervisor(self.job_command, stop_timeout_s=cfg.job_stop_timeout_s,
                                      start_timeout_s=cfg.job_start_timeout_s,
-                                     on_ready=self._child_ready, on_exit=self._child_exited, env=env)
+                                     on_ready=self._child_ready, on_exit=self._child_exited, env=env,
+                                     job_env=metrics.job_env if metrics is not None else None)
+        if metrics is not None:
+            metrics.attach(self)
         self.cpu = CpuMeter()
         self.notifier = SystemdNotifier()
         self.health: HealthServer | None = None
@@ -1251,6 +1267,8 @@ class Dispatcher:
                     self._out.put_nowait(e.message.SerializeToString())
             elif isinstance(e, Launch):
                 self.supervisor.launch(e.spec)
+                if self.metrics is not None:
+                    self.metrics.job_started(e.spec)
             elif isinstance(e, Stop):
                 self.supervisor.stop(e.job_id, e.reason, e.handover)
             elif isinstance(e, Reconnect):
@@ -1264,6 +1282,9 @@ class Dispatcher:
 
     def _child_exited(self, job_id: str, ok: bool, error: str, returncode: int | None) -> None:
         now = time.monotonic()
+        if self.metrics is not None:
+            job = self.core.jobs.get(job_id)
+            self.metrics.job_exited(job_id, ok, job.spec if job is not None else None)
         self._apply(self.core.job_exited(job_id, now, ok=ok, error=error))
         why = HOPELESS_EXITS.get(returncode) if returncode is not None else None
         if why and self._fatal is None:

@@ -68,6 +68,7 @@ import backoff  # noqa: E402  (after the version check: the modules below need 3
 import bridge  # noqa: E402
 import control  # noqa: E402
 import exits  # noqa: E402
+import metrics  # noqa: E402
 import rescue  # noqa: E402
 import scheduling  # noqa: E402
 import sounds  # noqa: E402
@@ -173,6 +174,10 @@ class Worker:
             self._takeover = job.resume_session
         self._api_verified = asyncio.Event()
         self._input_errors = LogLimiter()  # failures of tasks that handle outside input
+        # The call's figures: in a serve process's child they reach its /metrics through the
+        # multiprocess files (metrics.py), in the single-room worker METRICS_PORT serves them.
+        self.metrics = metrics.CallMetrics(metrics.new_registry(), count_calls=job is None)
+        self.metrics_server: metrics.MetricsServer | None = None
 
     # -- task ownership --
 
@@ -256,6 +261,19 @@ class Worker:
                  self.cfg.mix_frame_ms, self.cfg.output_queue_ms, self.mixer.priority)
         track = rtc.LocalAudioTrack.create_audio_track("agent-audio", source)
         try:
+            if self.job is not None:
+                self.metrics.call_started()  # a job is one call, with or without a user
+            elif self.cfg.metrics_port:
+                self.metrics_server = metrics.MetricsServer(self.metrics.render, self.cfg.metrics_host,
+                                                            self.cfg.metrics_port)
+                try:
+                    await self.metrics_server.start()
+                except OSError as e:
+                    self.metrics_server = None
+                    raise FatalError(EXIT_CONFIG, f"cannot serve metrics on {self.cfg.metrics_host}:"
+                                     f"{self.cfg.metrics_port} (METRICS_HOST, METRICS_PORT): {e.strerror or e}") from None
+            # Once a second: how late the loop runs, and the mixer's and the client's counters.
+            self._spawn(metrics.monitor_loop_lag(self.metrics.loop_lag, then=self._sync_metrics_now), "metrics")
             if self.job is None:
                 self._spawn(self.link.run(track, self._joined, restored_bed=self._restored), "room")
                 self._spawn(self._startup_check(), "startup-check")
@@ -303,8 +321,11 @@ class Worker:
             t.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=1.0)
+        self._log_call_end("failed" if self._fatal_message else "completed")
         if self.mixer is not None:
             await asyncio.wait({asyncio.ensure_future(self.mixer.aclose())}, timeout=2.5)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
 
     async def _graceful_stop(self) -> None:
@@ -348,6 +369,21 @@ class Worker:
             await asyncio.sleep(10)
             log.debug("counters", extra={"fields": self.counters()})
 
+    def _sync_metrics_now(self) -> None:
+        """The mixer's and the API client's counters into the metrics."""
+        if self.mixer is not None:
+            audio = self.mixer.snapshot()
+            self.metrics.sync(int(audio["underruns"]), float(audio["queue_ms"]), self.client)
+
+    def _log_call_end(self, outcome: str) -> None:
+        """The call's one summary line (no text, no names, no secrets: metrics.CallFigures)."""
+        self._sync_metrics_now()
+        if outcome == "completed" and self.job is not None and getattr(self.job, "rescue", ""):
+            outcome = "recovered"
+        line = self.metrics.call_ended(outcome)
+        if line is not None:
+            log.info("call ended", extra={"fields": line})
+
     def counters(self) -> dict[str, Any]:
         """Everything worth watching for leaks and health, in one place (also on SIGUSR1)."""
         client = self.client
@@ -386,6 +422,10 @@ class Worker:
                 self.link.show_state(state.value)
                 self.session_channel.agent_state(state.value)
             case call.StartSession(number, new_bed, replacement):
+                if not replacement and self.job is None:
+                    # A call the service ended while nobody was left has had no end of its own.
+                    self._log_call_end("completed")
+                    self.metrics.call_started()
                 self._start_session(number, new_bed, replacement)
             case call.SendText(text, interrupt):
                 if self.client is not None:
@@ -437,8 +477,11 @@ class Worker:
     def _on_playback(self, event: PlaybackEvent) -> None:
         self.captions.wake()
         if isinstance(event, ReplyStartedPlaying):
+            st = self.output.reply_stats(event.reply_id)
+            self.metrics.reply_playing(event.reply_id, event.at, st.first_received_at if st is not None else None)
             self._feed(call.PlaybackStarted(event.reply_id))
         else:
+            self.metrics.reply_silent(event.reply_id, event.at, event.interrupted)
             self._feed(call.PlaybackStopped())
 
     # -- the Voice Agent session: starts with the first user, ends when the last has gone --
@@ -486,6 +529,7 @@ class Worker:
             by_service = client.protocol.ended and not client.ending
         finally:
             self._history = client.protocol.history
+            self.metrics.sync_api(client)  # its last attempts, before a replacement's client
             if self.client is client:
                 self.client = None
                 self.log_ctx.fields["session_id"] = None
@@ -548,7 +592,8 @@ class Worker:
                 pass
 
     def _call_ended(self) -> None:
-        """A call ended normally: its runtime bed goes with it."""
+        """A call ended normally: its summary line; its runtime bed goes with it."""
+        self._log_call_end("completed")
         had_runtime_bed = self.controller.active is not None
         self.controller.call_ended()
         if had_runtime_bed:
@@ -609,10 +654,14 @@ class Worker:
                 if self.job is not None and not resumed:
                     self._spawn(self._record_session(session_id), "session-record", isolated=True)
             case bridge.SpeechStarted():
+                self.metrics.speech_started()
                 log.debug("user started speaking")
                 self.session_channel.user_speaking(True)
             case bridge.SpeechStopped():
+                self.metrics.speech_stopped()
                 self.session_channel.user_speaking(False)
+            case bridge.ReplyInterrupted(reply_id):
+                self.metrics.reply_interrupted(reply_id)
             case bridge.UserTranscript(text, item_id, final):
                 who = self.link.caption_speaker()
                 if who is not None and text:
@@ -1159,14 +1208,22 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
     log_ctx = setup_logging(cfg.secrets, cfg.log_level, cfg.log_format, redact_jwts=True)
     # The calls read their settings as this process did: flags and ./.env included.
     names = {env_name(f) for f in dataclasses.fields(Config)}
-    dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names})
+    serve_metrics = metrics.ServeMetrics() if cfg.health_port else None  # /metrics on the health port
+    dispatcher = dispatch.Dispatcher(cfg, log_ctx, child_env={k: v for k, v in env.items() if k in names},
+                                     metrics=serve_metrics)
 
     async def serve() -> int:
         await dispatcher.open_health()  # local resources first: nothing billed on a path that then fails here
-        if cfg.startup_check:
-            log_session_config(cfg)
-            await prove_api_key(cfg, tools)
-        return await dispatcher.run()
+        lag = (asyncio.create_task(metrics.monitor_loop_lag(serve_metrics.loop_lag), name="loop-lag")
+               if serve_metrics is not None else None)
+        try:
+            if cfg.startup_check:
+                log_session_config(cfg)
+                await prove_api_key(cfg, tools)
+            return await dispatcher.run()
+        finally:
+            if lag is not None:
+                lag.cancel()
 
     try:
         return asyncio.run(serve())
@@ -1175,6 +1232,8 @@ def _serve(cfg: Config, env: dict[str, str], tools: Any) -> int:
         return exit_code(e)
     finally:
         dispatcher.supervisor.kill_all()
+        if serve_metrics is not None:
+            serve_metrics.close()  # its children's files: after they are gone
 
 
 def run_job(cli: dict[str, str]) -> int:

@@ -693,6 +693,21 @@ async def counters(worker: WorkerProcess, timeout: float = 2.0) -> dict[str, flo
     return None
 
 
+def call_figures(text: str) -> dict[str, Any] | None:
+    """The worker's own figures of the session: its call-end line (metrics.py; text format,
+    key=value), logged when the SIGTERM ends the call."""
+    found = re.findall(r"call ended event=call_ended (.*)", text)
+    if not found:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in re.findall(r"(\w+)=(\S+)", found[-1]):
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def warnings_in(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for level, msg in WARN_RX.findall(text):
@@ -886,6 +901,7 @@ class Bench:
             await standin.stop()
         out["warnings"] = warnings_in(worker.output())
         out["underrun_warnings"] = worker.output().count("audio underrun")
+        out["worker_figures"] = None if minimal else call_figures(worker.output())
         # -- analysis --
         rt, ra = cap.tone_track(REPLY_HZ)
         out["latency_ms"] = []
@@ -1286,6 +1302,16 @@ def report(res: dict[str, Any]) -> str:
         row(f"1b late API (2nd chunk {LATE_GAP_MS} ms late): latency", "late_lat", " ms")
         row("1b ... silence inside the reply (10 ms steps)", "late_holes", " ms")
         row("2 barge-in (stand-in interrupts) -> reply silent", "barge", " ms")
+
+        def own(d: str, key: str) -> str:
+            got = [s["worker_figures"][key] for s in by[d] if isinstance((s.get("worker_figures") or {}).get(key), float)]
+            return fmt(stats(got), " ms", 0) if got else "n/a"
+
+        # The worker's /metrics figures, from its call-end line (p50 of all of a session's
+        # replies and barge-ins), measured from its own receipt of the API's event to the audio
+        # leaving its track: the listener's figures above add the network, WebRTC and detection.
+        line("1 ours' own: reply received -> left our track, p50", lambda d: own(d, "reply_latency_p50_ms"))
+        line("2 ours' own: API's interruption -> silent at track, p50", lambda d: own(d, "barge_in_p50_ms"))
         line("3 bed gaps: 20 ms windows < -12 dB of bed level",
              lambda d: f"{bed_sum(d, 'gap_windows'):.0f} of {bed_sum(d, 'windows'):.0f}, longest "
                        f"{max([s['bed']['longest_gap_ms'] for s in by[d]] or [0]):.0f} ms", bed=True)
