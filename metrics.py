@@ -338,12 +338,12 @@ class ServeMetrics:
         return {MULTIPROC_ENV: path}
 
     def job_started(self, spec: Any) -> None:
-        if getattr(spec, "rescue", ""):
+        if spec.rescue:
             self.rooms_recovered.inc()
 
     def job_exited(self, job_id: str, ok: bool, spec: Any = None) -> None:
         """A call process has exited: count the call, keep its counts, drop its gauges."""
-        outcome = "failed" if not ok else "recovered" if getattr(spec, "rescue", "") else "completed"
+        outcome = "failed" if not ok else "recovered" if spec is not None and spec.rescue else "completed"
         self.calls.labels(outcome).inc()
         path = self._dirs.pop(job_id, None)
         if path is not None:

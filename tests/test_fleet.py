@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from harness import RoomUser, tone, wait_until
-from test_dispatch import (AGENT, GREETING_HZ, REPLY_HZ, USER_HZ, agents_in, children_of, join,  # noqa: F401
-                           leave_all, present, serves, session_of, standin)
+from harness import RoomUser, free_port, tone, wait_until
+from test_dispatch import (AGENT, GREETING_HZ, REPLY_HZ, USER_HZ, agents_in, children_of, http_get,  # noqa: F401
+                           join, leave_all, present, serves, session_of, standin)
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ async def test_a_host_killed_mid_call_its_call_comes_back_resumed_without_a_seco
         await standin.wait_for(lambda: session_of(standin, 0) is not None, 15, "the call's session")
         session = session_of(standin, 0)
         await standin.wait_for(lambda: session.replies and session.replies[0].done_at, 10, "the greeting")
-        survivor = serves("survivor", standin=standin, **FAST)
+        survivor = serves("survivor", standin=standin, HEALTH_PORT=str(free_port()), **FAST)
         await survivor.registered()
         await victim.wait_for_output("Voice Agent session ready", 5)
         await asyncio.sleep(1.0)  # the call wrote its session on the user
@@ -83,6 +83,9 @@ async def test_a_host_killed_mid_call_its_call_comes_back_resumed_without_a_seco
         assert len([s for s in standin.sessions if s.audio_arrivals]) == 1, "a second session was started"
         assert not session.ended, "the dead host's call ended the session instead of handing it over"
         assert rescued(survivor, room_name) == 1
+        # An operator sees it: the survivor's /metrics counts the room as recovered.
+        code, body = http_get(int(survivor.env["HEALTH_PORT"]), "/metrics")
+        assert code == 200 and re.search(r"^voice_agent_rooms_recovered_total 1\.0$", body, re.M), body[-2000:]
         # The conversation goes on: a turn is answered, and no greeting was heard again.
         t_back = time.monotonic()
         turns = len(session.replies)
