@@ -119,6 +119,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import rescue
 from backoff import Backoff
+from http_endpoint import Endpoint
 from exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_LIVEKIT_AUTH, EXIT_OK, HOPELESS_EXITS, FatalError
 from logs import LogContext, one_line
 from systemd import SystemdNotifier
@@ -1141,7 +1142,7 @@ class Supervisor:
 # --- logging, systemd, health -----------------------------------------------------------------------
 
 
-class HealthServer:
+class HealthServer(Endpoint):
     """``GET /healthz``: 200 while the event loop and the supervision tick run (liveness:
     never fails because LiveKit is unreachable, a restart would only end the calls in
     progress). ``GET /readyz``: 200 while registered and taking calls, else 503.
@@ -1149,8 +1150,8 @@ class HealthServer:
     ``GET /metrics``: Prometheus (metrics.ServeMetrics), when the dispatcher has it."""
 
     def __init__(self, dispatcher: "Dispatcher", host: str, port: int) -> None:
-        self.d, self.host, self.port = dispatcher, host, port
-        self.server: asyncio.base_events.Server | None = None
+        super().__init__(self._answer, host, port)
+        self.d = dispatcher
 
     async def start(self) -> None:
         """Listen; a port or an address that cannot be had is a configuration error (exit 2),
@@ -1158,49 +1159,30 @@ class HealthServer:
         if self.server is not None:
             return
         try:
-            self.server = await asyncio.start_server(self._handle, self.host, self.port)
+            await super().start()
         except OSError as e:
             raise FatalError(EXIT_CONFIG, f"HEALTH_PORT {self.port} on HEALTH_HOST {self.host}: cannot listen there "
                                           f"({e.strerror or one_line(e)}); free the port, or set another port "
                                           "(0: no health endpoint) or an address of this machine") from None
-        self.port = self.server.sockets[0].getsockname()[1]
         log.info("health endpoint on http://%s:%d/healthz", self.host, self.port)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            parts = line.decode("latin-1").split()
-            path = parts[1] if len(parts) >= 2 else ""
-            core = self.d.core
-            if path == "/healthz":
-                alive = time.monotonic() - self.d.last_tick < 10
-                code, body = (200, "ok\n") if alive else (503, "supervision stalled\n")
-            elif path == "/readyz":
-                ready = core.registered and not core.draining
-                code, body = (200, "ready\n") if ready else (503, "draining\n" if core.draining else "not registered\n")
-            elif path == "/status":
-                code, body = 200, json.dumps(core.snapshot()) + "\n"
-            elif path.split("?")[0] == "/metrics" and self.d.metrics is not None:
-                import metrics
+    def _answer(self, path: str) -> tuple[int, bytes, str]:
+        core = self.d.core
+        if path == "/healthz":
+            alive = time.monotonic() - self.d.last_tick < 10
+            code, body = (200, "ok\n") if alive else (503, "supervision stalled\n")
+        elif path == "/readyz":
+            ready = core.registered and not core.draining
+            code, body = (200, "ready\n") if ready else (503, "draining\n" if core.draining else "not registered\n")
+        elif path == "/status":
+            code, body = 200, json.dumps(core.snapshot()) + "\n"
+        elif path == "/metrics" and self.d.metrics is not None:
+            import metrics
 
-                writer.write(metrics.http_response(200, self.d.metrics.render(), metrics.CONTENT_TYPE))
-                await writer.drain()
-                return
-            else:
-                code, body = 404, "not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-            writer.write(f"HTTP/1.0 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: "
-                         f"{len(body.encode())}\r\nConnection: close\r\n\r\n{body}".encode())
-            await writer.drain()
-        except (OSError, asyncio.TimeoutError, UnicodeError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+            return 200, self.d.metrics.render(), metrics.CONTENT_TYPE
+        else:
+            code, body = 404, "not found\n"
+        return code, body.encode(), "text/plain"
 
 
 # --- the async layer ------------------------------------------------------------------------------------

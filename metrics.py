@@ -44,6 +44,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from http_endpoint import Endpoint
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -433,40 +435,15 @@ def _add(metric: Any, samples: Iterable[tuple[str, tuple[tuple[str, str], ...], 
 # --- the single-room worker's endpoint ----------------------------------------------------------
 
 
-class MetricsServer:
-    """``GET /metrics`` on ``host:port`` from ``render()``, on the event loop (one small
-    response a scrape; no thread)."""
+class MetricsServer(Endpoint):
+    """``GET /metrics`` on ``host:port`` from ``render()`` (http_endpoint.Endpoint)."""
 
     def __init__(self, render: Any, host: str, port: int) -> None:
-        self.render, self.host, self.port = render, host, port
-        self.server: asyncio.base_events.Server | None = None
+        super().__init__(lambda path: (200, render(), CONTENT_TYPE) if path == "/metrics"
+                         else (404, b"not found\n", "text/plain"), host, port)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
+        await super().start()
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            writer.write(http_response(*((200, self.render(), CONTENT_TYPE) if path == "/metrics"
-                                         else (404, b"not found\n", "text/plain"))))
-            await writer.drain()
-        except (OSError, asyncio.TimeoutError, UnicodeError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
-def http_response(code: int, body: bytes, content_type: str) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(code, "")
-    return (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
 
