@@ -99,8 +99,17 @@ class ServeProcess(WorkerProcess):
     def output_path(self) -> Path:
         return self.workdir / "serve.log"
 
-    def accepted_rooms(self) -> list[str]:
-        return re.findall(r"accepted job AJ_\w+ for room (\S+)", self.output())
+    def calls(self, log: str | None = None) -> dict[str, str]:
+        """job id -> room of every call process it started (a job it accepted, or any other
+        way a call may start: the line is the supervisor's)."""
+        out = self.output() if log is None else log
+        return dict(re.findall(r"job (\S+): call process \d+ started for room (\S+)", out))
+
+    def held_rooms(self) -> set[str]:
+        """The rooms of its calls that have not ended (per its log, now)."""
+        out = self.output()
+        over = set(re.findall(r"job (\S+) for room \S+ (?:ended|failed)", out))
+        return {room for job, room in self.calls(out).items() if job not in over}
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -319,6 +328,7 @@ class Bench:
         self.events: dict[str, float] = {}
         self.hog: list[subprocess.Popen] = []
         self.hog_log_at = 0
+        self.held_at_kill: dict[str, set[str]] = {}
 
     def progress(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -427,8 +437,10 @@ class Bench:
         await asyncio.sleep(a.settle)
 
         killed, drained, hogged = (self.host(r) for r in ROLES)
-        killed_rooms = set(killed.serve.accepted_rooms()) if killed.serve else set()
-        drained_rooms_at_term = set(drained.serve.accepted_rooms()) if drained.serve else set()
+        # Where the first bursts' calls are, just before the incidents.
+        self.held_at_kill = {h.role: h.serve.held_rooms() if h.serve else set() for h in self.hosts}
+        killed_rooms = self.held_at_kill["killed"]
+        drained_rooms_at_term = drained.serve.held_rooms() if drained.serve else set()
         self.progress(f"SIGKILL the {killed.tag} host (its {len(killed_rooms)} calls with it)")
         # The dead host's agents, as the server lists them now: ghosts from the kill on.
         self.sampler.ghosts = {s for t in tracks if t.name in killed_rooms and t.samples for s in t.samples[-1][1]}
@@ -458,7 +470,7 @@ class Bench:
         back = await self.wait_log(hogged, r"taking calls again", hog_log_at, 20)
         self.progress(f"   {hogged.tag}: " + ("taking calls again" if back else "not taking calls again within 20 s"))
         await asyncio.sleep(max(0.0, self.events["hog_end"] + a.second_term_after - time.monotonic()))
-        drained_rooms = set(drained.serve.accepted_rooms())
+        drained_rooms = drained.serve.held_rooms()
         self.progress(f"second SIGTERM for {drained.tag}: its calls end now")
         old_drained = {s for t in tracks if t.name in drained_rooms and t.samples for s in t.samples[-1][1]}
         self.mark("second_term")
@@ -473,7 +485,7 @@ class Bench:
         ev, a, ghosts = self.events, self.args, self.sampler.ghosts
         last_burst = len(tracks) and max(t.burst for t in tracks)
         node_of = {nid: i for i, nid in enumerate(n.node_id for n in self.cluster.nodes)}
-        by_host = {h.role: set(h.serve.accepted_rooms()) if h.serve else set() for h in self.hosts}
+        by_host = {h.role: set(h.serve.calls().values()) if h.serve else set() for h in self.hosts}
 
         def lat(ts: list[RoomTrack]) -> dict[str, Any]:
             return dist([t.user.agent_seen - t.user.started for t in ts
@@ -493,12 +505,12 @@ class Bench:
             is_lost = t.user.error != "" or longest > a.lost_after or not last_live
             if is_lost:
                 lost.append(t.name)
-            host = next((r for r, rs in by_host.items() if t.name in rs), None)
+            host = next((r for r, rs in self.held_at_kill.items() if t.name in rs), None)
             rooms_out.append({
                 "room": t.name, "burst": t.burst + 1, "user_node": t.node,
                 "room_node": node_of.get(t.host_node or "", None), "hosts": sorted(r for r, rs in by_host.items()
                                                                                   if t.name in rs),
-                "first_host": host, "join_error": t.user.error,
+                "host_at_kill": host, "join_error": t.user.error,
                 "agent_s": None if t.user.agent_seen is None else round(t.user.agent_seen - t.user.started, 3),
                 "longest_without_agent_s": round(longest, 2), "agent_at_end": bool(last_live), "lost": is_lost,
                 "max_agents": t.max_agents, "max_live_agents": t.max_live_agents, "api_errors": t.errors,
@@ -527,9 +539,8 @@ class Bench:
                 server_failures[err.strip()] = server_failures.get(err.strip(), 0) + 1
         periods = [p for t in tracks for p in t.periods]
         rel = {k: round(v - ev["first_burst"], 2) for k, v in ev.items()}
-        placement = {h.role: {"node": h.node, "jobs": len(by_host[h.role]),
-                              "jobs_before_kill": sum(1 for t in tracks if t.burst < last_burst and t.name in by_host[h.role])}
-                     for h in self.hosts}
+        placement = {h.role: {"node": h.node, "calls_started": len(h.serve.calls()) if h.serve else 0,
+                              "calls_at_kill": len(self.held_at_kill.get(h.role, ()))} for h in self.hosts}
         room_nodes: dict[str, int] = {}
         for r in rooms_out:
             room_nodes[str(r["room_node"])] = room_nodes.get(str(r["room_node"]), 0) + 1
@@ -551,8 +562,8 @@ class Bench:
             "rooms_two_agents": sum(1 for t in tracks if t.max_live_agents >= 2),
             "rooms_two_agents_with_ghosts": sum(1 for t in tracks if t.max_agents >= 2),
             "placement": placement, "room_nodes": room_nodes,
-            "cross_node_jobs": sum(1 for r in rooms_out if r["first_host"] and r["room_node"] is not None and
-                                   r["room_node"] != placement[r["first_host"]]["node"]),
+            "cross_node_calls_at_kill": sum(1 for r in rooms_out if r["host_at_kill"] and r["room_node"] is not None
+                                            and r["room_node"] != placement[r["host_at_kill"]]["node"]),
             "sampler": {"period_ms": {k: (None if v is None else round(v * 1000, 1)) for k, v in dist(periods).items()
                                       if k != "n"}, "samples": len(periods) + len(tracks),
                         "api_errors": sum(t.errors for t in tracks)},
@@ -714,11 +725,11 @@ def report(res: dict[str, Any]) -> str:
     row("rooms ever with two agents (ghosts counted too)",
         f"{res['rooms_two_agents']} ({res['rooms_two_agents_with_ghosts']})", "0")
     pl = res["placement"]
-    row("jobs per host, bursts before the kill", ", ".join(f"{r} {p['jobs_before_kill']}" for r, p in pl.items()))
-    row("jobs per host, whole run", ", ".join(f"{r} {p['jobs']}" for r, p in pl.items()))
+    row("calls per host just before the kill", ", ".join(f"{r} {p['calls_at_kill']}" for r, p in pl.items()))
+    row("calls started per host, whole run", ", ".join(f"{r} {p['calls_started']}" for r, p in pl.items()))
     row("rooms hosted per node (None: never placed)", ", ".join(f"node {n}: {c}" for n, c in
                                                                 sorted(res["room_nodes"].items())))
-    row("jobs taken by a host on another node than the room", str(res["cross_node_jobs"]))
+    row("of the calls at the kill, on another node than their room", str(res["cross_node_calls_at_kill"]))
     sp = res["sampler"]["period_ms"]
     row("sampler period (goal --sample-ms)", f"p50 {sp['p50']} p95 {sp['p95']} max {sp['max']} ms",
         f"{st['sample_ms']} ms")
