@@ -39,8 +39,8 @@ The story (times from the first burst; every step waits for the one before):
 Every room's participants are sampled every ``--sample-ms`` (100) through the server API
 (``RoomService.ListParticipants`` on node 0) from the moment its user starts joining; a
 participant of kind AGENT is an agent. An agent of the dead host that the server still lists
-after the kill (a "ghost": the dead process never said goodbye) does not count as the room's
-agent.
+after the kill (a "ghost": the dead process never said goodbye; one of its rooms' agents that
+joined before the kill) does not count as the room's agent.
 
 Figures: room -> agent (the user's ``connect()`` starts -> the SDK sees the agent; rooms of the
 bursts before the incidents, and of the last one) p50/p95/max; per incident (the death, the
@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import json
 import os
@@ -67,6 +68,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,11 @@ class ServeProcess(WorkerProcess):
         way a call may start: the line is the supervisor's)."""
         out = self.output() if log is None else log
         return dict(re.findall(r"job (\S+): call process \d+ started for room (\S+)", out))
+
+    def taking_calls(self) -> bool:
+        """Its last word on it: "not taking calls: <why>" or "taking calls again"."""
+        said = re.findall(r"not taking calls|taking calls again", self.output())
+        return not said or said[-1] != "not taking calls"
 
     def held_rooms(self) -> set[str]:
         """The rooms of its calls that have not ended (per its log, now)."""
@@ -204,9 +211,14 @@ class Sampler:
     def __init__(self, api_url: str, period_s: float) -> None:
         self.api_url, self.period_s = api_url, period_s
         self.rooms: list[RoomTrack] = []
-        self.ghosts: set[str] = set()  # agent sids of the dead host: listed, but not an agent
+        # The dead host's agents: those in its rooms that joined before the kill. The server may
+        # list one for the first time after it (a join in flight): joined_at tells.
+        self.kill_rooms: set[str] = set()
+        self.kill_ms: float | None = None
+        self.ghosts: set[str] = set()  # found so far: listed, but not an agent
         self._api: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.stopping = False
 
     async def start(self) -> None:
         from livekit import api
@@ -222,12 +234,17 @@ class Sampler:
 
         last = None
         nxt = time.monotonic()
-        while True:
+        while not self.stopping:
             try:
-                res = await asyncio.wait_for(
-                    self._api.room.list_participants(api.ListParticipantsRequest(room=track.name)), 2)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that
+                # arrives as the call completes, and then this loop would outlive stop().
+                async with asyncio.timeout(2):
+                    res = await self._api.room.list_participants(api.ListParticipantsRequest(room=track.name))
                 agents = tuple(sorted(p.sid for p in res.participants if p.kind == AGENT_KIND))
                 users = sum(1 for p in res.participants if p.kind != AGENT_KIND)
+                if self.kill_ms is not None and track.name in self.kill_rooms:
+                    self.ghosts |= {p.sid for p in res.participants
+                                    if p.kind == AGENT_KIND and p.joined_at_ms <= self.kill_ms}
             except Exception:  # not created yet, or a slow answer: nothing known in this sample
                 track.errors += 1
                 agents, users = (), -1
@@ -245,11 +262,15 @@ class Sampler:
             nxt = max(nxt, time.monotonic() - self.period_s)  # a late sample does not cause a burst of catch-ups
 
     async def stop(self) -> None:
+        self.stopping = True
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._api is not None:
-            await self._api.aclose()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._api.aclose()
 
 
 def window(track: RoomTrack, start: float, end: float) -> list[tuple[float, tuple[str, ...], tuple[str, ...], int]]:
@@ -412,12 +433,11 @@ class Bench:
             p.wait()
         self.hog.clear()
 
-    async def wait_log(self, h: Host, pattern: str, since: int, timeout: float) -> bool:
+    async def wait_taking_calls(self, h: Host, taking: bool, timeout: float) -> bool:
         assert h.serve is not None
         deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
         while time.monotonic() < deadline:
-            if rx.search(h.serve.output()[since:]):
+            if h.serve.taking_calls() == taking:
                 return True
             await asyncio.sleep(0.1)
         return False
@@ -442,8 +462,8 @@ class Bench:
         killed_rooms = self.held_at_kill["killed"]
         drained_rooms_at_term = drained.serve.held_rooms() if drained.serve else set()
         self.progress(f"SIGKILL the {killed.tag} host (its {len(killed_rooms)} calls with it)")
-        # The dead host's agents, as the server lists them now: ghosts from the kill on.
-        self.sampler.ghosts = {s for t in tracks if t.name in killed_rooms and t.samples for s in t.samples[-1][1]}
+        self.sampler.kill_rooms = killed_rooms
+        self.sampler.kill_ms = time.time() * 1000  # the server's clock is this machine's
         self.mark("kill")
         pids = self.kill_host(killed)
         self.progress(f"   killed {len(pids)} processes")
@@ -453,11 +473,13 @@ class Bench:
         assert drained.serve is not None and hogged.serve is not None
         self.mark("drain")
         drained.serve.signal(signal.SIGTERM)
-        hog_log_at = self.hog_log_at = len(hogged.serve.output())
+        self.hog_log_at = len(hogged.serve.output())
         self.mark("hog_start")
         self.start_hog()
-        full = await self.wait_log(hogged, r"not taking calls: host CPU", hog_log_at, a.hog_wait)
-        self.mark("hog_full")
+        # (On a busy machine it may have said so before the hog already: counted in the results.)
+        full = await self.wait_taking_calls(hogged, False, a.hog_wait)
+        if full:
+            self.mark("hog_full")
         self.progress(f"   {hogged.tag}: " + ("not taking calls (CPU)" if full else
                                               f"still taking calls after {a.hog_wait:.0f} s of the hog"))
         self.progress(f"burst {len(bursts)}/{len(bursts)}: {len(bursts[-1])} rooms during the hog")
@@ -467,7 +489,7 @@ class Bench:
         self.stop_hog()
         self.mark("hog_end")
         self.progress("hog stopped: capacity frees")
-        back = await self.wait_log(hogged, r"taking calls again", hog_log_at, 20)
+        back = await self.wait_taking_calls(hogged, True, 20)
         self.progress(f"   {hogged.tag}: " + ("taking calls again" if back else "not taking calls again within 20 s"))
         await asyncio.sleep(max(0.0, self.events["hog_end"] + a.second_term_after - time.monotonic()))
         drained_rooms = drained.serve.held_rooms()
@@ -522,7 +544,9 @@ class Bench:
         for t in tracks:
             if t.name not in killed_rooms:
                 continue
-            gone = next((s[0] for s in t.samples if s[0] >= ev["kill"] and not (set(s[1]) & ghosts)), None)
+            if not any(set(x[1]) & ghosts for x in t.samples):
+                continue  # its call had not joined yet: no ghost
+            gone = next((x[0] for x in t.samples if x[0] >= ev["kill"] and not (set(x[1]) & ghosts)), None)
             if gone is not None:
                 ghost_gone.append(gone - ev["kill"])
         killed_tracks = [t for t in tracks if t.name in killed_rooms]
@@ -554,8 +578,8 @@ class Bench:
             "refused_during_hog": {**recovered(refused, ev["hog_end"], set()),
                                    "hog_full": "hog_full" in ev},
             "lost": sorted(lost), "rooms_lost": len(lost),
-            "never_served_before_incidents": sorted(t.name for t in tracks if t.burst < last_burst
-                                                    and t.user.agent_seen is None),
+            "no_agent_at_kill": sorted(t.name for t in tracks if t.burst < last_burst
+                                       and (t.user.agent_seen is None or t.user.agent_seen > ev["kill"])),
             "hogged_refusals_before_hog": len(re.findall(r"refused job", hog_out[:self.hog_log_at])),
             "hogged_full_before_hog": len(re.findall(r"not taking calls: host CPU", hog_out[:self.hog_log_at])),
             "server_job_failures": server_failures,
@@ -604,11 +628,16 @@ class Bench:
             meter = MachineMeter()
             cpu0 = self.observer_cpu()
             t_story = time.monotonic()
-            res.update(await asyncio.wait_for(self.story(), a.deadline))
+            async with asyncio.timeout(a.deadline):
+                res.update(await self.story())
             res["observer_cores"] = {k: round((v - cpu0[k]) / (time.monotonic() - t_story), 3)
                                      for k, v in self.observer_cpu().items()}
+        except BaseException:
+            traceback.print_exc()  # now: the clean-up below takes a while
+            raise
         finally:
             res["machine"]["busy_cores"] = meter.stop().get("busy_cores") if meter else None
+            self.progress("stopping: the sampler, the users, the hosts, the cluster")
             self.stop_hog()
             if self.sampler is not None:
                 await self.sampler.stop()
@@ -716,8 +745,7 @@ def report(res: dict[str, Any]) -> str:
     row("   hog end (capacity frees) -> agent back", d(rf["seconds"]))
     row(f"rooms lost (no agent > {st['lost_after']:.0f} s, or none at the end)",
         f"{res['rooms_lost']} of {st['rooms']}", "0")
-    row("rooms never served in the bursts before the kill",
-        str(len(res["never_served_before_incidents"])), "0")
+    row("rooms of the first bursts still without an agent at the kill", str(len(res["no_agent_at_kill"])), "0")
     row("hogged host before the hog: times full (CPU) / refusals",
         f"{res['hogged_full_before_hog']} / {res['hogged_refusals_before_hog']}", "0 / 0")
     row("jobs the server could not place (its log, by error)",
