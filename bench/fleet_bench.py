@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import faulthandler
 import json
@@ -135,6 +136,19 @@ def tagged_pids(tag: str) -> list[int]:
         except (OSError, IndexError):
             continue
     return pids
+
+
+def proc_name(pid: int) -> str:
+    """What a process runs, in short: the script's name (worker.py serve, fake_agent_child.py)."""
+    try:
+        argv = [x.decode(errors="replace") for x in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if x]
+    except OSError:
+        return "?"
+    i = next((i for i, x in enumerate(argv) if x.endswith(".py")), None)
+    if i is None:
+        return Path(argv[0]).name if argv else "?"
+    name = Path(argv[i]).name
+    return f"{name} {argv[i + 1]}" if name == "worker.py" and i + 1 < len(argv) else name
 
 
 @dataclass
@@ -350,6 +364,8 @@ class Bench:
         self.hog: list[subprocess.Popen] = []
         self.hog_log_at = 0
         self.held_at_kill: dict[str, set[str]] = {}
+        self.host_states: list[tuple[float, bool]] = []  # the hogged host: (when, taking calls)
+        self.killed_what: collections.Counter[str] = collections.Counter()
 
     def progress(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -411,6 +427,7 @@ class Bench:
     def kill_host(self, h: Host) -> list[int]:
         """A machine death: every process of the host frozen at once, then killed."""
         pids = tagged_pids(h.tag)
+        self.killed_what = collections.Counter(proc_name(pid) for pid in pids)
         for sig in (signal.SIGSTOP, signal.SIGKILL):
             for pid in pids:
                 try:
@@ -433,6 +450,26 @@ class Bench:
             p.wait()
         self.hog.clear()
 
+    async def watch_taking_calls(self, h: Host) -> None:
+        """When the host stops and starts taking calls, as its log says (polled every 0.2 s)."""
+        state = True
+        while h.serve is not None:
+            now = h.serve.taking_calls()
+            if now != state:
+                self.host_states.append((time.monotonic(), now))
+                state = now
+            await asyncio.sleep(0.2)
+
+    def not_taking_s(self, start: float, end: float) -> float:
+        """Seconds the hogged host was not taking calls between ``start`` and ``end``."""
+        total, state, since = 0.0, True, start
+        for t, taking in [*self.host_states, (end, True)]:
+            t = min(max(t, start), end)
+            if not state:
+                total += t - since
+            state, since = taking, t
+        return round(total, 1)
+
     async def wait_taking_calls(self, h: Host, taking: bool, timeout: float) -> bool:
         assert h.serve is not None
         deadline = time.monotonic() + timeout
@@ -448,6 +485,7 @@ class Bench:
         names = [f"fleet-{i + 1:02d}" for i in range(a.rooms)]
         bursts = [names[i:i + a.burst] for i in range(0, len(names), a.burst)]
         tracks: list[RoomTrack] = []
+        watcher = asyncio.create_task(self.watch_taking_calls(self.host("hogged")))
         self.mark("first_burst")
         for b, rooms in enumerate(bursts[:-1]):
             if b:
@@ -466,7 +504,7 @@ class Bench:
         self.sampler.kill_ms = time.time() * 1000  # the server's clock is this machine's
         self.mark("kill")
         pids = self.kill_host(killed)
-        self.progress(f"   killed {len(pids)} processes")
+        self.progress(f"   killed {len(pids)} processes: " + ", ".join(f"{n} {c}" for n, c in self.killed_what.items()))
         await asyncio.sleep(2.0)
 
         self.progress(f"SIGTERM the {drained.tag} host (drain) and a CPU hog for {hogged.tag}")
@@ -499,6 +537,7 @@ class Bench:
         drained.serve.signal(signal.SIGTERM)
         await asyncio.sleep(a.observe)
         self.mark("end")
+        watcher.cancel()
         return self.results(tracks, killed_rooms, drained_rooms_at_term, drained_rooms, old_drained)
 
     def results(self, tracks: list[RoomTrack], killed_rooms: set[str], drained_at_term: set[str],
@@ -578,6 +617,10 @@ class Bench:
             "refused_during_hog": {**recovered(refused, ev["hog_end"], set()),
                                    "hog_full": "hog_full" in ev},
             "lost": sorted(lost), "rooms_lost": len(lost),
+            "no_agent_at_end": sorted(r["room"] for r in rooms_out if not r["agent_at_end"]),
+            "hogged_not_taking_s": {"before_hog": self.not_taking_s(ev["first_burst"], ev["hog_start"]),
+                                    "hog": self.not_taking_s(ev["hog_start"], ev["hog_end"]),
+                                    "after_hog": self.not_taking_s(ev["hog_end"], ev["end"])},
             "no_agent_at_kill": sorted(t.name for t in tracks if t.burst < last_burst
                                        and (t.user.agent_seen is None or t.user.agent_seen > ev["kill"])),
             "hogged_refusals_before_hog": len(re.findall(r"refused job", hog_out[:self.hog_log_at])),
@@ -682,7 +725,7 @@ class Bench:
         for h in self.hosts:
             if h.serve is not None:
                 h.serve.signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)  # two signals back to back can arrive as one
+        await asyncio.sleep(0.7)  # two signals back to back can arrive as one (and serve counts a second one only after 0.5 s)
         for h in self.hosts:
             if h.serve is not None:
                 h.serve.signal(signal.SIGTERM)
@@ -745,9 +788,14 @@ def report(res: dict[str, Any]) -> str:
     row("   hog end (capacity frees) -> agent back", d(rf["seconds"]))
     row(f"rooms lost (no agent > {st['lost_after']:.0f} s, or none at the end)",
         f"{res['rooms_lost']} of {st['rooms']}", "0")
+    row("   of them: no agent at the end", f"{len(res['no_agent_at_end'])} of {st['rooms']}", "0")
     row("rooms of the first bursts still without an agent at the kill", str(len(res["no_agent_at_kill"])), "0")
     row("hogged host before the hog: times full (CPU) / refusals",
         f"{res['hogged_full_before_hog']} / {res['hogged_refusals_before_hog']}", "0 / 0")
+    nt = res["hogged_not_taking_s"]
+    row("hogged host not taking calls: s before / during / after the hog",
+        f"{nt['before_hog']} / {nt['hog']} / {nt['after_hog']}",
+        f"0 / {res['events_s']['hog_end'] - res['events_s']['hog_start']:.0f} / 0")
     row("jobs the server could not place (its log, by error)",
         ", ".join(f"{k}: {v}" for k, v in sorted(res["server_job_failures"].items())) or "none")
     row("rooms ever with two agents (ghosts counted too)",
@@ -789,7 +837,7 @@ def main() -> None:
     ap.add_argument("--hog-wait", type=float, default=30.0, help="at most this long for the hog to make it full")
     ap.add_argument("--hog-s", type=float, default=15.0, help="the hog lasts this long after the last burst")
     ap.add_argument("--second-term-after", type=float, default=5.0, help="seconds after the hog's end")
-    ap.add_argument("--observe", type=float, default=20.0, help="seconds after the second SIGTERM")
+    ap.add_argument("--observe", type=float, default=30.0, help="seconds after the second SIGTERM")
     ap.add_argument("--lost-after", type=float, default=10.0, help="a room this long without an agent is lost")
     ap.add_argument("--sample-ms", type=float, default=100.0)
     ap.add_argument("--deadline", type=float, default=300.0, help="the whole story is abandoned after this long")
