@@ -20,7 +20,8 @@ default: a real call costs about 0.08 cores).
 The story (times from the first burst; every step waits for the one before):
 
 1. Bursts of ``--burst`` rooms (all but the last burst), one every ``--burst-gap`` s; users
-   alternate between the nodes.
+   alternate between the nodes. Then a wait until every room of them has its agent (at most
+   ``--settle-max`` s) and ``--settle`` s more, so that the kill hits calls, not starts.
 2. The ``killed`` host dies: its serve process and every call process of it (found by the
    ``VOICE_AGENT_TEST_TAG`` they inherit) are SIGSTOPped together, then SIGKILLed, as a
    machine death would take them all at once. (On loopback the kernel still closes their
@@ -492,6 +493,10 @@ class Bench:
                 await asyncio.sleep(max(0.0, self.events["first_burst"] + b * a.burst_gap - time.monotonic()))
             self.progress(f"burst {b + 1}/{len(bursts)}: {len(rooms)} rooms")
             tracks += await self.burst(b, rooms)
+        # Mid-call, not mid-start: the kill waits (bounded) until the first bursts' agents are in.
+        deadline = time.monotonic() + a.settle_max
+        while time.monotonic() < deadline and not all(t.samples and t.samples[-1][2] for t in tracks):
+            await asyncio.sleep(0.2)
         await asyncio.sleep(a.settle)
 
         killed, drained, hogged = (self.host(r) for r in ROLES)
@@ -764,11 +769,11 @@ def report(res: dict[str, Any]) -> str:
         f"{ev.get('hog_full') if res['refused_during_hog']['hog_full'] else 'never'}, last burst {ev.get('last_burst')}, "
         f"hog end {ev.get('hog_end')}, second SIGTERM {ev.get('second_term')}, end {ev.get('end')}",
         "",
-        f"   {'figure':<58} {'value':<32} goal",
+        f"   {'figure':<64} {'value':<32} goal",
     ]
 
     def row(name: str, value: str, goal: str = "") -> None:
-        lines.append(f"   {name:<58} {value:<32} {goal}")
+        lines.append(f"   {name:<64} {value:<32} {goal}")
 
     def d(x: dict[str, Any]) -> str:
         return "n/a" if not x["n"] else f"p50 {s(x['p50'], '', 2)} p95 {s(x['p95'], '', 2)} max {s(x['max'], '', 2)} s"
@@ -825,7 +830,10 @@ def main() -> None:
     ap.add_argument("--rooms", type=int, default=None, help="rooms in all (default 30; 9 with --real)")
     ap.add_argument("--burst", type=int, default=None, help="rooms per burst (default 10; 3 with --real)")
     ap.add_argument("--burst-gap", type=float, default=8.0, help="seconds between the first bursts' starts")
-    ap.add_argument("--settle", type=float, default=4.0, help="seconds after the bursts before the kill")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds after the first bursts' rooms all have an agent, before the kill")
+    ap.add_argument("--settle-max", type=float, default=30.0,
+                    help="at most this long for those rooms to have an agent (some may never get one)")
     # The node with two hosts takes every job while it has headroom (livekit-server offers a job
     # to the node whose hosts' summed headroom is highest): killed and drained share it, so that
     # both hold calls when the incidents come.
