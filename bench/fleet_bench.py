@@ -660,7 +660,8 @@ class Bench:
 
             from standin import StandIn, StandInOptions
 
-            logging.getLogger("standin").setLevel(logging.WARNING)  # its connection log would bury the progress lines
+            # Its connection log would bury the progress lines (start() keeps a level above info).
+            logging.getLogger("standin.websockets").setLevel(logging.WARNING)
 
             self.standin = StandIn(StandInOptions(api_key=ASSEMBLYAI_KEY, greeting_seconds=1.0, reply_mode="tone"))
             await self.standin.start()
