@@ -493,6 +493,7 @@ class CoreSettings:
     max_calls: int = 4
     load_threshold: float = TARGET_CPU_SHARE  # >= 1: no CPU gate
     cpu_hysteresis: float = CPU_HYSTERESIS
+    host_id: str = ""  # set as the agent's rescue.HOST_ATTRIBUTE
     version: str = WORKER_VERSION
     ping_interval_s: float = PING_INTERVAL_S
     ping_timeout_s: float = PING_TIMEOUT_S
@@ -709,6 +710,8 @@ class WorkerCore:
             return [Send(self._msg(availability=answer))]
         answer.participant_identity = self.s.identity
         answer.participant_name = self.s.display_name
+        if self.s.host_id:
+            answer.participant_attributes[rescue.HOST_ATTRIBUTE] = self.s.host_id
         self.jobs[job.id] = Job(job.id, job.room.name, Phase.RESERVED, now, dispatch_id=job.dispatch_id)
         log.info("accepted job %s for room %s%s", job.id, job.room.name,
                  f" (dispatch {job.dispatch_id})" if job.dispatch_id else "")
@@ -1208,12 +1211,14 @@ class Dispatcher:
         self.job_command = job_command(cfg)
         self.redactor = redactor or LogContext(cfg.secrets, redact_jwts=True)
         threshold, self.dev_mode = load_threshold(cfg, os.environ, sys.stdin.isatty() and sys.stderr.isatty())
+        host_id = os.urandom(6).hex()
         self.core = WorkerCore(CoreSettings(
             url=cfg.livekit_url, agent_name=cfg.agent_name, identity=cfg.agent_identity,
-            display_name=AGENT_DISPLAY_NAME, max_calls=self.max_calls, load_threshold=threshold))
-        # Names this process in the claims it makes on rooms (rescue.py); worker ids change
-        # with every registration.
-        self.host_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{os.urandom(3).hex()}".replace(" ", "_")
+            display_name=AGENT_DISPLAY_NAME, max_calls=self.max_calls, load_threshold=threshold, host_id=host_id))
+        # Names this process to the fleet (rescue.py: its claims, its beacon, its agents'
+        # voice_agent.host); opaque, since room participants see it; worker ids change with
+        # every registration.
+        self.host_id = host_id
         self.rescuer: rescue.Rescuer | None = None
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         env.update(child_env or {})
@@ -1333,10 +1338,10 @@ class Dispatcher:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_status)
-        log.info("serving %s as agent %r (%s), participant %r; up to %d calls, CPU threshold %s, job command: %s",
-                 self.settings.livekit_url,
+        log.info("serving %s as agent %r (%s), participant %r, host %s; up to %d calls, CPU threshold %s, job "
+                 "command: %s", self.settings.livekit_url,
                  self.settings.agent_name, "explicit dispatch" if self.settings.agent_name else "automatic dispatch",
-                 self.settings.agent_identity, self.max_calls,
+                 self.settings.agent_identity, self.host_id, self.max_calls,
                  f"{self.core.s.load_threshold:.0%}" if self.core.cpu_gate else "off",
                  shlex.join(self.job_command))
         if self.dev_mode:
@@ -1393,7 +1398,8 @@ class Dispatcher:
 
         d = decision.dispatch
         token = mint_token(replace(self.settings, room_name=room.name), self.settings.agent_identity, kind="agent",
-                           name=AGENT_DISPLAY_NAME, attributes={AGENT_NAME_ATTRIBUTE: self.settings.agent_name})
+                           name=AGENT_DISPLAY_NAME, attributes={AGENT_NAME_ATTRIBUTE: self.settings.agent_name,
+                                                                rescue.HOST_ATTRIBUTE: self.host_id})
         spec = JobSpec(job_id=f"RJ_{os.urandom(6).hex()}", room=room.name, url=self.settings.livekit_url, token=token,
                        identity=self.settings.agent_identity, name=AGENT_DISPLAY_NAME,
                        metadata=d.metadata if d else "", agent_name=self.settings.agent_name,

@@ -23,6 +23,13 @@ docs/fleet.md for the whole story; in short:
   the host's worker id and the time), waits ``claim_settle_s``, and serves it only if the
   newest claim is still its own; hosts that see a fresh claim of another leave the room
   alone for ``claim_ttl_s``.
+* **Ghosts**: a machine that dies whole says no goodbye, and the server lists its agents for
+  about 20 s more (until WebRTC gives up on them). So every host keeps a beacon, a room of its
+  own (``voice-agent-host.<host id>``, no participant, never dispatched) whose metadata it
+  rewrites every second, and its agents carry ``voice_agent.host``. A host whose beacon has not
+  changed for ``ghost_after_s`` (by the looker's own clock: no clock skew between machines
+  matters) is dead, and its agents are taken for absent: the new agent's join replaces the
+  ghost (one identity).
 * **Resumed**: a call writes its Voice Agent session id on its users' attributes, signed
   (HMAC with the LiveKit API secret, bound to the room), so the call that takes over can
   resume the session within the API's 30 s window; a user cannot point it at another
@@ -48,7 +55,12 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 log = logging.getLogger("rescue")
 
 SESSION_ATTRIBUTE = "voice_agent.session"  # "<session_id>.<signature>" on the users of a call
-CLAIM_ATTRIBUTE = "voice_agent.claim"  # "<worker_id> <unix ms>": a host is taking the room on
+CLAIM_ATTRIBUTE = "voice_agent.claim"  # "<host id> <unix ms>": a host is taking the room on
+HOST_ATTRIBUTE = "voice_agent.host"  # on each agent: the host id of the serve process running it
+BEACON_PREFIX = "voice-agent-host."  # + host id: the room whose metadata says the host is alive
+# A beacon room's own dispatch: a name no worker has, so creating it never dispatches an agent
+# (a room created without one gets the automatic dispatch).
+BEACON_AGENT_NAME = "voice-agent-beacon"
 
 RESCUE_UNPLACED = "unplaced"  # the job was never placed: the user has not heard the agent yet
 RESCUE_LOST = "lost"  # the call was lost with its host (or handed over by it)
@@ -109,6 +121,7 @@ class RoomView:
     users: tuple[UserView, ...]
     agent_present: bool
     dispatches: tuple[DispatchView, ...]
+    agent_host: str = ""  # the agent's HOST_ATTRIBUTE
 
 
 class Verdict(enum.Enum):
@@ -165,13 +178,18 @@ class RescuePlanner:
         claims = [c for u in room.users if (c := _claim(u.attributes.get(CLAIM_ATTRIBUTE, ""))) is not None]
         return max(claims, key=lambda c: c[1]) if claims else None
 
-    def observe(self, room: RoomView, now: float) -> Decision:
+    def observe(self, room: RoomView, now: float, dead_hosts: frozenset[str] = frozenset()) -> Decision:
+        """``dead_hosts``: hosts whose beacon stopped (HostWatch): their agents are ghosts."""
+        ghost = room.agent_present and bool(room.agent_host) and room.agent_host in dead_hosts
+        if ghost:
+            room = dataclasses.replace(room, agent_present=False)
+            self._seen_agent.add(room.sid)  # it had an agent: a lost call
         decision = self._judge(room, now)
         if decision.verdict is not Verdict.LOST:
             self._lost_since.pop(room.sid, None)
             return decision
         since = self._lost_since.setdefault(room.sid, now)
-        if now - since < self.s.confirm_s:
+        if now - since < self.s.confirm_s and not ghost:  # a stopped beacon is seconds of looks already
             return decision
         recent = [t for t in self._rescues.get(room.sid, []) if now - t < self.s.rescue_window_s]
         if len(recent) >= self.s.max_rescues:
@@ -218,6 +236,27 @@ class RescuePlanner:
         return Decision(Verdict.LOST, RESCUE_UNPLACED, newest, session_id)
 
 
+class HostWatch:
+    """Which hosts are dead: their beacon's metadata has not changed for ``ghost_after_s`` of
+    our own clock (a host is judged only after we have watched it that long)."""
+
+    def __init__(self, me: str, ghost_after_s: float = 5.0) -> None:
+        self.me, self.ghost_after_s = me, ghost_after_s
+        self._beats: dict[str, tuple[str, float]] = {}  # host -> (metadata, when it last changed)
+
+    def update(self, beacons: Mapping[str, str], now: float) -> None:
+        """``beacons``: host id -> its beacon room's metadata, as listed now (monotonic ``now``)."""
+        for host, meta in beacons.items():
+            seen = self._beats.get(host)
+            if seen is None or seen[0] != meta:
+                self._beats[host] = (meta, now)
+        for host in [h for h in self._beats if h not in beacons]:
+            del self._beats[host]  # its beacon room is gone (a clean stop deletes it)
+
+    def dead(self, now: float) -> frozenset[str]:
+        return frozenset(h for h, (_, at) in self._beats.items() if h != self.me and now - at > self.ghost_after_s)
+
+
 # --- the loop -------------------------------------------------------------------------------------------
 
 
@@ -225,9 +264,10 @@ def room_view(room: Any, participants: Sequence[Any], dispatches: Sequence[Any],
     """A RoomView from livekit.protocol's Room, ParticipantInfo and AgentDispatch messages."""
     users = tuple(UserView(p.identity, dict(p.attributes)) for p in participants
                   if p.kind in USER_KINDS and p.identity != agent_identity)
+    agent = next((p for p in participants if p.identity == agent_identity), None)
     return RoomView(
-        name=room.name, sid=room.sid, users=users,
-        agent_present=any(p.identity == agent_identity for p in participants),
+        name=room.name, sid=room.sid, users=users, agent_present=agent is not None,
+        agent_host=agent.attributes.get(HOST_ATTRIBUTE, "") if agent is not None else "",
         dispatches=tuple(DispatchView(d.id, d.agent_name, d.state.created_at / 1e9,
                                       tuple(j.state.started_at / 1e9 for j in d.state.jobs if j.state.started_at),
                                       d.metadata, dict(d.attributes)) for d in dispatches))
@@ -238,6 +278,7 @@ class _Seen:
     participants: int
     verdict: Verdict
     at: float
+    agent_host: str = ""
 
 
 class Rescuer:
@@ -249,6 +290,8 @@ class Rescuer:
 
     RECHECK_S = 8.0  # a served room whose participant count did not change is looked at again after this
     SURVEY_TIMEOUT_S = 15.0
+    BEAT_S = 1.0  # the beacon's period
+    BEACON_EMPTY_TIMEOUT_S = 600  # the server closes a beacon room this long after it was made; we make it again
 
     def __init__(self, api: Callable[[], Any], planner: RescuePlanner, *, agent_identity: str, interval_s: float,
                  can_take: Callable[[], bool], busy_rooms: Callable[[], set[str]],
@@ -261,54 +304,98 @@ class Rescuer:
         self.claim_settle_s = claim_settle_s
         self._sleep = sleep
         self._seen: dict[str, _Seen] = {}
+        self.watch = HostWatch(planner.s.worker_id)
+        self.beacon = BEACON_PREFIX + planner.s.worker_id
+        self._beats = 0
         self.surveys = 0
         self.errors = 0
 
     async def run(self) -> None:
-        failing = False
-        while True:
-            await self._sleep(self.interval_s * (0.8 + 0.4 * (os.urandom(1)[0] / 255)))  # hosts out of step
-            if not self.can_take():
-                continue
+        """Beat every BEAT_S, survey every ``interval_s`` while this host takes calls; the
+        beacon room goes when the loop is cancelled (a clean stop)."""
+        async with self.api() as lk:
             try:
-                async with asyncio.timeout(self.SURVEY_TIMEOUT_S):  # a server that hangs must not stall the loop
-                    await self.survey()
-                if failing:
-                    log.info("room survey works again")
-                failing = False
-            except Exception as e:  # the server API unreachable, a 5xx, a timeout: the next survey tries again
-                self.errors += 1
-                if not failing:
-                    log.warning("cannot survey the rooms (%s: %s); retrying", type(e).__name__, str(e)[:200])
-                failing = True
+                await self._loop(lk)
+            finally:
+                await self._drop_beacon(lk)
 
-    async def survey(self) -> None:
+    async def _loop(self, lk: Any) -> None:
+        failing = {"beat": False, "survey": False}
+        next_survey = 0.0
+        while True:
+            await self._sleep(min(self.interval_s, self.BEAT_S) * (0.8 + 0.4 * (os.urandom(1)[0] / 255)))
+            steps = [("beat", self._beat)]
+            now = time.monotonic()
+            if now >= next_survey and self.can_take():
+                next_survey = now + self.interval_s
+                steps.append(("survey", self.survey))
+            for what, step in steps:
+                try:
+                    async with asyncio.timeout(self.SURVEY_TIMEOUT_S):  # a server that hangs must not stall us
+                        await step(lk)
+                    if failing[what]:
+                        log.info("the room %s works again", what)
+                    failing[what] = False
+                except Exception as e:  # the server API unreachable, a 5xx, a timeout: tried again next time
+                    self.errors += 1
+                    if not failing[what]:
+                        log.warning("room %s failed (%s: %s); retrying", what, type(e).__name__, str(e)[:200])
+                    failing[what] = True
+
+    async def _beat(self, lk: Any) -> None:
+        from livekit import api
+
+        self._beats += 1
+        meta = str(self._beats)
+        try:
+            await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=self.beacon, metadata=meta))
+        except api.TwirpError as e:
+            if e.code != "not_found":
+                raise
+            await lk.room.create_room(api.CreateRoomRequest(
+                name=self.beacon, metadata=meta, empty_timeout=self.BEACON_EMPTY_TIMEOUT_S,
+                agents=[api.RoomAgentDispatch(agent_name=BEACON_AGENT_NAME)]))
+
+    async def _drop_beacon(self, lk: Any) -> None:
+        from livekit import api
+
+        try:
+            async with asyncio.timeout(2.0):
+                await lk.room.delete_room(api.DeleteRoomRequest(room=self.beacon))
+        except Exception as e:  # the server gone, most often: the beacon room closes on its own
+            log.debug("could not delete beacon room %s: %s", self.beacon, str(e)[:200])
+
+    async def survey(self, lk: Any) -> None:
         from livekit import api
 
         self.surveys += 1
-        async with self.api() as lk:
-            rooms = (await lk.room.list_rooms(api.ListRoomsRequest())).rooms
-            self.planner.forget({r.sid for r in rooms})
-            for sid in [s for s in self._seen if s not in {r.sid for r in rooms}]:
-                del self._seen[sid]
-            busy = self.busy_rooms()
-            now = time.monotonic()
-            for r in rooms:
-                if r.num_participants == 0 or r.name in busy or not self.can_take():
-                    continue
-                seen = self._seen.get(r.sid)
-                if (seen is not None and seen.participants == r.num_participants and now - seen.at < self.RECHECK_S
-                        and seen.verdict in (Verdict.SERVED, Verdict.NOT_WANTED)):
-                    continue
-                view = await self._look(lk, r)
-                if view is None:
-                    continue
-                decision = self.planner.observe(view, time.time())
-                if seen is None or seen.verdict is not decision.verdict:
-                    log.debug("room %s: %s", r.name, decision.verdict.value)
-                self._seen[r.sid] = _Seen(r.num_participants, decision.verdict, now)
-                if decision.verdict is Verdict.RESCUE:
-                    await self._claim_and_launch(lk, r, view, decision)
+        rooms = (await lk.room.list_rooms(api.ListRoomsRequest())).rooms
+        now = time.monotonic()
+        self.watch.update({r.name[len(BEACON_PREFIX):]: r.metadata for r in rooms if r.name.startswith(BEACON_PREFIX)},
+                          now)
+        dead = self.watch.dead(now)
+        rooms = [r for r in rooms if not r.name.startswith(BEACON_PREFIX)]
+        self.planner.forget({r.sid for r in rooms})
+        for sid in [s for s in self._seen if s not in {r.sid for r in rooms}]:
+            del self._seen[sid]
+        busy = self.busy_rooms()
+        for r in rooms:
+            if r.num_participants == 0 or r.name in busy or not self.can_take():
+                continue
+            seen = self._seen.get(r.sid)
+            if (seen is not None and seen.participants == r.num_participants and now - seen.at < self.RECHECK_S
+                    and seen.verdict in (Verdict.SERVED, Verdict.NOT_WANTED) and seen.agent_host not in dead):
+                continue
+            view = await self._look(lk, r)
+            if view is None:
+                continue
+            decision = self.planner.observe(view, time.time(), dead)
+            if seen is None or seen.verdict is not decision.verdict:
+                log.debug("room %s: %s%s", r.name, decision.verdict.value,
+                          " (its agent's host is dead)" if view.agent_host in dead else "")
+            self._seen[r.sid] = _Seen(r.num_participants, decision.verdict, now, view.agent_host)
+            if decision.verdict is Verdict.RESCUE:
+                await self._claim_and_launch(lk, r, view, decision, dead)
 
     async def _look(self, lk: Any, room: Any) -> RoomView | None:
         from livekit import api
@@ -321,7 +408,8 @@ class Rescuer:
             return None
         return room_view(room, parts, dispatches, self.agent_identity)
 
-    async def _claim_and_launch(self, lk: Any, room: Any, view: RoomView, decision: Decision) -> None:
+    async def _claim_and_launch(self, lk: Any, room: Any, view: RoomView, decision: Decision,
+                                dead: frozenset[str]) -> None:
         from livekit import api
 
         me = self.planner.s.worker_id
@@ -334,7 +422,7 @@ class Rescuer:
             return
         await self._sleep(self.claim_settle_s)
         again = await self._look(lk, room)
-        if again is None or again.agent_present or not again.users:
+        if again is None or not again.users or (again.agent_present and again.agent_host not in dead):
             return
         newest = self.planner.newest_claim(again)
         if newest is None or newest[0] != me:

@@ -102,6 +102,40 @@ async def test_a_host_killed_mid_call_its_call_comes_back_resumed_without_a_seco
         await user.leave()
 
 
+async def test_a_machine_that_dies_whole_has_its_call_back_within_10_s_despite_its_ghost(
+        livekit_server, standin, serves, room_name):
+    """Serve and its call process stopped and killed together, as a power cut would: no hand-over,
+    no goodbye, and the server keeps listing the dead agent for about 20 s. The survivor sees the
+    dead host's beacon stop, takes the agent for a ghost, and its agent replaces it (one
+    identity); the session, dropped without session.end, is resumed."""
+    victim = serves("dead", standin=standin, **FAST)
+    await victim.registered()
+    user = await join(livekit_server, room_name, publish=True)
+    try:
+        await user.wait_heard(AGENT, 15)
+        await standin.wait_for(lambda: session_of(standin, 0) is not None, 15, "the call's session")
+        session = session_of(standin, 0)
+        survivor = serves("alive", standin=standin, **FAST)
+        await survivor.registered()
+        await victim.wait_for_output("Voice Agent session ready", 5)
+        await asyncio.sleep(6.0)  # the survivor has watched the victim's beacon beat
+        first = user.room.remote_participants[AGENT].sid
+        pids = [victim.proc.pid, *children_of("dead")]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                os.kill(pid, sig)
+        t_kill = time.monotonic()
+        await wait_until(lambda: AGENT in user.room.remote_participants
+                         and user.room.remote_participants[AGENT].sid != first, 10, "a new agent in the room")
+        back_s = time.monotonic() - t_kill
+        print(f"machine death -> a new agent in the room after {back_s:.2f} s")
+        assert rescued(survivor, room_name) == 1 and agents_in(user) == 1
+        await standin.wait_for(lambda: session.resumes >= 1, 10, "the session resumed")
+        assert not session.ended
+    finally:
+        await user.leave()
+
+
 # --- a CPU spike, a full fleet ----------------------------------------------------------------------
 
 

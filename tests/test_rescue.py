@@ -3,6 +3,8 @@ which are only slow, which are not wanted any more; and the signed session recor
 
 from __future__ import annotations
 
+import dataclasses
+
 import rescue
 from rescue import DispatchView, PlannerSettings, RescuePlanner, RoomView, UserView, Verdict
 
@@ -98,3 +100,28 @@ def test_rooms_that_are_gone_are_forgotten():
     p.forget(set())
     # Without the memory of its agent, the room is judged by its dispatch alone (unplaced).
     assert look_twice(p, room(), T0 + 10).kind == rescue.RESCUE_UNPLACED
+
+
+def test_an_agent_whose_host_stopped_beating_is_a_ghost_and_its_room_is_rescued_at_once():
+    p = planner()
+    job = (DispatchView("AD_1", "", T0, job_started_at=(T0 + 0.3,)),)
+    ghost = dataclasses.replace(room(agent=True, dispatches=job), agent_host="h1")
+    assert p.observe(ghost, T0 + 30).verdict is Verdict.SERVED
+    d = p.observe(ghost, T0 + 31, frozenset({"h1"}))
+    assert d.verdict is Verdict.RESCUE and d.kind == rescue.RESCUE_LOST
+    # Another host's death says nothing of this agent's.
+    assert planner().observe(ghost, T0 + 31, frozenset({"h2"})).verdict is Verdict.SERVED
+
+
+def test_a_host_is_dead_once_its_beacon_has_not_changed_for_ghost_after_s_of_our_own_clock():
+    w = rescue.HostWatch("me", ghost_after_s=5.0)
+    w.update({"h1": "1", "me": "1"}, 100.0)
+    w.update({"h1": "2", "me": "1"}, 103.0)  # h1 beats; our own beacon is never judged
+    assert w.dead(107.0) == frozenset()
+    w.update({"h1": "2", "me": "1"}, 108.5)
+    assert w.dead(108.5) == frozenset({"h1"})
+    w.update({"h1": "3"}, 109.0)  # alive again (a stall, not a death), and our beacon's room is gone
+    assert w.dead(109.0) == frozenset()
+    # A host first seen now is not judged until watched for ghost_after_s: no clock skew matters.
+    w.update({"h1": "3", "h9": "41"}, 110.0)
+    assert "h9" not in w.dead(114.0) and "h9" in w.dead(115.5)
