@@ -311,36 +311,36 @@ class Rescuer:
         self.errors = 0
 
     async def run(self) -> None:
-        """Beat every BEAT_S, survey every ``interval_s`` while this host takes calls; the
+        """Beat every BEAT_S and, apart (a long survey must never delay a beat: others would
+        take this host for dead), survey every ``interval_s`` while this host takes calls; the
         beacon room goes when the loop is cancelled (a clean stop)."""
         async with self.api() as lk:
+            beating = asyncio.create_task(self._every(lk, "beat", self.BEAT_S, self._beat), name="rescue-beat")
             try:
-                await self._loop(lk)
+                await self._every(lk, "survey", self.interval_s, self.survey, when=self.can_take)
             finally:
+                beating.cancel()
+                await asyncio.gather(beating, return_exceptions=True)
                 await self._drop_beacon(lk)
 
-    async def _loop(self, lk: Any) -> None:
-        failing = {"beat": False, "survey": False}
-        next_survey = 0.0
+    async def _every(self, lk: Any, what: str, period_s: float, step: Callable[[Any], Awaitable[None]],
+                     when: Callable[[], bool] = lambda: True) -> None:
+        failing = False
         while True:
-            await self._sleep(min(self.interval_s, self.BEAT_S) * (0.8 + 0.4 * (os.urandom(1)[0] / 255)))
-            steps = [("beat", self._beat)]
-            now = time.monotonic()
-            if now >= next_survey and self.can_take():
-                next_survey = now + self.interval_s
-                steps.append(("survey", self.survey))
-            for what, step in steps:
-                try:
-                    async with asyncio.timeout(self.SURVEY_TIMEOUT_S):  # a server that hangs must not stall us
-                        await step(lk)
-                    if failing[what]:
-                        log.info("the room %s works again", what)
-                    failing[what] = False
-                except Exception as e:  # the server API unreachable, a 5xx, a timeout: tried again next time
-                    self.errors += 1
-                    if not failing[what]:
-                        log.warning("room %s failed (%s: %s); retrying", what, type(e).__name__, str(e)[:200])
-                    failing[what] = True
+            await self._sleep(period_s * (0.8 + 0.4 * (os.urandom(1)[0] / 255)))  # hosts out of step
+            if not when():
+                continue
+            try:
+                async with asyncio.timeout(self.SURVEY_TIMEOUT_S):  # a server that hangs must not stall us
+                    await step(lk)
+                if failing:
+                    log.info("the room %s works again", what)
+                failing = False
+            except Exception as e:  # the server API unreachable, a 5xx, a timeout: tried again next time
+                self.errors += 1
+                if not failing:
+                    log.warning("room %s failed (%s: %s); retrying", what, type(e).__name__, str(e)[:200])
+                failing = True
 
     async def _beat(self, lk: Any) -> None:
         from livekit import api

@@ -26,7 +26,8 @@ The story (times from the first burst; every step waits for the one before):
    ``VOICE_AGENT_TEST_TAG`` they inherit) are SIGSTOPped together, then SIGKILLed, as a
    machine death would take them all at once. (On loopback the kernel still closes their
    sockets, so the server hears of it at once; a real dead machine is silent until timeouts.)
-3. The ``drained`` host gets SIGTERM (a rolling deploy: no new calls, its calls go on), and the
+3. The ``drained`` host gets SIGTERM (a rolling deploy: no new calls, its calls go on; the
+   deploy starts its ``replacement`` at the same node, unless ``--no-replacement``), and the
    ``hogged`` host gets a CPU hog: one busy loop per core at nice 19. The three hosts share
    this machine's /proc/stat, so only the hogged host has the CPU gate on
    (``LOAD_THRESHOLD=--hog-threshold``; the others ``1``, gate off): the hog makes it refuse
@@ -392,7 +393,7 @@ class Bench:
         if self.standin is None:
             env.update({"SERVE_JOB_COMMAND": json.dumps([sys.executable, str(FAKE_CHILD), "--tag", h.tag]),
                         "SHUTDOWN_TIMEOUT_S": "1", "JOB_STOP_TIMEOUT_S": "5", "AMBIENT_SOUND": "none",
-                        "FAKE_IDLE_S": "5"})
+                        "FAKE_IDLE_S": "5", "FAKE_SILENT": "1"})  # presence is what is measured
         else:
             env.update({"GREETING": "Hello", "AMBIENT_VOLUME": "0.5", "IDLE_TIMEOUT_S": "5", "STATE_DIR": ""})
         return env
@@ -516,6 +517,11 @@ class Bench:
         assert drained.serve is not None and hogged.serve is not None
         self.mark("drain")
         drained.serve.signal(signal.SIGTERM)
+        if a.replacement:  # a rolling deploy: the new instance comes up as the old one drains
+            fresh = Host("replacement", drained.node, "fleet-replacement")
+            self.hosts.append(fresh)
+            with self.priority.normal():
+                fresh.serve = ServeProcess(self.serve_env(fresh), self.tmp / fresh.tag).start()
         self.hog_log_at = len(hogged.serve.output())
         self.mark("hog_start")
         self.start_hog()
@@ -841,6 +847,8 @@ def main() -> None:
     ap.add_argument("--nodes", default="0,0,1",
                     help="the nodes of the killed, drained and hogged hosts (default 0,0,1)")
     ap.add_argument("--max-calls", type=int, default=20, help="MAX_CALLS of every host")
+    ap.add_argument("--no-replacement", dest="replacement", action="store_false",
+                    help="no new host when the drained one drains (the fleet shrinks to one host taking calls)")
     ap.add_argument("--hog-threshold", type=float, default=0.98,
                     help="LOAD_THRESHOLD of the hogged host (high: this machine is shared and busy)")
     ap.add_argument("--hog-wait", type=float, default=30.0, help="at most this long for the hog to make it full")

@@ -17,7 +17,7 @@ conversation:
   timeout). Never prints the token.
 
 Test knobs, from ``FAKE_<NAME>`` variables or the job metadata ``{"fake": {...}}``
-(metadata wins): ``idle_s`` (2), ``exit_after_s``, ``crash_after_s`` (exit ``crash_code``,
+(metadata wins): ``idle_s`` (2), ``silent`` (no track: presence only, for the fleet bench), ``exit_after_s``, ``crash_after_s`` (exit ``crash_code``,
 default 1, without leaving), ``ignore_sigterm``, ``no_ready``, ``hang_after_s`` (the event loop stops: no more
 watchdog pings). Attributes it sets for the tests: ``fake.tag`` (``--tag``), ``fake.job_id``,
 ``fake.metadata``, ``fake.pid``.
@@ -51,7 +51,7 @@ def knobs(job: dispatch.JobSpec) -> dict:
         v = os.environ.get(f"FAKE_{name.upper()}")
         if v:
             out[name] = float(v)
-    for name in ("ignore_sigterm", "no_ready"):
+    for name in ("ignore_sigterm", "no_ready", "silent"):
         if os.environ.get(f"FAKE_{name.upper()}") == "1":
             out[name] = True
     try:
@@ -98,8 +98,10 @@ async def run(job: dispatch.JobSpec, k: dict, tag: str, tone_hz: float) -> int:
     t0 = time.monotonic()
     await room.connect(job.url, job.token)
     source = rtc.AudioSource(RATE, 1, queue_size_ms=100)
-    track = rtc.LocalAudioTrack.create_audio_track("agent", source)
-    await room.local_participant.publish_track(track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+    if not k.get("silent"):
+        track = rtc.LocalAudioTrack.create_audio_track("agent", source)
+        await room.local_participant.publish_track(track, rtc.TrackPublishOptions(
+            source=rtc.TrackSource.SOURCE_MICROPHONE))
     await room.local_participant.set_attributes({
         "lk.agent.state": "listening", "fake.tag": tag, "fake.job_id": job.job_id,
         "fake.metadata": job.metadata[:1000], "fake.pid": str(os.getpid()),
@@ -146,7 +148,8 @@ async def run(job: dispatch.JobSpec, k: dict, tag: str, tone_hz: float) -> int:
                     time.sleep(1)
             await asyncio.sleep(0.1)
 
-    tasks = [asyncio.create_task(c) for c in (tone(), watchdog(), supervise())]
+    tasks = [asyncio.create_task(c) for c in ((watchdog(), supervise()) if k.get("silent")
+                                              else (tone(), watchdog(), supervise()))]
     code, why = await done
     say(f"ending the call: {why}")
     for t in tasks:
