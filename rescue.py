@@ -237,24 +237,37 @@ class RescuePlanner:
 
 
 class HostWatch:
-    """Which hosts are dead: their beacon's metadata has not changed for ``ghost_after_s`` of
-    our own clock (a host is judged only after we have watched it that long)."""
+    """Which hosts are dead: their beacon's metadata (the beat's unix ms) has not changed for
+    ``ghost_after_s`` of our own clock, so clock skew between machines does not matter. A host
+    we have not watched that long yet (we just started) is judged by the beat's own time, with
+    ``skew_s`` of slack for the clocks."""
 
-    def __init__(self, me: str, ghost_after_s: float = 5.0) -> None:
-        self.me, self.ghost_after_s = me, ghost_after_s
-        self._beats: dict[str, tuple[str, float]] = {}  # host -> (metadata, when it last changed)
+    def __init__(self, me: str, ghost_after_s: float = 5.0, skew_s: float = 3.0) -> None:
+        self.me, self.ghost_after_s, self.skew_s = me, ghost_after_s, skew_s
+        self._beats: dict[str, tuple[str, float, float]] = {}  # host -> (metadata, changed at, first seen)
 
     def update(self, beacons: Mapping[str, str], now: float) -> None:
         """``beacons``: host id -> its beacon room's metadata, as listed now (monotonic ``now``)."""
         for host, meta in beacons.items():
             seen = self._beats.get(host)
-            if seen is None or seen[0] != meta:
-                self._beats[host] = (meta, now)
+            if seen is None:
+                self._beats[host] = (meta, now, now)
+            elif seen[0] != meta:
+                self._beats[host] = (meta, now, seen[2])
         for host in [h for h in self._beats if h not in beacons]:
             del self._beats[host]  # its beacon room is gone (a clean stop deletes it)
 
-    def dead(self, now: float) -> frozenset[str]:
-        return frozenset(h for h, (_, at) in self._beats.items() if h != self.me and now - at > self.ghost_after_s)
+    def dead(self, now: float, wall: float) -> frozenset[str]:
+        out = set()
+        for host, (meta, changed, first) in self._beats.items():
+            if host == self.me:
+                continue
+            if now - first > self.ghost_after_s:
+                if now - changed > self.ghost_after_s:
+                    out.add(host)
+            elif meta.isdigit() and wall - int(meta) / 1000 > self.ghost_after_s + self.skew_s:
+                out.add(host)
+        return frozenset(out)
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -306,7 +319,6 @@ class Rescuer:
         self._seen: dict[str, _Seen] = {}
         self.watch = HostWatch(planner.s.worker_id)
         self.beacon = BEACON_PREFIX + planner.s.worker_id
-        self._beats = 0
         self.surveys = 0
         self.errors = 0
 
@@ -345,8 +357,7 @@ class Rescuer:
     async def _beat(self, lk: Any) -> None:
         from livekit import api
 
-        self._beats += 1
-        meta = str(self._beats)
+        meta = str(int(time.time() * 1000))
         try:
             await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=self.beacon, metadata=meta))
         except api.TwirpError as e:
@@ -373,12 +384,13 @@ class Rescuer:
         now = time.monotonic()
         self.watch.update({r.name[len(BEACON_PREFIX):]: r.metadata for r in rooms if r.name.startswith(BEACON_PREFIX)},
                           now)
-        dead = self.watch.dead(now)
+        dead = self.watch.dead(now, time.time())
         rooms = [r for r in rooms if not r.name.startswith(BEACON_PREFIX)]
         self.planner.forget({r.sid for r in rooms})
         for sid in [s for s in self._seen if s not in {r.sid for r in rooms}]:
             del self._seen[sid]
         busy = self.busy_rooms()
+        lost = []
         for r in rooms:
             if r.num_participants == 0 or r.name in busy or not self.can_take():
                 continue
@@ -395,7 +407,9 @@ class Rescuer:
                           " (its agent's host is dead)" if view.agent_host in dead else "")
             self._seen[r.sid] = _Seen(r.num_participants, decision.verdict, now, view.agent_host)
             if decision.verdict is Verdict.RESCUE:
-                await self._claim_and_launch(lk, r, view, decision, dead)
+                lost.append((r, view, decision))
+        # Claimed together: each claim waits claim_settle_s, and a dead host leaves many rooms.
+        await asyncio.gather(*(self._claim_and_launch(lk, r, view, decision, dead) for r, view, decision in lost))
 
     async def _look(self, lk: Any, room: Any) -> RoomView | None:
         from livekit import api

@@ -115,13 +115,20 @@ def test_an_agent_whose_host_stopped_beating_is_a_ghost_and_its_room_is_rescued_
 
 def test_a_host_is_dead_once_its_beacon_has_not_changed_for_ghost_after_s_of_our_own_clock():
     w = rescue.HostWatch("me", ghost_after_s=5.0)
-    w.update({"h1": "1", "me": "1"}, 100.0)
-    w.update({"h1": "2", "me": "1"}, 103.0)  # h1 beats; our own beacon is never judged
-    assert w.dead(107.0) == frozenset()
-    w.update({"h1": "2", "me": "1"}, 108.5)
-    assert w.dead(108.5) == frozenset({"h1"})
-    w.update({"h1": "3"}, 109.0)  # alive again (a stall, not a death), and our beacon's room is gone
-    assert w.dead(109.0) == frozenset()
-    # A host first seen now is not judged until watched for ghost_after_s: no clock skew matters.
-    w.update({"h1": "3", "h9": "41"}, 110.0)
-    assert "h9" not in w.dead(114.0) and "h9" in w.dead(115.5)
+    wall = T0  # the beats' own times: a watched host is judged by our clock alone
+    w.update({"h1": "1000", "me": "1000"}, 100.0)
+    w.update({"h1": "2000", "me": "1000"}, 103.0)  # h1 beats; our own beacon is never judged
+    assert w.dead(107.0, wall) == frozenset()
+    w.update({"h1": "2000", "me": "1000"}, 108.5)
+    assert w.dead(108.5, wall) == frozenset({"h1"})
+    w.update({"h1": "3000"}, 109.0)  # alive again (a stall, not a death), and our beacon's room is gone
+    assert w.dead(109.0, wall) == frozenset()
+
+
+def test_a_host_we_just_met_is_judged_by_its_beats_own_time_with_slack_for_the_clocks():
+    w = rescue.HostWatch("me", ghost_after_s=5.0, skew_s=3.0)
+    beat_ms = str(int(T0 * 1000))
+    w.update({"old": beat_ms, "fresh": str(int((T0 + 9) * 1000))}, 50.0)
+    assert w.dead(50.0, T0 + 7.5) == frozenset()  # 7.5 s old: within 5 s + 3 s of slack
+    assert w.dead(50.5, T0 + 8.5) == frozenset({"old"})
+    assert "fresh" not in w.dead(54.0, T0 + 12.0)
