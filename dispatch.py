@@ -1389,8 +1389,12 @@ class Dispatcher:
             agent_name=self.settings.agent_name, secret=self.settings.livekit_api_secret, worker_id=self.host_id))
         return rescue.Rescuer(lambda: server_api(self.settings), planner, agent_identity=self.settings.agent_identity,
                               interval_s=self.settings.rescue_interval_s,
-                              can_take=lambda: self.core.registered and self.core.full_reason() is None,
+                              can_take=self._free_slots,
                               busy_rooms=self.core.rooms, launch=self._launch_rescue)
+
+    def _free_slots(self) -> int:
+        core = self.core
+        return 0 if not core.registered or core.full_reason() else core.s.max_calls - core.slots_used
 
     def _launch_rescue(self, room: rescue.RoomView, decision: rescue.Decision) -> bool:
         """Start a call of our own in a room that lacks its agent (rescue.Rescuer decided)."""

@@ -298,8 +298,8 @@ class Rescuer:
     """Every ``interval_s`` while this host takes calls: list the rooms, look closer at those
     that may lack their agent, and launch a call for each confirmed lost one (claimed first).
 
-    ``can_take()``: whether this host takes a call now; ``busy_rooms()``: rooms it already
-    has a call in; ``launch(room_view, decision)``: start the call, True if it did."""
+    ``can_take()``: how many more calls this host takes now (0: none); ``busy_rooms()``: rooms
+    it already has a call in; ``launch(room_view, decision)``: start the call, True if it did."""
 
     RECHECK_S = 8.0  # a served room whose participant count did not change is looked at again after this
     SURVEY_TIMEOUT_S = 15.0
@@ -307,7 +307,7 @@ class Rescuer:
     BEACON_EMPTY_TIMEOUT_S = 600  # the server closes a beacon room this long after it was made; we make it again
 
     def __init__(self, api: Callable[[], Any], planner: RescuePlanner, *, agent_identity: str, interval_s: float,
-                 can_take: Callable[[], bool], busy_rooms: Callable[[], set[str]],
+                 can_take: Callable[[], int], busy_rooms: Callable[[], set[str]],
                  launch: Callable[[RoomView, Decision], bool], claim_settle_s: float = 0.3,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.api, self.planner = api, planner
@@ -336,7 +336,7 @@ class Rescuer:
                 await self._drop_beacon(lk)
 
     async def _every(self, lk: Any, what: str, period_s: float, step: Callable[[Any], Awaitable[None]],
-                     when: Callable[[], bool] = lambda: True) -> None:
+                     when: Callable[[], object] = lambda: True) -> None:
         failing = False
         while True:
             await self._sleep(period_s * (0.8 + 0.4 * (os.urandom(1)[0] / 255)))  # hosts out of step
@@ -408,7 +408,9 @@ class Rescuer:
             self._seen[r.sid] = _Seen(r.num_participants, decision.verdict, now, view.agent_host)
             if decision.verdict is Verdict.RESCUE:
                 lost.append((r, view, decision))
-        # Claimed together: each claim waits claim_settle_s, and a dead host leaves many rooms.
+        # Claimed together (each claim waits claim_settle_s, and a dead host leaves many rooms),
+        # but no more than this host can take: a claim holds the other hosts back.
+        lost = lost[:self.can_take()]
         await asyncio.gather(*(self._claim_and_launch(lk, r, view, decision, dead) for r, view, decision in lost))
 
     async def _look(self, lk: Any, room: Any) -> RoomView | None:
@@ -444,3 +446,9 @@ class Rescuer:
             return
         if self.can_take() and self.launch(again, decision):
             self.planner.rescued(again, time.time())
+            return
+        try:  # full meanwhile: let the others have it now rather than after claim_ttl_s
+            await lk.room.update_participant(api.UpdateParticipantRequest(
+                room=view.name, identity=view.users[0].identity, attributes={CLAIM_ATTRIBUTE: ""}))
+        except Exception as e:
+            log.debug("cannot release the claim on room %s: %s", view.name, str(e)[:200])
