@@ -303,7 +303,7 @@ async def test_explicit_dispatch_rescues_only_the_rooms_that_asked_for_its_agent
 
 async def test_a_user_who_leaves_frees_the_slot_and_one_who_reloads_keeps_the_call(
         livekit_server, standin, serves, room_name):
-    host = serves("slots", standin=standin, MAX_CALLS="1", **FAST)
+    host = serves("slots", standin=standin, MAX_CALLS="1", IDLE_TIMEOUT_S="", **FAST)  # serve's own 5 s
     await host.registered()
     user = await join(livekit_server, f"{room_name}-reload", identity="reloader")
     try:
