@@ -82,11 +82,12 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from e2e_bench import BenchPriority, MachineMeter, loadavg, proc_cpu_s, self_cpu_s  # noqa: E402
-from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitCluster, LiveKitServer, WorkerProcess,  # noqa: E402
+from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitCluster, LiveKitServer,  # noqa: E402
                      find_redis_binary, find_server_binary)
 
-TAG_VARIABLE = "VOICE_AGENT_TEST_TAG"  # as tests/test_dispatch.py: inherited by a host's call processes
-FAKE_CHILD = REPO / "tests" / "fake_agent_child.py"
+from test_dispatch import FAKE_CHILD, TAG_VARIABLE  # noqa: E402
+from test_dispatch import ServeProcess as TestServeProcess  # noqa: E402
+
 AGENT_KIND = 4  # livekit.protocol.models.ParticipantInfo.Kind.AGENT
 ROLES = ("killed", "drained", "hogged")
 
@@ -94,15 +95,8 @@ ROLES = ("killed", "drained", "hogged")
 # --- hosts ---------------------------------------------------------------------------------------
 
 
-class ServeProcess(WorkerProcess):
-    """``python worker.py serve``, configured through its environment."""
-
-    def start(self, *args: str) -> "ServeProcess":
-        return super().start("serve", *args)  # type: ignore[return-value]
-
-    @property
-    def output_path(self) -> Path:
-        return self.workdir / "serve.log"
+class ServeProcess(TestServeProcess):
+    """``python worker.py serve`` (the tests' ServeProcess), and what its log says of its calls."""
 
     def calls(self, log: str | None = None) -> dict[str, str]:
         """job id -> room of every call process it started (a job it accepted, or any other
