@@ -207,8 +207,7 @@ class RescuePlanner:
 
     def forget(self, live_sids: set[str]) -> None:
         """Rooms that are gone."""
-        for sids in (self._seen_agent,):
-            sids.intersection_update(live_sids)
+        self._seen_agent.intersection_update(live_sids)
         for d in (self._lost_since, self._rescues):
             for sid in [s for s in d if s not in live_sids]:
                 del d[sid]
