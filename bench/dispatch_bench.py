@@ -68,7 +68,8 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from e2e_bench import BenchPriority, MachineMeter, fmt, git_describe, loadavg, proc_cpu_s, self_cpu_s, stats  # noqa: E402
+from e2e_bench import (BenchPriority, MachineMeter, fmt, git_describe, loadavg, proc_cpu_s,  # noqa: E402
+                       save_results, self_cpu_s, stats)
 from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitServer, RoomUser, WorkerProcess,  # noqa: E402
                      find_server_binary, tone)
 
@@ -442,11 +443,7 @@ def main() -> None:
     bench = Bench(args, priority)
     res = asyncio.run(bench.run())
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=float)
-        print(f"raw numbers: {args.json}", file=sys.stderr)
+    save_results(args.json, res)
 
 
 if __name__ == "__main__":

@@ -1535,11 +1535,16 @@ def main() -> None:
         bench.cleanup()
         raise
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
+    save_results(args.json, res)
+
+
+def save_results(path: str | None, res: dict[str, Any]) -> None:
+    """The raw numbers as JSON at ``path`` (none: not kept), for bench/RESULTS.md and later reruns."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
             json.dump(res, f, indent=1, default=float)
-        print(f"raw numbers: {args.json}", file=sys.stderr)
+        print(f"raw numbers: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from e2e_bench import BenchPriority, MachineMeter, loadavg, proc_cpu_s, self_cpu_s  # noqa: E402
+from e2e_bench import BenchPriority, MachineMeter, loadavg, proc_cpu_s, save_results, self_cpu_s  # noqa: E402
 from harness import (API_KEY, API_SECRET, ASSEMBLYAI_KEY, LiveKitCluster, LiveKitServer,  # noqa: E402
                      find_redis_binary, find_server_binary)
 
@@ -885,11 +885,7 @@ def main() -> None:
     res = asyncio.run(bench.main())
     timer.cancel()
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=float)
-        print(f"raw numbers: {args.json}", file=sys.stderr)
+    save_results(args.json, res)
 
 
 if __name__ == "__main__":
